@@ -1,0 +1,1 @@
+"""Mail protocols and orchestration: submission, relay, fetch, local delivery, POP3, sessions, CLI."""

@@ -1,0 +1,194 @@
+"""``dialmail run``: one asyncio process for SMTP, POP3, local delivery, scheduler and control.
+
+Lifecycle as an explicit object: ``startup`` (spool lock, recovery, listeners),
+``main loop`` (wait for a stop flag), ``shutdown`` (stop listening, let transactions in
+progress finish within a grace period, then close).  Signal handlers only set the flag.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from gateway.config import Config
+from gateway.deliver import DeliveryWorker, LocalDelivery
+from gateway.directory import Directory
+from gateway.errors import OperationalError
+from gateway.submit import SubmissionHandler, SubmissionProtocol, start_servers
+from spool.queue import Catalogue, Queue
+from spool.users import Users
+
+log = logging.getLogger("dialmail.daemon")
+
+GRACE = 30.0
+
+
+class Spool:
+    """The spool's pieces opened together for one process."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.catalogue = Catalogue(config.spool_dir)
+        self.queue = Queue(self.catalogue)
+        self.users = Users(config.spool_dir)
+        self.directory = Directory(config, self.users)
+        self.delivery = LocalDelivery(config, self.queue, self.directory)
+
+    def close(self) -> None:
+        self.catalogue.close()
+
+
+class DaemonLock:
+    """Only one daemon per spool: an exclusive flock on ``<spool>/daemon.pid``."""
+
+    def __init__(self, spool_dir: Path):
+        self.path = Path(spool_dir) / "daemon.pid"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = self.path.read_text().strip() or "?"
+            raise OperationalError(f"another dialmail daemon (pid {other}) is already running on "
+                                   f"{self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def running_pid(spool_dir: Path) -> int | None:
+        """The pid of the daemon holding the lock, or None when no daemon runs."""
+        path = Path(spool_dir) / "daemon.pid"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = path.read_text().strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None
+
+
+# A service is started after the core and stopped before it: ``start(daemon)`` returns
+# an async ``stop()``.  POP3, the scheduler and the control socket plug in this way.
+Service = Callable[["Daemon"], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+class Daemon:
+    def __init__(self, config: Config, services: list[Service] | None = None):
+        self.config = config
+        self.services = list(services or [])
+        self.should_exit = asyncio.Event()
+        self.started = asyncio.Event()
+        self.spool: Spool | None = None
+        self.lock = DaemonLock(config.spool_dir)
+        self.tasks: set[asyncio.Task] = set()
+        self.smtp_servers: list[asyncio.base_events.Server] = []
+        self.worker: DeliveryWorker | None = None
+        self._stops: list[Callable[[], Awaitable[None]]] = []
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def serve(self) -> None:
+        self._install_signal_handlers()
+        try:
+            await self.startup()
+            self.started.set()
+            await self.should_exit.wait()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        self.lock.acquire()
+        self.spool = Spool(self.config)
+        report = await asyncio.to_thread(self.spool.queue.recover)
+        if any(report.values()):
+            log.info("recovery: removed %(tmp)d partial and %(orphans)d unacknowledged bodies, "
+                     "released %(claims)d claims", report)
+        if report.get("missing"):
+            log.error("recovery: %d queued messages have lost their body files", report["missing"])
+        self.worker = DeliveryWorker(self.spool.delivery)
+        self.spawn(self.worker.run(), "local-delivery")
+        self.handler = SubmissionHandler(self.config, self.spool.queue, self.spool.directory, self.spool.users,
+                                         on_queued=self._queued)
+        self.smtp_servers = await start_servers(self.config, self.handler)
+        for service in self.services:
+            self._stops.append(await service(self))
+        log.info("dialmail started (pid %d, spool %s)", os.getpid(), self.config.spool_dir)
+
+    def _queued(self, accepted) -> None:
+        if accepted.local and self.worker:
+            self.worker.kick()
+
+    async def shutdown(self) -> None:
+        for server in self.smtp_servers:
+            server.close()
+        for stop in reversed(self._stops):
+            try:
+                await stop()
+            except Exception:
+                log.exception("error while stopping a service")
+        self._stops.clear()
+        if self.smtp_servers:
+            await _drain(self.smtp_servers, GRACE)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.spool is not None:
+            self.spool.close()
+        self.lock.release()
+        log.info("dialmail stopped")
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.should_exit.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+
+async def _drain(servers, grace: float) -> None:
+    """Wait for connections in a transaction to finish; idle ones are closed at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while loop.time() < deadline:
+        busy = False
+        for proto in list(_live_protocols()):
+            if proto.envelope is not None and proto.envelope.mail_from is not None:
+                busy = True
+            elif proto.transport is not None and not proto.transport.is_closing():
+                proto.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+                proto.transport.close()
+        if not busy:
+            break
+        await asyncio.sleep(0.1)
+    for proto in list(_live_protocols()):
+        if proto.transport is not None:
+            proto.transport.close()
+
+
+def _live_protocols():
+    return list(SubmissionProtocol.live)

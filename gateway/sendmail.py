@@ -1,0 +1,145 @@
+"""``dialmail sendmail``: the sendmail command line that scripts and cron expect.
+
+Supported: ``-t`` (recipients from To/Cc/Bcc, Bcc removed), ``-i``/``-oi`` (a lone dot
+does not end the message), ``-f sender`` / ``-fsender``, ``-F name``, ``-v``; other
+``-o``/``-b``/``-B`` options that sendmail accepts are ignored as Postfix does.
+The message is queued directly in the spool; local recipients are delivered at once.
+"""
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import BinaryIO
+
+from gateway import address
+from gateway.config import Config
+from gateway.deliver import LocalDelivery
+from gateway.directory import Directory
+from gateway.errors import PermanentError, TransientError
+from spool.fsio import is_disk_full
+from spool.queue import LOCAL, RELAY, Catalogue, Queue
+from spool.users import Users
+
+
+@dataclass
+class Options:
+    recipients: list[str] = field(default_factory=list)
+    from_headers: bool = False
+    ignore_dots: bool = False
+    sender: str | None = None
+    full_name: str | None = None
+    verbose: bool = False
+
+
+def parse_args(args: list[str]) -> Options:
+    opts = Options()
+    it = iter(args)
+    for arg in it:
+        if arg == "--":
+            opts.recipients.extend(it)
+            break
+        if not arg.startswith("-") or arg == "-":
+            opts.recipients.append(arg)
+        elif arg == "-t":
+            opts.from_headers = True
+        elif arg in ("-i", "-oi"):
+            opts.ignore_dots = True
+        elif arg == "-v":
+            opts.verbose = True
+        elif arg.startswith("-f") or arg.startswith("-r"):
+            opts.sender = arg[2:] or next(it, None)
+            if opts.sender is None:
+                raise ValueError(f"{arg} needs a sender address")
+        elif arg.startswith("-F"):
+            opts.full_name = arg[2:] or next(it, None)
+        elif arg[:2] in ("-o", "-b", "-B", "-N", "-R", "-V", "-X", "-O", "-q", "-h", "-C", "-L"):
+            if arg in ("-bp", "-bs", "-bd", "-bi"):
+                raise ValueError(f"{arg} is not supported; use 'dialmail queue list' or 'dialmail run'")
+            if arg in ("-N", "-R", "-V", "-X", "-O", "-C", "-L", "-h", "-B"):
+                next(it, None)
+        else:
+            raise ValueError(f"unknown option {arg}")
+    return opts
+
+
+def _read(stream: BinaryIO, ignore_dots: bool) -> bytes:
+    lines = []
+    for line in stream:
+        if not ignore_dots and line.rstrip(b"\r\n") == b".":
+            break
+        lines.append(line.rstrip(b"\r\n") + b"\r\n")
+    return b"".join(lines)
+
+
+def submit(config: Config, opts: Options, stream: BinaryIO, login: str) -> str:
+    data = _read(stream, opts.ignore_dots)
+    head_end = data.find(b"\r\n\r\n")
+    head, body = (data, b"") if head_end < 0 else (data[:head_end + 2], data[head_end + 2:])
+    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+    domain = config.server.domains[0]
+    sender = opts.sender if opts.sender is not None else f"{login}@{domain}"
+    sender = address.normalise(sender) if sender else ""
+    rcpts = [address.normalise(r) for r in opts.recipients]
+    if opts.from_headers:
+        for name in ("To", "Cc", "Bcc"):
+            rcpts.extend(address.normalise(a) for _, a in email.utils.getaddresses(headers.get_all(name, []))
+                         if a)
+        head = b"".join(line + b"\r\n" for line in _drop_header(head, b"bcc"))
+    rcpts = list(dict.fromkeys(r for r in rcpts if r))
+    if not rcpts:
+        raise PermanentError("no recipients given (name them or use -t)")
+    added = []
+    if headers.get("From") is None:
+        name = f"{opts.full_name} " if opts.full_name else ""
+        added.append(f"From: {name}<{sender}>" if name else f"From: {sender}")
+    if headers.get("Date") is None:
+        added.append(f"Date: {email.utils.formatdate(localtime=True)}")
+    if headers.get("Message-ID") is None:
+        added.append(f"Message-ID: {email.utils.make_msgid(domain=config.server.hostname)}")
+    received = (f"Received: by {config.server.hostname} (dialmail sendmail, from userid {login});\r\n"
+                f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n")
+    message = received.encode() + head + "".join(h + "\r\n" for h in added).encode() + body
+    cat = Catalogue(config.spool_dir)
+    try:
+        queue = Queue(cat)
+        directory = Directory(config, Users(config.spool_dir))
+        routes = []
+        for r in rcpts:
+            if directory.is_local(r):
+                if not directory.exists(r):
+                    raise PermanentError(f"{r}: no such user here")
+                routes.append((r, LOCAL))
+            else:
+                routes.append((r, RELAY))
+        try:
+            qid = queue.enqueue(sender, routes, message, origin="sendmail", client=login,
+                                message_id=headers.get("Message-ID"), subject=headers.get("Subject"))
+        except OSError as exc:
+            raise TransientError(f"cannot write to the spool: {'disk full' if is_disk_full(exc) else exc}") \
+                from None
+        if any(route == LOCAL for _, route in routes):
+            LocalDelivery(config, queue, directory).run_once()
+        return qid
+    finally:
+        cat.close()
+
+
+def _drop_header(head: bytes, name: bytes):
+    """Lines of ``head`` without header ``name`` (and its continuation lines)."""
+    skipping = False
+    for line in head.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                yield line
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower() == name
+        if not skipping:
+            yield line
+
+
+__all__ = ["Options", "parse_args", "submit"]

@@ -1,0 +1,66 @@
+"""Durable file writes: the order of operations that lets a kill -9 lose nothing."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+CHUNK = 256 * 1024
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link inside ``path`` itself durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes | Iterable[bytes] | BinaryIO, mode: int = 0o600) -> int:
+    """Create ``path`` exclusively, write ``data``, fsync it; return the size.
+
+    ``data`` may be bytes, an iterable of byte chunks or a readable binary file, so
+    large messages never need to be held whole in memory. On any error the partial
+    file is removed before the error propagates.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    size = 0
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            size = _write_all(fd, data)
+        elif hasattr(data, "read"):
+            while chunk := data.read(CHUNK):
+                size += _write_all(fd, chunk)
+        else:
+            for chunk in data:
+                size += _write_all(fd, chunk)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return size
+
+
+def _write_all(fd: int, data) -> int:
+    view = memoryview(data)
+    total = len(view)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return total
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

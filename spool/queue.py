@@ -1,0 +1,424 @@
+"""The queue: message bodies as files plus an SQLite catalogue of envelopes.
+
+Every message, whatever its origin (LAN SMTP, sendmail, a fetch from the ISP, a bounce),
+enters here and leaves only when every recipient has a final outcome.  Local recipients
+are then delivered into Maildirs, remote ones relayed in a dial session.
+
+Order of operations for ``enqueue`` (what makes kill -9 harmless):
+
+1. write the body into ``queue/tmp/<id>`` and fsync it;
+2. rename it to ``queue/msg/<id>`` and fsync ``queue/msg``;
+3. insert the envelope rows and COMMIT (WAL, synchronous=FULL, so the commit is on disk);
+4. only now may the caller say 250 / mark the UID taken / flag the ISP copy.
+
+A crash before 3 leaves a body without a row: ``recover()`` removes it, and since the
+client never heard 250 it sends again.  A crash after 3 leaves a complete queued message.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from spool.fsio import fsync_dir, write_file
+
+# Recipient states.  QUEUED and DEFERRED wait; the others are final.
+QUEUED = "queued"
+DEFERRED = "deferred"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+FINAL = (DELIVERED, BOUNCED)
+
+LOCAL = "local"
+RELAY = "relay"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    arrival REAL NOT NULL,
+    size INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    client TEXT,
+    message_id TEXT,
+    subject TEXT,
+    urgent INTEGER NOT NULL DEFAULT 0,
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    hold INTEGER NOT NULL DEFAULT 0,
+    warned INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    msg_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    rcpt TEXT NOT NULL,
+    route TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'queued',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_retry REAL NOT NULL DEFAULT 0,
+    last_code INTEGER,
+    last_reply TEXT,
+    claim TEXT,
+    orcpt TEXT,
+    PRIMARY KEY (msg_id, rcpt)
+);
+CREATE INDEX IF NOT EXISTS recipients_pending ON recipients(route, status, next_retry);
+"""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    msg_id: str
+    rcpt: str
+    route: str
+    status: str
+    attempts: int
+    next_retry: float
+    last_code: int | None
+    last_reply: str | None
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    sender: str
+    arrival: float
+    size: int
+    origin: str
+    client: str | None
+    message_id: str | None
+    subject: str | None
+    urgent: bool
+    smtputf8: bool
+    hold: bool
+    warned: bool
+    recipients: tuple[Recipient, ...]
+
+    @property
+    def pending(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.status not in FINAL)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Unique and sortable by arrival time: microseconds in hex plus random bits."""
+    us = int((time.time() if now is None else now) * 1_000_000)
+    return f"{us:014X}{secrets.token_hex(3).upper()}"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Catalogue:
+    """The spool database: one connection per process, used under a lock from worker threads."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = self.root / "dialmail.db"
+        self.conn = connect(self.path)
+        self.lock = threading.RLock()
+        self.conn.executescript(SCHEMA)
+
+    def transaction(self) -> "_Txn":
+        return _Txn(self)
+
+    def execute(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
+        with self.lock:
+            return self.conn.execute(sql, tuple(params))
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+class _Txn:
+    def __init__(self, cat: Catalogue):
+        self.cat = cat
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.cat.lock.acquire()
+        try:
+            self.cat.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.cat.lock.release()
+            raise
+        return self.cat.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.cat.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.cat.lock.release()
+
+
+class Queue:
+    def __init__(self, catalogue: Catalogue):
+        self.cat = catalogue
+        self.dir = catalogue.root / "queue"
+        self.tmp = self.dir / "tmp"
+        self.msg = self.dir / "msg"
+        for d in (self.tmp, self.msg):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ------------------------------------------------------------ entering the queue
+
+    def new_body(self) -> tuple[str, Path]:
+        """A fresh queue id and the tmp path a writer may fill before ``enqueue_file``."""
+        qid = new_queue_id()
+        return qid, self.tmp / qid
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Shared lock held while a message is being written; ``recover`` takes it exclusively."""
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def enqueue(self, sender: str, recipients: Iterable[tuple[str, str]], data: bytes | Iterable[bytes] | BinaryIO,
+                *, origin: str, client: str | None = None, message_id: str | None = None,
+                subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
+                in_txn: Callable[[sqlite3.Connection, str], None] | None = None,
+                orcpts: dict[str, str] | None = None) -> str:
+        """Store a message durably; returns its queue id.  See the module doc for the order."""
+        qid, tmp = self.new_body()
+        with self._writing():
+            write_file(tmp, data)
+            return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
+                                     message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
+                                     in_txn=in_txn, orcpts=orcpts)
+
+    def enqueue_file(self, qid: str, tmp: Path, sender: str, recipients: Iterable[tuple[str, str]], *,
+                     origin: str, client: str | None = None, message_id: str | None = None,
+                     subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
+                     in_txn: Callable[[sqlite3.Connection, str], None] | None = None,
+                     orcpts: dict[str, str] | None = None) -> str:
+        """Queue a body already written and fsynced at ``tmp`` (from ``new_body``).
+
+        ``in_txn(conn, qid)`` runs inside the same transaction as the envelope insert:
+        a fetcher records the ISP UID there, so "in the spool" and "UID taken" can
+        never disagree.
+        """
+        rcpts = list(dict.fromkeys((r, route) for r, route in recipients))
+        if not rcpts:
+            os.unlink(tmp)
+            raise ValueError("a message needs at least one recipient")
+        with self._writing():
+            return self._commit(qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
+                                in_txn, orcpts)
+
+    def _commit(self, qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
+                in_txn, orcpts) -> str:
+        final = self.msg / qid
+        size = tmp.stat().st_size
+        os.rename(tmp, final)
+        try:
+            fsync_dir(self.msg)
+            with self.cat.transaction() as conn:
+                conn.execute("INSERT INTO messages(id, sender, arrival, size, origin, client, message_id, subject,"
+                             " urgent, smtputf8) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (qid, sender, time.time(), size, origin, client, message_id, subject,
+                              int(urgent), int(smtputf8)))
+                conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, rcpt, route, orcpt) VALUES (?,?,?,?)",
+                                 [(qid, r, route, (orcpts or {}).get(r)) for r, route in rcpts])
+                if in_txn is not None:
+                    in_txn(conn, qid)
+        except BaseException:
+            try:
+                os.unlink(final)
+            except OSError:
+                pass
+            raise
+        return qid
+
+    # ------------------------------------------------------------ reading
+
+    def body_path(self, qid: str) -> Path:
+        return self.msg / qid
+
+    def open_body(self, qid: str) -> BinaryIO:
+        return open(self.msg / qid, "rb")
+
+    def get(self, qid: str) -> Message | None:
+        with self.cat.lock:
+            row = self.cat.conn.execute("SELECT * FROM messages WHERE id=?", (qid,)).fetchone()
+            if row is None:
+                return None
+            rcpts = self.cat.conn.execute("SELECT * FROM recipients WHERE msg_id=? ORDER BY rowid", (qid,)).fetchall()
+        return _message(row, rcpts)
+
+    def find(self, prefix: str) -> Message | None:
+        """Look a message up by its id or an unambiguous prefix of it (for the CLI)."""
+        rows = self.cat.execute("SELECT id FROM messages WHERE id LIKE ? LIMIT 2",
+                                (prefix.upper() + "%",)).fetchall()
+        return self.get(rows[0]["id"]) if len(rows) == 1 else None
+
+    def messages(self) -> list[Message]:
+        with self.cat.lock:
+            rows = self.cat.conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
+            rcpts = self.cat.conn.execute("SELECT * FROM recipients ORDER BY msg_id, rowid").fetchall()
+        by_msg: dict[str, list] = {}
+        for r in rcpts:
+            by_msg.setdefault(r["msg_id"], []).append(r)
+        return [_message(row, by_msg.get(row["id"], [])) for row in rows]
+
+    def pending(self, route: str, now: float | None = None) -> list[Message]:
+        """Messages with recipients on ``route`` that are due now and not held."""
+        now = time.time() if now is None else now
+        ids = [r["msg_id"] for r in self.cat.execute(
+            "SELECT DISTINCT r.msg_id FROM recipients r JOIN messages m ON m.id=r.msg_id "
+            "WHERE r.route=? AND r.status IN ('queued','deferred') AND r.next_retry<=? AND m.hold=0 "
+            "AND r.claim IS NULL ORDER BY r.msg_id", (route, now))]
+        return [m for m in (self.get(i) for i in ids) if m is not None]
+
+    def counts(self) -> dict[str, int]:
+        out = {"messages": 0, "relay": 0, "local": 0, "held": 0, "deferred": 0, "bytes": 0}
+        row = self.cat.execute("SELECT COUNT(*) n, COALESCE(SUM(size),0) b, COALESCE(SUM(hold),0) h "
+                               "FROM messages").fetchone()
+        out["messages"], out["bytes"], out["held"] = row["n"], row["b"], row["h"]
+        for r in self.cat.execute("SELECT route, status, COUNT(*) n FROM recipients "
+                                  "WHERE status IN ('queued','deferred') GROUP BY route, status"):
+            out[r["route"]] += r["n"]
+            if r["status"] == DEFERRED:
+                out["deferred"] += r["n"]
+        return out
+
+    # ------------------------------------------------------------ state changes
+
+    def claim(self, route: str, owner: str, limit: int = 100, now: float | None = None) -> list[tuple[str, str]]:
+        """Atomically take due recipients on ``route`` for ``owner``; returns (msg_id, rcpt) pairs."""
+        now = time.time() if now is None else now
+        with self.cat.transaction() as conn:
+            rows = conn.execute(
+                "SELECT r.msg_id, r.rcpt FROM recipients r JOIN messages m ON m.id=r.msg_id "
+                "WHERE r.route=? AND r.status IN ('queued','deferred') AND r.next_retry<=? AND m.hold=0 "
+                "AND r.claim IS NULL ORDER BY r.msg_id LIMIT ?", (route, now, limit)).fetchall()
+            conn.executemany("UPDATE recipients SET claim=? WHERE msg_id=? AND rcpt=?",
+                             [(owner, r["msg_id"], r["rcpt"]) for r in rows])
+        return [(r["msg_id"], r["rcpt"]) for r in rows]
+
+    def release_claims(self, owner: str | None = None, qid: str | None = None) -> int:
+        """Forget claims of ``owner`` (or all: at start-up, when no other worker can be alive).
+
+        A local delivery cut short may already have linked its Maildir file, so a
+        released local claim counts as an attempt: the next try then looks for that
+        copy before delivering (see gateway.deliver).
+        """
+        where, params = ["claim IS NOT NULL"], []
+        if owner is not None:
+            where.append("claim=?")
+            params.append(owner)
+        if qid is not None:
+            where.append("msg_id=?")
+            params.append(qid)
+        cur = self.cat.execute("UPDATE recipients SET claim=NULL, attempts=attempts+(route='local') "
+                               f"WHERE {' AND '.join(where)}", params)
+        return cur.rowcount
+
+    def record(self, qid: str, rcpt: str, status: str, code: int | None = None, reply: str | None = None,
+               next_retry: float | None = None, count_attempt: bool = True,
+               conn: sqlite3.Connection | None = None) -> None:
+        """Store one recipient's outcome (and drop its claim)."""
+        sql = ("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL, "
+               "attempts=attempts+?, next_retry=COALESCE(?, next_retry) WHERE msg_id=? AND rcpt=?")
+        params = (status, code, reply, int(count_attempt), next_retry, qid, rcpt)
+        if conn is not None:
+            conn.execute(sql, params)
+        else:
+            self.cat.execute(sql, params)
+
+    def set_hold(self, qid: str, hold: bool) -> bool:
+        return self.cat.execute("UPDATE messages SET hold=? WHERE id=?", (int(hold), qid)).rowcount == 1
+
+    def set_warned(self, qid: str) -> None:
+        self.cat.execute("UPDATE messages SET warned=1 WHERE id=?", (qid,))
+
+    def reschedule(self, qid: str, when: float) -> None:
+        self.cat.execute("UPDATE recipients SET next_retry=? WHERE msg_id=? AND status IN ('queued','deferred')",
+                         (when, qid))
+
+    def remove(self, qid: str, conn: sqlite3.Connection | None = None) -> None:
+        """Forget a message: catalogue first (the commit is the decision), then the body."""
+        if conn is not None:
+            conn.execute("DELETE FROM messages WHERE id=?", (qid,))
+        else:
+            self.cat.execute("DELETE FROM messages WHERE id=?", (qid,))
+        try:
+            os.unlink(self.msg / qid)
+        except FileNotFoundError:
+            pass
+
+    def remove_if_done(self, qid: str) -> bool:
+        """Remove a message whose every recipient is final; True if it was removed."""
+        with self.cat.transaction() as conn:
+            left = conn.execute("SELECT COUNT(*) FROM recipients WHERE msg_id=? AND status NOT IN (?,?)",
+                                (qid, *FINAL)).fetchone()[0]
+            if left:
+                return False
+            conn.execute("DELETE FROM messages WHERE id=?", (qid,))
+        try:
+            os.unlink(self.msg / qid)
+        except FileNotFoundError:
+            pass
+        return True
+
+    # ------------------------------------------------------------ start-up recovery
+
+    def recover(self) -> dict[str, int]:
+        """Clean up after a crash: drop unacknowledged bodies, release stale claims.
+
+        Files are removed only while no other process is writing a message (the
+        exclusive side of ``_writing``); if one is, only claims are released.
+        """
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return {"tmp": 0, "orphans": 0, "claims": self.release_claims(), "missing": 0}
+            return self._recover()
+        finally:
+            os.close(fd)
+
+    def _recover(self) -> dict[str, int]:
+        removed_tmp = 0
+        for name in os.listdir(self.tmp):
+            os.unlink(self.tmp / name)
+            removed_tmp += 1
+        known = {r["id"] for r in self.cat.execute("SELECT id FROM messages")}
+        orphans = 0
+        for name in os.listdir(self.msg):
+            if name not in known:
+                os.unlink(self.msg / name)
+                orphans += 1
+        missing = [qid for qid in known if not (self.msg / qid).exists()]
+        claims = self.release_claims()
+        return {"tmp": removed_tmp, "orphans": orphans, "claims": claims, "missing": len(missing)}
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages())
+
+
+def _message(row: sqlite3.Row, rcpts: list[sqlite3.Row]) -> Message:
+    return Message(id=row["id"], sender=row["sender"], arrival=row["arrival"], size=row["size"],
+                   origin=row["origin"], client=row["client"], message_id=row["message_id"],
+                   subject=row["subject"], urgent=bool(row["urgent"]), smtputf8=bool(row["smtputf8"]),
+                   hold=bool(row["hold"]), warned=bool(row["warned"]),
+                   recipients=tuple(Recipient(msg_id=r["msg_id"], rcpt=r["rcpt"], route=r["route"],
+                                              status=r["status"], attempts=r["attempts"],
+                                              next_retry=r["next_retry"], last_code=r["last_code"],
+                                              last_reply=r["last_reply"], orcpt=r["orcpt"]) for r in rcpts))

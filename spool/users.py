@@ -1,0 +1,116 @@
+"""Local users and their argon2 password hashes, in ``<spool_dir>/users`` (mode 0600).
+
+One line per user, ``name:$argon2id$...``.  A bare name (``alice``) has a mailbox in
+every local domain; ``name@domain`` is a user of that domain only (hosted accounts).
+The file is replaced atomically, so a reader never sees half of it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from spool.fsio import fsync_dir, write_file
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._+-]*(@[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)?")
+
+_hasher = PasswordHasher()
+# A hash to verify against when the user does not exist, so timing does not tell.
+_DUMMY = _hasher.hash("dialmail-no-such-user")
+
+
+class UserError(ValueError):
+    pass
+
+
+def check_name(name: str) -> str:
+    name = name.strip().lower()
+    if not NAME_RE.fullmatch(name) or len(name) > 254:
+        raise UserError(f"{name!r} is not a valid user name (letters, digits, . _ + -, optionally @domain)")
+    return name
+
+
+class Users:
+    def __init__(self, spool_dir: Path):
+        self.path = Path(spool_dir) / "users"
+        self._lock = threading.Lock()
+        self._cache: tuple[float, dict[str, str]] | None = None
+
+    def _load(self) -> dict[str, str]:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        if self._cache and self._cache[0] == mtime:
+            return self._cache[1]
+        users = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            name, _, hashed = line.partition(":")
+            users[name] = hashed
+        self._cache = (mtime, users)
+        return users
+
+    def _save(self, users: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".users.{os.getpid()}.tmp")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        body = "".join(f"{n}:{h}\n" for n, h in sorted(users.items()))
+        write_file(tmp, body.encode(), mode=0o600)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        self._cache = None
+
+    def names(self) -> list[str]:
+        return sorted(self._load())
+
+    def exists(self, name: str) -> bool:
+        return name.lower() in self._load()
+
+    def add(self, name: str, password: str) -> None:
+        name = check_name(name)
+        if not password:
+            raise UserError("the password must not be empty")
+        with self._lock:
+            users = dict(self._load())
+            if name in users:
+                raise UserError(f"user {name} already exists (use 'dialmail users passwd')")
+            users[name] = _hasher.hash(password)
+            self._save(users)
+
+    def set_password(self, name: str, password: str) -> None:
+        name = check_name(name)
+        if not password:
+            raise UserError("the password must not be empty")
+        with self._lock:
+            users = dict(self._load())
+            if name not in users:
+                raise UserError(f"no such user: {name}")
+            users[name] = _hasher.hash(password)
+            self._save(users)
+
+    def delete(self, name: str) -> None:
+        name = check_name(name)
+        with self._lock:
+            users = dict(self._load())
+            if name not in users:
+                raise UserError(f"no such user: {name}")
+            del users[name]
+            self._save(users)
+
+    def verify(self, name: str, password: str) -> bool:
+        """Check a password; takes the same time whether or not the user exists."""
+        hashed = self._load().get(name.strip().lower())
+        try:
+            ok = _hasher.verify(hashed or _DUMMY, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        return ok and hashed is not None

@@ -1,0 +1,128 @@
+"""Running dialmail itself in tests: config files, users, a real daemon process."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from spool.maildir import Maildir
+from spool.users import Users
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll until ``predicate()`` is truthy; return its value or raise after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Site:
+    """A dialmail installation in a temp dir: config file, spool, users."""
+
+    def __init__(self, tmp: Path, domains=("office.test",), extra: str = "", smtp_port: int | None = None,
+                 pop3_port: int | None = None, mynetworks=("127.0.0.1/32",)):
+        self.dir = Path(tmp)
+        self.spool = self.dir / "spool"
+        self.smtp_port = smtp_port or free_port()
+        self.pop3_port = pop3_port or free_port()
+        self.domains = tuple(domains)
+        self.config_path = self.dir / "dialmail.toml"
+        self.mynetworks = tuple(mynetworks)
+        self.write_config(extra)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.dir / "dialmail.log"
+
+    def write_config(self, extra: str = "") -> None:
+        domains = ", ".join(f'"{d}"' for d in self.domains)
+        nets = ", ".join(f'"{n}"' for n in self.mynetworks)
+        text = textwrap.dedent(f"""\
+            [server]
+            hostname = "mail.{self.domains[0]}"
+            domains = [{domains}]
+            spool_dir = "{self.spool}"
+            mynetworks = [{nets}]
+
+            [smtp]
+            listen = ["127.0.0.1:{self.smtp_port}", "127.0.0.2:{self.smtp_port}"]
+            max_message_size = "30MB"
+            min_free_space = "1MB"
+
+            [pop3]
+            listen = ["127.0.0.1:{self.pop3_port}"]
+            """)
+        self.config_path.write_text(text + textwrap.dedent(extra))
+
+    @property
+    def users(self) -> Users:
+        return Users(self.spool)
+
+    def add_user(self, name: str, password: str = "secret") -> None:
+        self.users.add(name, password)
+
+    def maildir(self, user: str) -> Maildir:
+        return Maildir(self.spool / "mail" / user)
+
+    def mail_of(self, user: str) -> list[bytes]:
+        md = self.maildir(user)
+        return [p.read_bytes() for p in md.messages()] if md.exists() else []
+
+    def cli(self, *args: str, input: bytes | None = None, check: bool = False, timeout: float = 60):
+        return subprocess.run([sys.executable, "-m", "gateway", "-c", str(self.config_path), *args],
+                              input=input, capture_output=True, timeout=timeout, check=check, cwd=ROOT)
+
+    def start(self, wait: bool = True) -> subprocess.Popen:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config_path), "run"],
+                                     stdout=log, stderr=log, cwd=ROOT)
+        log.close()
+        if wait:
+            wait_port("127.0.0.1", self.smtp_port, proc=self.proc)
+        return self.proc
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,117 @@
+"""The spool: durable order of operations, crash recovery, exactly-once Maildir delivery."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from spool.maildir import Maildir
+from spool.queue import DELIVERED, LOCAL, QUEUED, RELAY, Catalogue, Queue, new_queue_id
+from tests.harness import ROOT, wait_for
+
+
+@pytest.fixture
+def queue(tmp_path):
+    cat = Catalogue(tmp_path / "spool")
+    yield Queue(cat)
+    cat.close()
+
+
+def test_queue_ids_are_unique_and_sort_by_arrival():
+    ids = [new_queue_id(1_700_000_000 + i * 0.000001) for i in range(1000)]
+    assert len(set(ids)) == 1000
+    assert ids == sorted(ids)
+
+
+def test_enqueue_stores_body_and_envelope(queue):
+    qid = queue.enqueue("a@x.test", [("b@y.test", RELAY), ("c@office.test", LOCAL)], b"Subject: hi\r\n\r\nbody\r\n",
+                        origin="smtp", subject="hi")
+    msg = queue.get(qid)
+    assert msg.sender == "a@x.test" and msg.size == len(b"Subject: hi\r\n\r\nbody\r\n")
+    assert [(r.rcpt, r.route, r.status) for r in msg.recipients] == [("b@y.test", RELAY, QUEUED),
+                                                                     ("c@office.test", LOCAL, QUEUED)]
+    assert queue.body_path(qid).read_bytes().endswith(b"body\r\n")
+    assert os.listdir(queue.tmp) == []
+
+
+def test_failed_catalogue_commit_leaves_no_body(queue):
+    def boom(conn, qid):
+        raise RuntimeError("simulated failure inside the transaction")
+    with pytest.raises(RuntimeError):
+        queue.enqueue("a@x.test", [("b@y.test", RELAY)], b"x", origin="smtp", in_txn=boom)
+    assert queue.messages() == []
+    assert os.listdir(queue.msg) == [] and os.listdir(queue.tmp) == []
+
+
+def test_message_leaves_only_when_every_recipient_is_final(queue):
+    qid = queue.enqueue("a@x.test", [("b@y.test", RELAY), ("c@y.test", RELAY)], b"x", origin="smtp")
+    queue.record(qid, "b@y.test", DELIVERED, 250, "ok")
+    assert not queue.remove_if_done(qid)
+    queue.record(qid, "c@y.test", DELIVERED, 250, "ok")
+    assert queue.remove_if_done(qid)
+    assert queue.get(qid) is None and not queue.body_path(qid).exists()
+
+
+def test_claims_are_exclusive_and_released(queue):
+    qid = queue.enqueue("a@x.test", [("b@office.test", LOCAL)], b"x", origin="smtp")
+    assert queue.claim(LOCAL, "one") == [(qid, "b@office.test")]
+    assert queue.claim(LOCAL, "two") == []
+    queue.release_claims("one")
+    assert queue.claim(LOCAL, "two") == [(qid, "b@office.test")]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from spool.queue import Catalogue, Queue, RELAY
+    q = Queue(Catalogue(Path(sys.argv[1])))
+    body = b"Subject: crash test\\r\\n\\r\\n" + b"x" * 2_000_000 + b"\\r\\n"
+    while True:
+        qid = q.enqueue("a@x.test", [("b@y.test", RELAY)], body, origin="smtp")
+        print(qid, flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_mid_write_leaves_complete_messages_or_nothing(tmp_path):
+    """Kill a real writer with SIGKILL at random moments; recovery keeps exactly the acknowledged ones."""
+    spool = tmp_path / "spool"
+    rng = random.Random(4242)
+    acknowledged: set[str] = set()
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(spool)], stdout=subprocess.PIPE, cwd=ROOT)
+        first = proc.stdout.readline().strip().decode()  # at least one message is in
+        acknowledged.add(first)
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.kill(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].decode().split()
+        acknowledged.update(out)
+        proc.wait()
+    cat = Catalogue(spool)
+    q = Queue(cat)
+    report = q.recover()
+    ids = {m.id for m in q.messages()}
+    assert acknowledged <= ids, "an acknowledged message was lost"
+    for m in q.messages():
+        assert q.body_path(m.id).stat().st_size == m.size == 2_000_000 + 25
+    assert sorted(os.listdir(q.msg)) == sorted(ids), "a body without an envelope survived recovery"
+    assert os.listdir(q.tmp) == []
+    assert report["missing"] == 0
+    cat.close()
+
+
+def test_maildir_delivery_is_idempotent_by_name(tmp_path):
+    md = Maildir(tmp_path / "mb").create()
+    unique = md.unique_name(1_700_000_000, "Q1R2")
+    first = md.deliver(b"Subject: a\r\n\r\nx\r\n", unique)
+    # A reader moved it to cur/ and set flags, as Dovecot or our POP3 server would.
+    moved = md.path / "cur" / (first.name + ":2,S")
+    os.rename(first, moved)
+    again = md.deliver(b"Subject: a\r\n\r\nx\r\n", unique, check_existing=True)
+    assert again == moved
+    assert len(md.messages()) == 1
+    assert os.listdir(md.path / "tmp") == []

@@ -1,0 +1,161 @@
+"""SMTP submission against a real `dialmail run`, with swaks and aiosmtplib as clients."""
+import asyncio
+import shutil
+import subprocess
+
+import aiosmtplib
+import pytest
+
+from gateway.replies import Reply
+from tests.harness import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def swaks(site, *args, outside=False):
+    """Run swaks; ``outside`` connects from 127.0.0.2, which is not in this site's mynetworks."""
+    if not shutil.which("swaks"):
+        pytest.skip("swaks (Debian package swaks) is not installed")
+    where = ["--server", f"127.0.0.2:{site.smtp_port}", "--local-interface", "127.0.0.2"] if outside else \
+        ["--server", f"127.0.0.1:{site.smtp_port}"]
+    return subprocess.run(["swaks", *where, "--timeout", "20", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def code_of(reply: str) -> int:
+    return int(reply.split()[0])
+
+
+def test_swaks_to_local_user_lands_in_maildir(running):
+    r = swaks(running, "--to", "alice@office.test", "--from", "someone@outside.test",
+              "--header", "Subject: for alice", "--body", "hello alice")
+    assert r.returncode == 0, r.stdout + r.stderr
+    mail = wait_for(lambda: running.mail_of("alice"), what="alice's mail")
+    assert len(mail) == 1
+    assert b"Subject: for alice" in mail[0] and b"hello alice" in mail[0]
+    assert mail[0].startswith(b"Return-Path: <someone@outside.test>\r\nDelivered-To: alice@office.test\r\n")
+    assert b"by mail.office.test (dialmail)" in mail[0]
+    assert (running.maildir("alice").path / "new").iterdir()
+
+
+def test_mail_for_outside_waits_in_queue_list(running):
+    r = swaks(running, "--to", "friend@elsewhere.test", "--from", "alice@office.test",
+              "--header", "Subject: out")
+    assert r.returncode == 0, r.stdout
+    out = running.cli("queue", "list").stdout.decode()
+    assert "friend@elsewhere.test [relay] queued" in out and "<alice@office.test>" in out
+    assert running.cli("mailq").stdout.decode() == out
+
+
+def test_relay_refused_from_outside_mynetworks_without_auth(running):
+    # 127.0.0.2 is not in mynetworks (127.0.0.1/32) for this site.
+    r = swaks(running, "--to", "victim@elsewhere.test", "--from", "spammer@elsewhere.test",
+              "--quit-after", "RCPT", outside=True)
+    assert r.returncode != 0
+    assert Reply.RELAY_DENIED in r.stdout
+    # Local recipients are still accepted from outside.
+    r = swaks(running, "--to", "bob@office.test", "--from", "friend@elsewhere.test", outside=True)
+    assert r.returncode == 0, r.stdout
+    assert "relay access denied" in running.log()
+
+
+def test_auth_then_relay_allowed_from_outside(running):
+    r = swaks(running, "--to", "friend@elsewhere.test", "--from", "alice@office.test",
+              "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "alice-pw", outside=True)
+    assert r.returncode == 0, r.stdout
+    assert "friend@elsewhere.test" in running.cli("queue", "list").stdout.decode()
+    bad = swaks(running, "--to", "friend@elsewhere.test", "--from", "alice@office.test",
+                "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "wrong", outside=True)
+    assert bad.returncode != 0 and "535" in bad.stdout
+    assert "alice-pw" not in running.log() and "wrong" not in running.log().replace("wrong", "", 0)
+
+
+def test_unknown_local_user_is_550(running):
+    async def go():
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=running.smtp_port) as c:
+            await c.ehlo()
+            await c.mail("x@outside.test")
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused) as exc:
+                await c.rcpt("nobody@office.test")
+            return exc.value
+    err = asyncio.run(go())
+    assert err.code == 550
+
+
+def test_ehlo_advertises_size_8bitmime_pipelining_and_auth_on_loopback(running):
+    async def go():
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=running.smtp_port) as c:
+            await c.ehlo()
+            return c.esmtp_extensions
+    ext = asyncio.run(go())
+    for name in ("size", "8bitmime", "pipelining", "auth"):
+        assert name in ext, ext
+    assert ext["size"] == str(30_000_000)
+
+
+def test_oversize_message_gets_552(running):
+    async def go():
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=running.smtp_port) as c:
+            big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 31_000
+            with pytest.raises(aiosmtplib.SMTPResponseException) as exc:
+                await c.sendmail("x@outside.test", ["alice@office.test"], big)
+            return exc.value.code
+    assert asyncio.run(go()) == 552
+    assert running.mail_of("alice") == []
+
+
+def test_aiosmtplib_mixed_local_and_remote(running):
+    async def go():
+        msg = b"From: alice@office.test\r\nSubject: both\r\nMessage-ID: <m1@office.test>\r\n\r\nhi\r\n"
+        return await aiosmtplib.send(msg, sender="alice@office.test", recipients=["bob@office.test",
+                                     "far@elsewhere.test"], hostname="127.0.0.1", port=running.smtp_port)
+    errors, reply = asyncio.run(go())
+    assert errors == {} and "queued as" in reply
+    mail = wait_for(lambda: running.mail_of("bob"), what="bob's mail")
+    assert b"Message-ID: <m1@office.test>" in mail[0]
+    out = running.cli("queue", "list").stdout.decode()
+    assert "far@elsewhere.test [relay] queued" in out and "bob@office.test [local] delivered" in out
+
+
+@pytest.mark.timeout(90)
+def test_disk_full_gives_452_and_keeps_nothing(site, tmp_path):
+    """A 3 MB tmpfs as spool: a message that does not fit is refused with 452, and the spool stays clean."""
+    import os
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    site.spool.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(site.spool)], check=True)
+    try:
+        site.add_user("alice", "pw")
+        site.write_config("")
+        site.config_path.write_text(site.config_path.read_text().replace('min_free_space = "1MB"',
+                                                                          'min_free_space = "0"'))
+        site.start()
+
+        async def go():
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=site.smtp_port) as c:
+                small = b"Subject: fits\r\n\r\nsmall\r\n"
+                await c.sendmail("x@outside.test", ["alice@office.test"], small)
+                big = b"Subject: too big for the disk\r\n\r\n" + (b"y" * 998 + b"\r\n") * 4000
+                with pytest.raises(aiosmtplib.SMTPResponseException) as exc:
+                    await c.sendmail("x@outside.test", ["alice@office.test"], big)
+                return exc.value.code
+        assert asyncio.run(go()) == 452
+        mail = wait_for(lambda: site.mail_of("alice"), what="the small message")
+        assert len(mail) == 1 and b"fits" in mail[0]
+        assert os.listdir(site.spool / "queue" / "tmp") == []
+        assert "disk full" in site.log() or "Insufficient" in site.log() or "bytes free" in site.log()
+    finally:
+        site.stop()
+        subprocess.run(["umount", "-l", str(site.spool)])
+
+
+def test_sigterm_stops_cleanly(running):
+    assert running.stop() == 0
+    assert "dialmail stopped" in running.log()
+
+
+def test_second_daemon_on_same_spool_is_refused(running):
+    r = running.cli("run", timeout=20)
+    assert r.returncode == 75
+    assert b"already running" in r.stderr
