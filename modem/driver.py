@@ -113,6 +113,10 @@ class HayesModem:
         await self.close()
 
     @property
+    def is_open(self) -> bool:
+        return self._port is not None
+
+    @property
     def device_path(self) -> str | None:
         """The tty path another program (pppd) can open, or None for URL ports."""
         return None if "://" in self.port_name else self.port_name
