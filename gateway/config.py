@@ -123,6 +123,8 @@ class FetchConfig:
     max_bytes: int | None
     batch_size: int
     chunk_size: int
+    offpeak: tuple[int, int] | None = None  # (start, end) minutes after local midnight, for oversize="defer"
+    domains: tuple[str, ...] = ()  # ISP-side domains whose local parts are local users (multidrop)
 
     def password(self) -> str | None:
         return read_secret(self.password_file, f"fetch[{self.name}].password_file") if self.password_file else None
@@ -218,6 +220,17 @@ def parse_duration(value: Any) -> int:
     if not m or unit not in _DURATION_UNITS:
         raise ValueError(f"{value!r} is not a duration (use seconds or e.g. \"30m\", \"4h\", \"4d\")")
     return int(float(m.group(1)) * _DURATION_UNITS[unit])
+
+
+def parse_window(value: Any) -> tuple[int, int]:
+    """``"22:00-06:00"`` -> (1320, 360): minutes after local midnight; may wrap past midnight."""
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", str(value))
+    if not m or int(m.group(1)) > 23 or int(m.group(3)) > 24 or int(m.group(2)) > 59 or int(m.group(4)) > 59:
+        raise ValueError(f"{value!r} is not a time window like \"22:00-06:00\"")
+    start, end = int(m.group(1)) * 60 + int(m.group(2)), int(m.group(3)) * 60 + int(m.group(4))
+    if start == end:
+        raise ValueError(f"{value!r} is an empty window")
+    return start, end
 
 
 def parse_listen(value: str, default_host: str = "0.0.0.0") -> Listen:
@@ -551,7 +564,8 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
     s = _Section(loader, f"fetch[{index}]", data, index=index,
                  known={"name", "host", "port", "tls", "username", "password_file", "folders", "mode", "deliver_to",
                   "keep", "keep_days", "envelope_header", "envelope_skip", "guess_from_headers", "ca_file",
-                  "max_message_size", "oversize", "max_messages", "max_bytes", "batch_size", "chunk_size"})
+                  "max_message_size", "oversize", "max_messages", "max_bytes", "batch_size", "chunk_size",
+                  "offpeak", "domains"})
     tls = s.choice("tls", ("imaps", "starttls", "off"), "imaps")
     mode = s.choice("mode", ("single", "multidrop"), "single")
     name = s.get("name", str, None) or s.get("username", str, f"account{index}")
@@ -569,6 +583,11 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
     keep = s.get("keep", bool, False)
     if keep_days is not None and not keep:
         s.fail("keep_days", "only makes sense with keep = true")
+    offpeak = s.convert("offpeak", parse_window, None)
+    oversize = s.choice("oversize", ("leave", "defer", "delete"), "leave")
+    if oversize == "defer" and offpeak is None:
+        s.fail("offpeak", "oversize = \"defer\" needs the off-peak window to fetch big mail in, "
+               "e.g. offpeak = \"22:00-06:00\"")
     return FetchConfig(name=name, host=s.get("host", str, required=True),
                        port=s.port("port", {"imaps": 993}.get(tls, 143)), tls=tls,
                        username=s.get("username", str, required=True), password_file=s.path("password_file"),
@@ -577,7 +596,8 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                        envelope_skip=s.get("envelope_skip", int, 0), guess_from_headers=guess,
                        ca_file=s.path("ca_file"),
                        max_message_size=s.convert("max_message_size", parse_size, None),
-                       oversize=s.choice("oversize", ("leave", "defer", "delete"), "leave"),
+                       oversize=oversize, offpeak=offpeak,
+                       domains=tuple(d.lower().strip() for d in s.str_list("domains")),
                        max_messages=s.positive("max_messages", None),
                        max_bytes=s.convert("max_bytes", parse_size, None),
                        batch_size=s.positive("batch_size", 50),
