@@ -336,6 +336,12 @@ def _mount_optional(module: str, attr: str, name: str) -> None:
 
 
 _mount_optional("gateway.cli_modem", "modem_app", "modem")
+for _module in ("gateway.cli_session", "gateway.cli_policy", "gateway.demo"):
+    try:  # these add commands to ``app`` when imported
+        __import__(_module)
+    except ImportError as _exc:
+        if _exc.name != _module:
+            raise
 
 
 def main() -> None:

@@ -133,12 +133,14 @@ class FetchConfig:
 @dataclass(frozen=True)
 class LinkConfig:
     type: str  # modem | command | always-on | sim
-    options: dict[str, Any]  # backend-specific keys, validated by the modem package
+    options: dict[str, Any]  # the raw keys, kept for display
+    settings: Any = None  # modem.settings.LinkSettings, validated by the modem package
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     dial: tuple[str, ...]
+    rules: tuple[Any, ...] = ()  # gateway.dialtimes.DialRule, one per dial string
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class Config:
     session: SessionConfig
     aliases: dict[str, tuple[str, ...]]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    policy: Any = None  # gateway.policy.settings.PolicySettings: block lists, virus scan, groups, replies
 
     @property
     def spool_dir(self) -> Path:
@@ -445,10 +448,9 @@ def loads(text: str, path: Path | None = None) -> Config:
         if names.count(n) > 1:
             loader.fail("fetch", "name", f"two [[fetch]] accounts are called {n!r}")
     link_sec = _Section(loader, "link", raw.get("link"))
-    link = LinkConfig(type=link_sec.choice("type", ("modem", "command", "always-on", "sim"), "always-on"),
-                      options={k: v for k, v in link_sec.data.items() if k != "type"})
+    link = _link(link_sec)
     sched = _Section(loader, "schedule", raw.get("schedule"), {"dial"})
-    schedule = ScheduleConfig(dial=sched.str_list("dial"))
+    schedule = _schedule(sched)
     demand = _demand(_Section(loader, "demand", raw.get("demand"),
                               {"min_messages", "min_bytes", "urgent_after", "urgent_senders", "collect_every",
                                "min_gap", "max_sessions_per_day", "max_minutes_per_day"}))
@@ -463,9 +465,11 @@ def loads(text: str, path: Path | None = None) -> Config:
             alias_sec.fail(name, "an alias needs at least one target address")
         aliases[name.lower()] = targets
     del top
+    from gateway.policy.settings import parse as _policy  # parsed there: the policy's own sections
+    policy = _policy(loader, raw, server, smtp)
     return Config(path=path, server=server, smtp=smtp, pop3=pop3, smarthost=smarthost, queue=queue,
                   fetch=fetch, link=link, schedule=schedule, demand=demand, session=session,
-                  aliases=aliases, raw=raw)
+                  aliases=aliases, raw=raw, policy=policy)
 
 
 def _server(s: _Section) -> ServerConfig:
@@ -602,6 +606,33 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                        max_bytes=s.convert("max_bytes", parse_size, None),
                        batch_size=s.positive("batch_size", 50),
                        chunk_size=s.convert("chunk_size", parse_size, 1024 * 1024))
+
+
+def _link(s: _Section) -> LinkConfig:
+    kind = s.choice("type", ("modem", "command", "always-on", "sim"), "always-on")
+    options = {k: v for k, v in s.data.items() if k != "type"}
+    try:
+        from modem.errors import LinkConfigError
+        from modem.settings import LinkSettings
+    except ImportError:  # the modem package is optional for a LAN-only install
+        return LinkConfig(type=kind, options=options)
+    try:
+        settings = LinkSettings.from_options(kind, options)
+    except LinkConfigError as exc:
+        s.fail(exc.key, exc.message)
+    return LinkConfig(type=kind, options=options, settings=settings)
+
+
+def _schedule(s: _Section) -> ScheduleConfig:
+    from gateway.dialtimes import ScheduleError, parse
+    texts = s.str_list("dial")
+    rules = []
+    for text in texts:
+        try:
+            rules.append(parse(text))
+        except ScheduleError as exc:
+            s.fail("dial", str(exc))
+    return ScheduleConfig(dial=texts, rules=tuple(rules))
 
 
 def _demand(s: _Section) -> DemandConfig:

@@ -1,0 +1,202 @@
+"""The daemon's control socket: ``connect-now`` and ``status`` from the command line.
+
+A unix socket ``<spool>/control.sock`` (mode 0600: only the spool's owner may talk to
+it).  One JSON object per line.  Requests:
+
+    {"cmd": "status"}                         -> one status object
+    {"cmd": "connect", "mode": "both"}        -> the session's events, one per line,
+                                                 ending with {"type": "done", ...}
+
+A connect while a session runs follows that session instead of starting another.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from gateway.session import Session, SessionContext, run_with_retries
+
+log = logging.getLogger("dialmail.control")
+
+
+def socket_path(spool_dir: Path) -> Path:
+    return Path(spool_dir) / "control.sock"
+
+
+class SessionRunner:
+    """Runs sessions for the daemon, one at a time, and fans their events out."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.task: asyncio.Task | None = None
+        self.subscribers: set[asyncio.Queue] = set()
+        self.state = "idle"
+        self.current: dict[str, Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self, trigger: str, mode: str = "both") -> bool:
+        """Start a session unless one runs; True if this call started it."""
+        if self.busy:
+            return False
+        ctx = SessionContext(self.daemon.config, self.daemon.spool,
+                             kick_delivery=self.daemon.worker.kick if self.daemon.worker else None)
+        self.current = {"trigger": trigger, "mode": mode, "started": time.time()}
+        self.task = self.daemon.spawn(self._run(ctx, trigger, mode), f"session-{trigger}")
+        return True
+
+    async def _run(self, ctx: SessionContext, trigger: str, mode: str) -> None:
+        outcome = "failed"
+        try:
+            rec = await run_with_retries(ctx, trigger, mode, emit=self._publish)
+            outcome = rec.outcome
+        finally:
+            self.current = None
+            self.state = "idle"
+            self._publish({"type": "end", "outcome": outcome})
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self.subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self.subscribers.discard(q)
+
+    def _publish(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "dialing":
+            self.state = "dialing"
+        elif kind == "connected":
+            self.state = f"connected at {event.get('rate') or '?'} bps"
+        elif kind in ("hangup", "done", "refused"):
+            self.state = "idle"
+        for q in list(self.subscribers):
+            q.put_nowait(event)
+
+
+async def service(daemon):
+    """Daemon service: the control socket."""
+    runner = getattr(daemon, "sessions", None)
+    if runner is None:
+        runner = daemon.sessions = SessionRunner(daemon)
+    path = socket_path(daemon.config.spool_dir)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(lambda r, w: _client(daemon, runner, r, w), path=str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    log.info("control socket %s", path)
+
+    async def stop():
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if runner.busy:
+            runner.task.cancel()
+            with contextlib.suppress(BaseException):
+                await runner.task
+
+    return stop
+
+
+async def _client(daemon, runner: SessionRunner, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    try:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        try:
+            req = json.loads(line or b"{}")
+        except ValueError:
+            req = {}
+        cmd = req.get("cmd")
+        if cmd == "status":
+            await _send(writer, await status(daemon, runner))
+        elif cmd == "connect":
+            mode = req.get("mode", "both")
+            if mode not in ("both", "send", "fetch"):
+                await _send(writer, {"type": "error", "message": f"unknown mode {mode!r}"})
+                return
+            q = runner.subscribe()
+            try:
+                started = runner.start("manual", mode)
+                if not started:
+                    await _send(writer, {"type": "info", "message": "a session is already running; following it"})
+                while True:
+                    event = await q.get()
+                    await _send(writer, event)
+                    if event.get("type") == "end":
+                        break
+            finally:
+                runner.unsubscribe(q)
+        else:
+            await _send(writer, {"type": "error", "message": f"unknown command {cmd!r}"})
+    except (ConnectionError, asyncio.TimeoutError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def _send(writer: asyncio.StreamWriter, obj: dict) -> None:
+    writer.write(json.dumps(obj, default=str).encode() + b"\n")
+    await writer.drain()
+
+
+async def status(daemon, runner: SessionRunner) -> dict:
+    from spool.sessions import SessionLog
+    spool = daemon.spool
+    counts = await asyncio.to_thread(spool.queue.counts)
+    last = await asyncio.to_thread(lambda: SessionLog(spool.catalogue).last(1))
+    sched = getattr(daemon, "scheduler", None)
+    next_dial = sched.next_dial() if sched is not None else None
+    return {"type": "status", "pid": os.getpid(), "link": runner.state, "session": runner.current,
+            "queue": counts, "next_dial": next_dial.isoformat(sep=" ", timespec="minutes") if next_dial else None,
+            "last_session": _last(last)}
+
+
+def _last(rows) -> dict | None:
+    if not rows:
+        return None
+    sid, rec = rows[-1]
+    return {"id": sid, "started": rec.started, "trigger": rec.trigger, "outcome": rec.outcome,
+            "sent": rec.sent, "fetched": rec.fetched, "connected_seconds": round(rec.connected_seconds, 1),
+            "errors": rec.errors}
+
+
+# ---------------------------------------------------------------- client side
+
+
+class NoDaemon(Exception):
+    pass
+
+
+async def request(spool_dir: Path, obj: dict) -> AsyncIterator[dict]:
+    path = socket_path(spool_dir)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise NoDaemon(str(exc)) from None
+    try:
+        writer.write(json.dumps(obj).encode() + b"\n")
+        await writer.drain()
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            yield json.loads(line)
+    finally:
+        writer.close()
+
+
+__all__ = ["service", "SessionRunner", "request", "NoDaemon", "status", "socket_path", "Session"]

@@ -1,0 +1,127 @@
+"""Dial sessions: the one-at-a-time lock and the log of every session.
+
+The lock is an flock on ``<spool>/locks/session``, so a cron-started ``connect-now`` and
+the daemon's scheduler can never bring the link up twice.  The record of a session is
+a row in the spool database, written when the session starts and completed when it ends,
+so even a session cut short by a kill leaves a trace.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spool.queue import Catalogue
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started REAL NOT NULL,
+    ended REAL,
+    trigger TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    outcome TEXT NOT NULL DEFAULT 'running',
+    record TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class SessionRecord:
+    """Everything the session log keeps about one session."""
+    trigger: str                      # schedule | demand | manual | retry | flush
+    mode: str = "both"                # both | send | fetch
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    outcome: str = "running"          # ok | failed | partial | refused
+    dial_attempts: list[str] = field(default_factory=list)
+    connect_rate: int | None = None
+    connected_at: float | None = None
+    hung_up_at: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    sent: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    fetched: int = 0
+    fetched_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+    cost: float = 0.0
+    transcript: str | None = None     # path of the dialogue/protocol transcript
+
+    @property
+    def connected_seconds(self) -> float:
+        if self.connected_at is None:
+            return 0.0
+        return max(0.0, (self.hung_up_at or self.ended or time.time()) - self.connected_at)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SessionRecord":
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class SessionLog:
+    def __init__(self, catalogue: Catalogue):
+        self.cat = catalogue
+        self.cat.conn.executescript(SCHEMA)
+
+    def start(self, record: SessionRecord) -> int:
+        cur = self.cat.execute("INSERT INTO sessions(started, trigger, mode, record) VALUES (?,?,?,?)",
+                               (record.started, record.trigger, record.mode, record.to_json()))
+        return int(cur.lastrowid)
+
+    def update(self, session_id: int, record: SessionRecord) -> None:
+        self.cat.execute("UPDATE sessions SET ended=?, outcome=?, record=? WHERE id=?",
+                         (record.ended, record.outcome, record.to_json(), session_id))
+
+    def last(self, n: int = 10) -> list[tuple[int, SessionRecord]]:
+        rows = self.cat.execute("SELECT id, record FROM sessions ORDER BY id DESC LIMIT ?", (n,)).fetchall()
+        return [(r["id"], SessionRecord.from_json(r["record"])) for r in reversed(rows)]
+
+    def since(self, when: float) -> list[SessionRecord]:
+        rows = self.cat.execute("SELECT record FROM sessions WHERE started>=? ORDER BY id", (when,)).fetchall()
+        return [SessionRecord.from_json(r["record"]) for r in rows]
+
+
+class SessionBusy(Exception):
+    """Another session (maybe in another process) holds the link."""
+
+
+class SessionLock:
+    def __init__(self, spool_dir: Path):
+        self.path = Path(spool_dir) / "locks" / "session"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text().strip() or "?"
+            raise SessionBusy(f"a dial session is already running (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "SessionLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
