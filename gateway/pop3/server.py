@@ -1,0 +1,223 @@
+"""The asyncio shell around the POP3 dialogue: sockets, files, passwords, TLS.
+
+Each connection feeds what it reads to ``protocol.Session`` and carries out the
+actions it gets back, one at a time, so pipelined commands keep their order.
+Messages are read in chunks in a worker thread and written with flow control
+(``drain``), so a 20 MB message never sits in memory whole.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+
+from gateway.config import Config
+from gateway.deliver import mailbox_path
+from gateway.errors import ConfigError
+from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts
+from gateway.pop3.protocol import (Authenticate, Close, Response, Send, Session, StartTLS, Stream, Update,
+                                   line)
+from gateway.pop3.throttle import LoginThrottle
+from gateway.pop3.wire import CHUNK, MessageEncoder
+from spool.users import Users
+
+log = logging.getLogger("dialmail.pop3")
+
+IDLE_TIMEOUT = 600.0  # RFC 1939: an autologout timer of at least 10 minutes
+STOP_GRACE = 5.0
+
+
+class POP3Server:
+    def __init__(self, config: Config, users: Users):
+        self.config = config
+        self.users = users
+        self.locks = MaildropLocks()
+        self.octets = OctetCounts()
+        self.throttle = LoginThrottle(config.pop3.max_failures, config.pop3.lockout)
+        self.tls = _tls_context(config) if config.pop3.tls_cert else None
+        self.listeners: list[asyncio.base_events.Server] = []
+        self.connections: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        for listen in self.config.pop3.listen:
+            try:
+                server = await asyncio.start_server(self._accept, listen.host, listen.port, reuse_address=True)
+            except OSError as exc:
+                await self.stop()
+                raise ConfigError(f"pop3.listen: cannot listen on {listen}: {exc.strerror}") from None
+            self.listeners.append(server)
+            log.info("POP3 listening on %s%s", listen, " (STLS offered)" if self.tls else "")
+
+    async def stop(self) -> None:
+        for server in self.listeners:
+            server.close()
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=STOP_GRACE)
+        for server in self.listeners:
+            await server.wait_closed()
+        self.listeners.clear()
+
+    def plaintext_allowed(self, ip: str) -> bool:
+        """Passwords in the clear: from loopback, or from mynetworks when the config says so."""
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        if addr.is_loopback:
+            return True
+        return self.config.pop3.allow_plaintext_lan and self.config.server.in_mynetworks(str(addr))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.connections.add(task)
+        try:
+            await Connection(self, reader, writer).run()
+        finally:
+            self.connections.discard(task)
+
+
+class Connection:
+    def __init__(self, server: POP3Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.server = server
+        self.reader, self.writer = reader, writer
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        self.ip = str(peer[0])
+        self.session = Session(tls_available=server.tls is not None,
+                               plaintext_allowed=server.plaintext_allowed(self.ip))
+        self.user: str | None = None
+        self.maildrop: Maildrop | None = None
+        self.ending = "disconnected"
+
+    async def run(self) -> None:
+        try:
+            self.writer.write(self.session.greeting())
+            while True:
+                action = self.session.next_action()
+                if action is None:
+                    try:
+                        data = await asyncio.wait_for(self.reader.read(CHUNK), IDLE_TIMEOUT)
+                    except asyncio.TimeoutError:
+                        self.session.idle_timeout()
+                        self.ending = "idle timeout"
+                        continue
+                    if not data:
+                        break
+                    self.session.receive_data(data)
+                elif isinstance(action, Close):
+                    await self.writer.drain()
+                    break
+                else:
+                    await self._perform(action)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            log.info("POP3 connection from %s lost: %s", self.ip, exc.__class__.__name__)
+        except asyncio.CancelledError:
+            self.ending = "server stopping"
+            if not self.writer.is_closing():
+                self.writer.write(line(Response.SHUTDOWN))
+        finally:
+            self._release()
+            self.writer.close()
+
+    async def _perform(self, action) -> None:
+        if isinstance(action, Send):
+            self.writer.write(action.data)
+            await self.writer.drain()
+        elif isinstance(action, Authenticate):
+            await self._authenticate(action)
+        elif isinstance(action, Stream):
+            await self._stream(action)
+        elif isinstance(action, StartTLS):
+            await self.writer.drain()
+            await self.writer.start_tls(self.server.tls)
+            self.session.tls_started()
+        elif isinstance(action, Update):
+            failed = await asyncio.to_thread(self.maildrop.remove, action.deleted)
+            self.ending = "quit" if not failed else f"quit, {failed} deletions failed"
+            self.session.update_finished(failed)
+        else:
+            raise TypeError(f"unknown POP3 action {action!r}")
+
+    async def _authenticate(self, action: Authenticate) -> None:
+        server, user = self.server, action.user.strip().lower()
+        how = f"mechanism={action.mechanism} tls={'yes' if self.session.secure else 'no'}"
+        if server.throttle.locked_out(self.ip):
+            log.warning("POP3 login refused user=%s from=%s %s (address locked out)", user, self.ip, how)
+            await asyncio.sleep(server.throttle.delay(self.ip))
+            self.session.login_refused(Response.LOCKED_OUT)
+            return
+        if not await asyncio.to_thread(server.users.verify, user, action.password):
+            delay = server.throttle.failed(self.ip)
+            locked = server.throttle.locked_out(self.ip)
+            log.warning("POP3 login failed user=%s from=%s %s%s", user, self.ip, how,
+                        " (address now locked out)" if locked else "")
+            await asyncio.sleep(delay)
+            self.session.login_refused(Response.LOCKED_OUT if locked else Response.AUTH_FAILED)
+            return
+        server.throttle.succeeded(self.ip)
+        if not server.locks.acquire(user):
+            log.info("POP3 login refused user=%s from=%s %s (maildrop in use)", user, self.ip, how)
+            self.session.login_refused(Response.IN_USE)
+            return
+        maildrop = Maildrop(mailbox_path(server.config.spool_dir, user), server.octets)
+        try:
+            messages = await asyncio.to_thread(maildrop.open)
+        except OSError as exc:
+            server.locks.release(user)
+            log.error("POP3 cannot open maildrop of %s: %s", user, exc)
+            self.session.login_refused(Response.MAILDROP_FAILED)
+            return
+        self.user, self.maildrop = user, maildrop
+        self.session.login_accepted(messages)
+        log.info("POP3 login user=%s from=%s %s messages=%d octets=%d", user, self.ip, how,
+                 len(messages), sum(m.octets for m in messages))
+
+    async def _stream(self, action: Stream) -> None:
+        f = await asyncio.to_thread(self.maildrop.open_message, action.message)
+        if f is None:
+            self.writer.write(line(Response.MESSAGE_GONE))
+            await self.writer.drain()
+            return
+        try:
+            encoder = MessageEncoder(action.body_lines)
+            self.writer.write(action.head)
+            while not encoder.done:
+                chunk = await asyncio.to_thread(f.read, CHUNK)
+                if not chunk:
+                    break
+                self.writer.write(encoder.encode(chunk))
+                await self.writer.drain()
+            self.writer.write(encoder.end())
+            await self.writer.drain()
+        finally:
+            await asyncio.to_thread(f.close)
+
+    def _release(self) -> None:
+        if self.user is None:
+            return
+        self.server.locks.release(self.user)
+        s = self.session
+        log.info("POP3 logout user=%s from=%s retrieved=%d deleted=%d left=%d (%s)", self.user, self.ip,
+                 s.retrieved, len(s.deleted) if self.ending.startswith("quit") else 0,
+                 len(s.messages) - (len(s.deleted) if self.ending.startswith("quit") else 0), self.ending)
+        self.user = None
+
+
+def _tls_context(config: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.pop3.tls_cert, config.pop3.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"pop3.tls_cert: cannot load {config.pop3.tls_cert}: {exc}") from None
+    return ctx
+
+
+async def service(daemon):
+    """The daemon's POP3 service: listen on ``[pop3] listen``; returns ``stop``."""
+    server = POP3Server(daemon.config, daemon.spool.users)
+    await server.start()
+    return server.stop

@@ -1,0 +1,59 @@
+"""Password guessing over POP3: failed logins are answered slowly, then refused.
+
+Per client address: each failure within the window delays the answer a little more;
+``max_failures`` failures within ``lockout`` seconds lock the address out for
+``lockout`` seconds, during which even the right password is refused with
+``-ERR [AUTH]``.  A successful login clears the address's record.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+FAILURE_DELAY = 0.25  # seconds added per recent failure
+MAX_DELAY = 2.0
+_PRUNE_AT = 1024  # addresses remembered before stale ones are forgotten
+
+
+class LoginThrottle:
+    def __init__(self, max_failures: int, lockout: float, clock: Callable[[], float] = time.monotonic):
+        self.max_failures = max_failures
+        self.lockout = lockout
+        self.clock = clock
+        self._failures: dict[str, list[float]] = {}
+        self._locked_until: dict[str, float] = {}
+
+    def locked_out(self, address: str) -> bool:
+        until = self._locked_until.get(address)
+        if until is None:
+            return False
+        if self.clock() >= until:
+            del self._locked_until[address]
+            self._failures.pop(address, None)
+            return False
+        return True
+
+    def failed(self, address: str) -> float:
+        """Record a failed login; returns how long to wait before answering."""
+        now = self.clock()
+        recent = [t for t in self._failures.get(address, ()) if now - t < self.lockout]
+        recent.append(now)
+        self._failures[address] = recent
+        if len(recent) >= self.max_failures:
+            self._locked_until[address] = now + self.lockout
+        if len(self._failures) > _PRUNE_AT:
+            self._prune(now)
+        return self.delay(address)
+
+    def delay(self, address: str) -> float:
+        if self.locked_out(address):
+            return MAX_DELAY
+        return min(FAILURE_DELAY * len(self._failures.get(address, ())), MAX_DELAY)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+    def _prune(self, now: float) -> None:
+        for address in [a for a, times in self._failures.items() if now - times[-1] >= self.lockout]:
+            if address not in self._locked_until:
+                del self._failures[address]
