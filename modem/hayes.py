@@ -144,9 +144,15 @@ class ResultParser:
         self.online = False
         #: Bytes received after the CONNECT line (the start of the remote's data).
         self.trailing = bytearray()
+        self._lf_may_follow = False
 
     def feed(self, data: bytes) -> list[Event]:
         if self.online:
+            if self._lf_may_follow and data:
+                # The LF completing CONNECT's CR LF arrived in a later read: framing, not data.
+                self._lf_may_follow = False
+                if data[:1] == LF:
+                    data = data[1:]
             self.trailing += data
             return []
         self._buffer += data
@@ -156,6 +162,7 @@ class ResultParser:
             if cut < 0:
                 break
             raw = bytes(self._buffer[:cut])
+            ended_with_cr = self._buffer[cut] == CR[0]
             del self._buffer[:cut + 1]
             line = raw.decode("ascii", "replace").strip()
             if not line:
@@ -167,12 +174,15 @@ class ResultParser:
                 # An LF completing the CONNECT line's CR LF is framing, not data.
                 if self._buffer[:1] == LF:
                     del self._buffer[:1]
+                elif not self._buffer and ended_with_cr:
+                    self._lf_may_follow = True
                 self.trailing += self._buffer
                 self._buffer.clear()
         return events
 
     def back_to_command_state(self) -> None:
         self.online = False
+        self._lf_may_follow = False
         self.trailing.clear()
         self._buffer.clear()
 
