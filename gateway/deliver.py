@@ -15,6 +15,7 @@ import time
 from itertools import chain
 from pathlib import Path
 
+from gateway.bounce import settle
 from gateway.config import Config
 from gateway.directory import Directory
 from spool.fsio import is_disk_full
@@ -84,7 +85,7 @@ class LocalDelivery:
                 self._forward(qid, msg.sender, rcpt, resolution.remote)
             else:
                 self.queue.record(qid, rcpt, DELIVERED, 250, "2.0.0 delivered to mailbox")
-        self.queue.remove_if_done(qid)
+        settle(self.config, self.queue, qid)
 
     def _forward(self, qid: str, sender: str, rcpt: str, targets: list[str]) -> None:
         """Queue a copy for outside addresses and mark ``rcpt`` done in the same transaction."""

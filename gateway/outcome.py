@@ -1,0 +1,110 @@
+"""Delivery outcomes as values: what one SMTP reply or failure means for a recipient.
+
+Pure functions, no sockets: the relay turns every reply, refusal, timeout and lost
+connection into an ``Outcome`` here and stores it; nothing downstream reads exception
+text.  A recipient is *final* (delivered or bounced) or *deferred* (tried again after a
+back-off that doubles from ``retry_min`` up to ``retry_max``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from spool.queue import BOUNCED, DEFERRED, DELIVERED
+
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipient's result: spool status, SMTP code, RFC 3463 status, reason text."""
+    status: str  # DELIVERED | DEFERRED | BOUNCED
+    code: int
+    dsn: str  # RFC 3463 "x.y.z"
+    reason: str
+
+    @property
+    def final(self) -> bool:
+        return self.status != DEFERRED
+
+    @property
+    def reply(self) -> str:
+        """The text stored in the spool and quoted in bounces: ``"5.1.1 no such user"``."""
+        return self.reason if self.reason.startswith(self.dsn) else f"{self.dsn} {self.reason}"
+
+
+def enhanced_status(code: int, text: str) -> str:
+    """The RFC 3463 status in a reply text, or one derived from the basic code."""
+    m = _ENHANCED.match(text or "")
+    if m and m.group(1) == str(code)[0]:
+        return ".".join(m.groups())
+    return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+
+
+def from_reply(code: int, text: str) -> Outcome:
+    """Classify a server reply: 2xx delivered, 4xx deferred, 5xx bounced."""
+    text = " ".join((text or "").split())
+    dsn = enhanced_status(code, text)
+    if 200 <= code < 300:
+        return Outcome(DELIVERED, code, dsn, text)
+    if 500 <= code < 600:
+        return Outcome(BOUNCED, code, dsn, text)
+    # 4xx and anything unexpected (1xx, 3xx where a final reply belongs) is worth another try
+    return Outcome(DEFERRED, code, dsn, text)
+
+
+# Outcomes that do not come from a reply of the server, named once.
+
+def lost_connection(what: str) -> Outcome:
+    """Connection lost, timed out or carrier dropped: the server may or may not have the message."""
+    return Outcome(DEFERRED, 421, "4.4.2", f"lost connection with the mail server {what}")
+
+
+def timed_out(what: str) -> Outcome:
+    return Outcome(DEFERRED, 421, "4.4.2", f"timed out {what}")
+
+
+def cannot_connect(detail: str) -> Outcome:
+    return Outcome(DEFERRED, 421, "4.4.1", f"cannot connect to the mail server: {detail}")
+
+
+def tls_required_not_offered(host: str) -> Outcome:
+    return Outcome(DEFERRED, 421, "4.7.4", f"TLS is required but {host} does not offer STARTTLS "
+                                            "(smarthost starttls = \"required\")")
+
+
+def tls_failed(detail: str) -> Outcome:
+    return Outcome(DEFERRED, 421, "4.7.5", f"TLS with the mail server failed: {detail}")
+
+
+def auth_failed(code: int, detail: str) -> Outcome:
+    # A wrong password is the office's problem, not the recipient's: never bounce for it.
+    return Outcome(DEFERRED, code or 535, "4.7.8", f"authentication at the mail server failed: {detail}")
+
+
+def too_big(size: int, limit: int) -> Outcome:
+    return Outcome(BOUNCED, 552, "5.3.4", f"message size {size} exceeds the size limit {limit} of the mail server")
+
+
+def smtputf8_not_offered(host: str) -> Outcome:
+    return Outcome(BOUNCED, 553, "5.6.7", f"the message needs SMTPUTF8 (non-ASCII addresses or headers) but "
+                                          f"{host} does not support it")
+
+
+def expired(lifetime: int, last: str | None) -> Outcome:
+    days = lifetime / 86400
+    span = f"{days:g} days" if days >= 1 else f"{lifetime // 3600 or 1} hours" if lifetime >= 3600 \
+        else f"{lifetime} seconds"
+    reason = f"message expired after {span} in the queue"
+    if last:
+        reason += f"; last error: {last}"
+    return Outcome(BOUNCED, 554, "4.4.7", reason)
+
+
+def administrator_bounce() -> Outcome:
+    return Outcome(BOUNCED, 554, "5.0.0", "deleted by the administrator")
+
+
+def retry_delay(attempts: int, retry_min: int, retry_max: int) -> int:
+    """Seconds before the next try after ``attempts`` earlier tries (0 = first failure)."""
+    return min(retry_max, retry_min * (2 ** min(max(attempts, 0), 30)))
