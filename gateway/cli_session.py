@@ -136,15 +136,17 @@ def session_log(ctx: typer.Context,
     rows = SessionLog(cat).last(last)
     cat.close()
     table = Table(title=f"last {len(rows)} session(s)")
-    for col in ("#", "started", "trigger", "outcome", "rate", "online", "up", "down", "sent", "defer",
-                "bounce", "fetched", "cost", "errors"):
-        table.add_column(col, justify="right" if col not in ("trigger", "outcome", "errors", "started") else "left")
+    for col in ("#", "started", "trigger", "outcome", "bit/s", "online", "bytes up/down", "sent/defer/bounce",
+                "fetched", "cost", "errors"):
+        table.add_column(col, justify="left" if col in ("started", "trigger", "outcome", "errors") else "right",
+                         no_wrap=col != "errors")
+    cur = cfg.session.currency
     for sid, r in rows:
-        table.add_row(str(sid), dt.datetime.fromtimestamp(r.started).strftime("%Y-%m-%d %H:%M:%S"), r.trigger,
-                      r.outcome, str(r.connect_rate or "-"), f"{r.connected_seconds:.0f}s", str(r.bytes_up),
-                      str(r.bytes_down), str(r.sent), str(r.deferred), str(r.bounced), str(r.fetched),
-                      f"{r.cost:.2f}", "; ".join(r.errors)[:60] or "-")
-    Console(width=200).print(table)
+        table.add_row(str(sid), dt.datetime.fromtimestamp(r.started).strftime("%m-%d %H:%M:%S"), r.trigger,
+                      r.outcome, str(r.connect_rate or "-"), f"{r.connected_seconds:.0f}s",
+                      f"{r.bytes_up}/{r.bytes_down}", f"{r.sent}/{r.deferred}/{r.bounced}", str(r.fetched),
+                      f"{r.cost:.2f}{(' ' + cur) if cur else ''}", "; ".join(r.errors) or "-")
+    Console(width=max(console.width, 130)).print(table)
 
 
 @app.command("status")
