@@ -327,6 +327,51 @@ def queue_delete(ctx: typer.Context, qid: str):
     typer.echo(f"{m.id}: deleted")
 
 
+@queue_app.command("bounce")
+@explained
+def queue_bounce(ctx: typer.Context, qid: str):
+    """Return a message to its sender now ("deleted by the administrator") and remove it."""
+    from gateway.bounce import bounce_now
+    from gateway.outcome import administrator_bounce
+    cfg = state(ctx).config()
+    q = _queue(ctx)
+    m = _lookup(q, qid)
+    settled = bounce_now(cfg, q, m.id, administrator_bounce())
+    if settled.local:
+        _deliver_local_now(cfg, q)
+    notice = f"bounce {settled.bounce_id} to <{m.sender}>" if settled.bounce_id else "no bounce (null sender)"
+    typer.echo(f"{m.id}: bounced, {notice}")
+
+
+@queue_app.command("flush")
+@explained
+def queue_flush(ctx: typer.Context):
+    """Bring the link up and send everything waiting now (back-off ignored); no fetching."""
+    from gateway import relay
+    cfg = state(ctx).config()
+    q = _queue(ctx)
+    result = asyncio.run(relay.flush_now(cfg, q))
+    for r in result.results:
+        typer.echo(f"{r.qid} <{r.rcpt}> {r.outcome.status}: {r.outcome.code} {r.outcome.reply}")
+    if result.local_notices:
+        _deliver_local_now(cfg, q)
+    typer.echo(f"-- {result.sent} delivered, {result.deferred} deferred, {result.bounced} bounced, "
+               f"{result.messages} message(s), {result.bytes} bytes")
+    if result.error is not None:
+        fail(f"flush stopped: {result.error.code} {result.error.reply}", EX_TEMPFAIL)
+
+
+def _deliver_local_now(cfg, q) -> None:
+    """Bounces for local senders go into their mailboxes at once, daemon or not (claims keep
+    a running daemon from delivering the same recipient twice)."""
+    from gateway.deliver import LocalDelivery
+    from gateway.directory import Directory
+    from spool.users import Users
+    delivery = LocalDelivery(cfg, q, Directory(cfg, Users(cfg.spool_dir)))
+    while delivery.run_once():
+        pass
+
+
 def _mount_optional(module: str, attr: str, name: str) -> None:
     try:
         mod = __import__(module, fromlist=[attr])

@@ -1,7 +1,7 @@
 """Queue lifetime and delay warnings, by the wall clock.
 
-Run at the start of every flush and every few minutes by the daemon, link or no link:
-being offline never bounces anything by itself, only a message older than
+Run at the start of every flush and every few minutes by the daemon's scheduler, link or
+no link: being offline never bounces anything by itself, only a message older than
 ``[queue] queue_lifetime`` does (its waiting recipients fail with 4.4.7 and the last
 error seen).  Once a message is older than ``delay_warning`` (0 = never) and still has
 waiting recipients, its sender gets one warning.  Held messages neither expire nor warn
@@ -9,7 +9,6 @@ while held: the administrator is looking at them.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,14 +19,16 @@ from spool.queue import BOUNCED, FINAL, Queue
 
 log = logging.getLogger("dialmail.expiry")
 
-INTERVAL = 300.0
-
 
 @dataclass
 class Expired:
     bounced: list[str] = field(default_factory=list)  # queue ids whose waiting recipients expired
     warned: list[str] = field(default_factory=list)
     local_notices: int = 0  # notices queued for local delivery (kick it)
+
+    def __bool__(self) -> bool:
+        """True when local delivery has something new (the scheduler kicks it then)."""
+        return bool(self.local_notices)
 
 
 def expire(config: Config, queue: Queue, now: float | None = None) -> Expired:
@@ -67,22 +68,3 @@ def _fail_waiting(queue: Queue, qid: str, lifetime: int) -> int:
             n += 1
     return n
 
-
-async def service(daemon):
-    """Daemon service: expire and warn every few minutes, whether the link is up or not."""
-    async def loop() -> None:
-        while True:
-            try:
-                result = await asyncio.to_thread(expire, daemon.config, daemon.spool.queue)
-                if result.local_notices and daemon.worker is not None:
-                    daemon.worker.kick()
-            except Exception:
-                log.exception("queue expiry pass failed; will retry")
-            await asyncio.sleep(INTERVAL)
-
-    task = daemon.spawn(loop(), "queue-expiry")
-
-    async def stop() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    return stop
