@@ -73,6 +73,7 @@ class HayesModem:
         self._cd_supported: bool | None = None
         self._last_cd: bool | None = None
         self.online = False
+        self._in_command_state = True
         self.connection: Connected | None = None
         self.carrier_lost = asyncio.Event()
         self.loss_reason: str | None = None
@@ -262,6 +263,7 @@ class HayesModem:
 
     def _go_online(self, connected: Connected) -> None:
         self.connection = connected
+        self._in_command_state = False
         self.carrier_lost.clear()
         self.loss_reason = None
         self.online = True
@@ -277,6 +279,7 @@ class HayesModem:
             while self.online:
                 for event in self._parser.feed(data):
                     if isinstance(event, Result) and event.code is ResultCode.NO_CARRIER:
+                        self._in_command_state = True
                         self.mark_carrier_lost("the modem reported NO CARRIER: the line dropped")
                         return
                 data = await self._incoming.get()
@@ -310,18 +313,21 @@ class HayesModem:
             how.append("the port cannot drop DTR")
         if dtr_dropped and self.carrier() is False:
             return "hung up by dropping DTR"
-        # Guard time of silence, +++, guard time again: the modem returns to command state.
         self._drain()
         self._parser = ResultParser()
-        await asyncio.sleep(self.guard_time)
-        await self._write(ESCAPE_SEQUENCE)
-        await asyncio.sleep(self.guard_time)
-        await self._read_result(min(self.command_timeout, 1.0))
+        escape = not self._in_command_state
+        if escape:
+            # Guard time of silence, +++, guard time again: the modem returns to command state.
+            await asyncio.sleep(self.guard_time)
+            await self._write(ESCAPE_SEQUENCE)
+            await asyncio.sleep(self.guard_time)
+            await self._read_result(min(self.command_timeout, 1.0))
         reply = await self.command("ATH0")
+        sent = "sent +++ and ATH0" if escape else "sent ATH0 (the modem had reported NO CARRIER)"
         if reply.result is not None and reply.result.code in (ResultCode.OK, ResultCode.NO_CARRIER):
-            how.append("sent +++ and ATH0")
+            how.append(sent)
         else:
-            how.append("sent +++ and ATH0 without an answer")
+            how.append(sent + " without an answer")
         if self.carrier():
             how.append("but the port still reports carrier")
         log.debug("hang-up after online=%s: %s", was_online, how)
