@@ -381,6 +381,7 @@ def _mount_optional(module: str, attr: str, name: str) -> None:
 
 
 _mount_optional("gateway.cli_modem", "modem_app", "modem")
+_mount_optional("gateway.cli_policy", "aliases_app", "aliases")
 for _module in ("gateway.cli_session", "gateway.cli_policy", "gateway.demo"):
     try:  # these add commands to ``app`` when imported
         __import__(_module)

@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.deliver import DeliveryWorker, LocalDelivery
 from gateway.directory import Directory
 from gateway.errors import OperationalError
+from gateway.policy.smtp import SubmissionPolicy
 from gateway.submit import SubmissionHandler, SubmissionProtocol, start_servers
 from spool.queue import Catalogue, Queue
 from spool.users import Users
@@ -131,7 +132,9 @@ class Daemon:
         self.worker = DeliveryWorker(self.spool.delivery)
         self.spawn(self.worker.run(), "local-delivery")
         self.handler = SubmissionHandler(self.config, self.spool.queue, self.spool.directory, self.spool.users,
-                                         on_queued=self._queued)
+                                         on_queued=self._queued,
+                                         policy=SubmissionPolicy(self.config, self.spool.directory,
+                                                                 self.spool.queue, kick=self.worker.kick))
         self.smtp_servers = await start_servers(self.config, self.handler)
         for service in self.services:
             self._stops.append(await service(self))

@@ -14,3 +14,5 @@ class Reply:
     SENDER_BLOCKED = "550 5.7.1 Sender address rejected: blocked by local policy"
     VIRUS = "554 5.7.1 Message rejected: virus found ({name})"
     SCAN_FAILED = "451 4.7.1 Message could not be scanned for viruses, try again later"
+    MEMBERS_ONLY = "550 5.7.1 Only members of this group may send to it"
+    CONTENT_BLOCKED = "550 5.7.1 Message rejected: From address blocked by local policy"

@@ -1,0 +1,123 @@
+"""Durable state of the delivery policy, in the spool database beside the queue.
+
+* round-robin groups: one counter per group, advanced atomically, and the member picked
+  for each (message, recipient) remembered, so a delivery repeated after a crash goes to
+  the same member instead of a second one (exactly once, and fair across restarts);
+* automatic replies: who was answered by which address when (at most one reply per
+  sender per interval, also across restarts);
+* out-of-office settings made with ``dialmail users vacation`` (they win over the
+  configuration file's ``[vacation.USER]``);
+* forwarded copies already queued, so a retried delivery does not queue a second copy.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from spool.queue import Catalogue
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rr_counter (grp TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rr_pick (
+    msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, grp TEXT NOT NULL, member TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (msg_id, rcpt, grp));
+CREATE TABLE IF NOT EXISTS autoreply_sent (
+    responder TEXT NOT NULL, sender TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (responder, sender));
+CREATE TABLE IF NOT EXISTS vacation (
+    user TEXT PRIMARY KEY, enabled INTEGER NOT NULL, start REAL, end REAL, subject TEXT, body TEXT,
+    every INTEGER, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS forwarded (
+    msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, new_id TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (msg_id, rcpt));
+"""
+
+# Picks and forward markers are only needed while their message is in the queue.
+KEEP_MARKERS = 30 * 86400
+
+
+@dataclass(frozen=True)
+class StoredVacation:
+    user: str
+    enabled: bool
+    start: float | None
+    end: float | None
+    subject: str | None
+    body: str | None
+    every: int | None
+
+
+class PolicyState:
+    def __init__(self, catalogue: Catalogue):
+        self.cat = catalogue
+        with self.cat.lock:
+            self.cat.conn.executescript(SCHEMA)
+
+    # ------------------------------------------------------------ round robin
+
+    def pick(self, group: str, members: tuple[str, ...], msg_id: str, rcpt: str) -> str:
+        """The member of ``group`` that gets this (message, recipient): the next in turn, once."""
+        with self.cat.transaction() as conn:
+            row = conn.execute("SELECT member FROM rr_pick WHERE msg_id=? AND rcpt=? AND grp=?",
+                               (msg_id, rcpt, group)).fetchone()
+            if row is not None and row["member"] in members:
+                return row["member"]
+            # BEGIN IMMEDIATE holds the write lock: no other process can take the same turn.
+            n = conn.execute("INSERT INTO rr_counter(grp, n) VALUES (?, 0) "
+                             "ON CONFLICT(grp) DO UPDATE SET n=n+1 RETURNING n", (group,)).fetchone()[0]
+            member = members[n % len(members)]
+            conn.execute("INSERT OR REPLACE INTO rr_pick(msg_id, rcpt, grp, member, at) VALUES (?,?,?,?,?)",
+                         (msg_id, rcpt, group, member, time.time()))
+        return member
+
+    # ------------------------------------------------------------ automatic replies
+
+    def replied_since(self, responder: str, sender: str, since: float) -> bool:
+        row = self.cat.execute("SELECT at FROM autoreply_sent WHERE responder=? AND sender=?",
+                               (responder.lower(), sender.lower())).fetchone()
+        return row is not None and row["at"] >= since
+
+    def mark_replied(self, conn: sqlite3.Connection, responder: str, sender: str, when: float) -> None:
+        """Inside the transaction that queues the reply: 'answered' and 'queued' never disagree."""
+        conn.execute("INSERT OR REPLACE INTO autoreply_sent(responder, sender, at) VALUES (?,?,?)",
+                     (responder.lower(), sender.lower(), when))
+
+    # ------------------------------------------------------------ vacation
+
+    def set_vacation(self, user: str, start: float | None, end: float | None, subject: str | None,
+                     body: str | None, every: int | None) -> None:
+        self.cat.execute("INSERT OR REPLACE INTO vacation(user, enabled, start, end, subject, body, every, updated)"
+                         " VALUES (?,1,?,?,?,?,?,?)", (user, start, end, subject, body, every, time.time()))
+
+    def vacation_off(self, user: str) -> None:
+        self.cat.execute("INSERT OR REPLACE INTO vacation(user, enabled, updated) VALUES (?,0,?)",
+                         (user, time.time()))
+
+    def vacation(self, user: str) -> StoredVacation | None:
+        row = self.cat.execute("SELECT * FROM vacation WHERE user=?", (user,)).fetchone()
+        return None if row is None else _vacation(row)
+
+    def vacations(self) -> list[StoredVacation]:
+        return [_vacation(r) for r in self.cat.execute("SELECT * FROM vacation ORDER BY user")]
+
+    # ------------------------------------------------------------ forwarded copies
+
+    def forwarded(self, msg_id: str, rcpt: str) -> str | None:
+        row = self.cat.execute("SELECT new_id FROM forwarded WHERE msg_id=? AND rcpt=?", (msg_id, rcpt)).fetchone()
+        return row["new_id"] if row else None
+
+    def mark_forwarded(self, conn: sqlite3.Connection, msg_id: str, rcpt: str, new_id: str) -> None:
+        conn.execute("INSERT OR REPLACE INTO forwarded(msg_id, rcpt, new_id, at) VALUES (?,?,?,?)",
+                     (msg_id, rcpt, new_id, time.time()))
+
+    def expire(self, now: float | None = None) -> None:
+        """Drop markers old enough that their message has surely left the queue."""
+        cutoff = (time.time() if now is None else now) - KEEP_MARKERS
+        with self.cat.transaction() as conn:
+            conn.execute("DELETE FROM forwarded WHERE at<?", (cutoff,))
+            conn.execute("DELETE FROM rr_pick WHERE at<?", (cutoff,))
+
+
+def _vacation(row) -> StoredVacation:
+    return StoredVacation(user=row["user"], enabled=bool(row["enabled"]), start=row["start"], end=row["end"],
+                          subject=row["subject"], body=row["body"], every=row["every"])
