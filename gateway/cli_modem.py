@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,11 +24,11 @@ _BAUDS = (115200, 57600, 38400, 19200, 9600)
 
 @modem_app.command()
 def probe(
-    port: Annotated[Optional[list[str]], typer.Option(
+    port: Annotated[list[str] | None, typer.Option(
         "--port", "-p", help="Device or pyserial URL to try (repeatable); default: the usual tty paths.")] = None,
-    baud: Annotated[Optional[list[int]], typer.Option(
+    baud: Annotated[list[int] | None, typer.Option(
         "--baud", "-b", help="Port speed to try (repeatable); default: 115200 down to 9600.")] = None,
-    init: Annotated[Optional[list[str]], typer.Option(
+    init: Annotated[list[str] | None, typer.Option(
         "--init", help="Init string to test (repeatable); default: the built-in ones.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 2.0,
 ) -> None:
@@ -90,10 +90,10 @@ def simulate(
     no_dialtone: Annotated[int, typer.Option(help="Answer the very first N dials with NO DIALTONE.")] = 0,
     no_carrier: Annotated[int, typer.Option(help="After the busy/no-answer ones, N dials get NO CARRIER.")] = 0,
     dial_delay: Annotated[float, typer.Option(help="Seconds from ATD to the result.")] = 1.0,
-    drop_after_seconds: Annotated[Optional[float], typer.Option(help="Drop carrier N seconds after CONNECT.")] = None,
-    drop_after_bytes: Annotated[Optional[int], typer.Option(help="Drop carrier after N bytes of data.")] = None,
+    drop_after_seconds: Annotated[float | None, typer.Option(help="Drop carrier N seconds after CONNECT.")] = None,
+    drop_after_bytes: Annotated[int | None, typer.Option(help="Drop carrier after N bytes of data.")] = None,
     guard_time: Annotated[float, typer.Option(help="+++ escape guard time in seconds (S12/50).")] = 1.0,
-    forward: Annotated[Optional[list[str]], typer.Option(
+    forward: Annotated[list[str] | None, typer.Option(
         help="Shaped route HOST:PORT->HOST:PORT carried only while connected (repeatable).")] = None,
     latency_ms: Annotated[float, typer.Option(help="One-way latency of shaped routes.")] = 0.0,
 ) -> None:

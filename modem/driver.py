@@ -12,8 +12,9 @@ import glob
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Self
 
 import serial
 
@@ -106,7 +107,7 @@ class HayesModem:
             port, self._port = self._port, None
             await asyncio.to_thread(port.close)
 
-    async def __aenter__(self) -> "HayesModem":
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -258,7 +259,7 @@ class HayesModem:
                 await asyncio.sleep(action.seconds)
                 event = Paused(time.monotonic())
             else:  # pragma: no cover - the action set is closed
-                raise AssertionError(action)
+                raise TypeError(action)
             action = dialer.handle(event)
 
     def _go_online(self, connected: Connected) -> None:

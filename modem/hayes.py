@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 CR = b"\r"
 LF = b"\n"
@@ -464,7 +464,7 @@ class Dialer:
 
     def _on_idle(self, event: DialEvent) -> DialAction:
         if not isinstance(event, Started):
-            raise RuntimeError("start the dialer first")
+            raise TypeError("start the dialer first")
         self._started_at = event.at
         self._phase = "init"
         if not self.plan.init:
@@ -509,7 +509,7 @@ class Dialer:
 
     def _on_pause(self, event: DialEvent) -> DialAction:
         if not isinstance(event, Paused):
-            raise RuntimeError(f"unexpected {event!r} while pausing")
+            raise TypeError(f"unexpected {event!r} while pausing")
         return self._dial_next_in_queue(event.at)
 
     # -- decisions -------------------------------------------------------------------

@@ -19,10 +19,10 @@ import logging
 import os
 import signal
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 from modem.driver import HayesModem
 from modem.errors import LinkConfigError, LinkUpFailed
@@ -106,7 +106,7 @@ class Link(ABC):
         self._tasks.clear()
         try:
             how = await self._take_down(info)
-        except Exception as exc:  # the hang-up must not hide what the session was doing
+        except Exception as exc:  # noqa: BLE001 - a failed hang-up must not hide the session's own error
             log.warning("taking the link down failed: %s", exc)
             how = f"taking the link down failed: {exc}"
         if info is not None:
@@ -114,7 +114,7 @@ class Link(ABC):
         if how:
             self.progress(how)
 
-    def _watch(self, coro) -> None:  # noqa: ANN001
+    def _watch(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -126,7 +126,7 @@ class Link(ABC):
     async def _take_down(self, info: LinkInfo | None) -> str | None: ...
 
 
-async def _complete_despite_cancel(coro) -> None:  # noqa: ANN001
+async def _complete_despite_cancel(coro) -> None:
     """Run ``coro`` to the end even if our task is cancelled meanwhile; then re-raise that."""
     task = asyncio.ensure_future(coro)
     cancelled = False
@@ -142,7 +142,7 @@ async def _complete_despite_cancel(coro) -> None:  # noqa: ANN001
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # --- always-on ------------------------------------------------------------------------
@@ -185,7 +185,7 @@ async def _run(command: str | tuple[str, ...], timeout: float) -> tuple[int | No
     proc = await _spawn(command)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         await _stop_process(proc, 1.0)
         return None, f"still running after {timeout:g} s"
     except asyncio.CancelledError:
@@ -211,7 +211,7 @@ async def _stop_process(proc: asyncio.subprocess.Process, grace: float) -> None:
         try:
             await asyncio.wait_for(proc.wait(), wait)
             return
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             continue
 
 
@@ -259,7 +259,7 @@ class CommandLink(Link):
                                    f"(waited for {waited_for})")
             try:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), 0.2)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
         info = LinkInfo("command", _now(), interface=cfg.interface)
         self._watch(self._watch_link(info))
@@ -372,7 +372,7 @@ class ModemLink(Link):
                                    f"{self.pppd.up_timeout:g} s of CONNECT")
             try:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), 0.1)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
         self.progress(f"{self.pppd.interface} is up")
         self._watch(self._watch_pppd(info, proc))

@@ -14,6 +14,7 @@ import os
 import time
 import tty
 from pathlib import Path
+from typing import Self
 
 from modem.simulator import CarrierListener, SimKnobs, SimulatedModem
 
@@ -58,7 +59,7 @@ class PtyModemServer:
         self.modem.drop_carrier(time.monotonic(), reason)
         self._after_change()
 
-    async def start(self) -> "PtyModemServer":
+    async def start(self) -> PtyModemServer:
         self._loop = asyncio.get_running_loop()
         master, slave = os.openpty()
         # Raw from the start: a cooked slave would echo our own results back as commands.
@@ -89,7 +90,7 @@ class PtyModemServer:
             self.link.unlink()
         self.closed.set()
 
-    async def __aenter__(self) -> "PtyModemServer":
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

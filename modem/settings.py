@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from modem.errors import LinkConfigError
 from modem.hayes import DEFAULT_GUARD_TIME, DEFAULT_INIT, DialPlan
@@ -89,7 +90,7 @@ class Route:
         return f"{self.listen_host}:{self.listen_port}->{self.target_host}:{self.target_port}"
 
     @classmethod
-    def parse(cls, text: str) -> "Route":
+    def parse(cls, text: str) -> Route:
         left, sep, right = text.partition("->")
         if not sep:
             raise ValueError(f"{text!r} is not HOST:PORT->HOST:PORT")
@@ -115,7 +116,7 @@ class LinkSettings:
     sim: SimSettings | None = None  # sim
 
     @classmethod
-    def from_options(cls, type: str, options: dict[str, Any]) -> "LinkSettings":
+    def from_options(cls, type: str, options: dict[str, Any]) -> LinkSettings:
         if type not in LINK_TYPES:
             raise LinkConfigError("type", f"must be one of {', '.join(LINK_TYPES)}, not {type!r}")
         allowed = _KEYS[type]
@@ -178,7 +179,7 @@ class LinkSettings:
         return cls(type, interface=read.text("interface", None), dialer=dialer, sim=sim)
 
 
-def _dialer(read: "_Reader", device: str, default_numbers: tuple[str, ...] | None) -> DialerSettings:
+def _dialer(read: _Reader, device: str, default_numbers: tuple[str, ...] | None) -> DialerSettings:
     numbers = read.text_list("numbers", ())
     single = read.text("number", None)
     if single:
@@ -218,7 +219,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0
 
 def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
-        raise ValueError("a duration, not true/false")
+        raise TypeError("a duration, not true/false")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
@@ -251,7 +252,7 @@ class _Reader:
     def text(self, key: str, default: str | None) -> str | None:
         def check(v: Any) -> str:
             if not isinstance(v, str):
-                raise ValueError(f"must be a string, not {v!r}")
+                raise TypeError(f"must be a string, not {v!r}")
             return v.strip()
         return self._get(key, default, check)
 

@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
 from modem.settings import Route
 
@@ -30,9 +30,9 @@ class CarrierSource(Protocol):
     @property
     def carrier(self) -> bool: ...
 
-    def add_carrier_listener(self, listener) -> None: ...  # noqa: ANN001
+    def add_carrier_listener(self, listener) -> None: ...
 
-    def remove_carrier_listener(self, listener) -> None: ...  # noqa: ANN001
+    def remove_carrier_listener(self, listener) -> None: ...
 
     def count_data(self, nbytes: int) -> None: ...
 
@@ -82,7 +82,7 @@ class LineShaper:
 
     # -- lifetime --------------------------------------------------------------------
 
-    async def start(self) -> "LineShaper":
+    async def start(self) -> LineShaper:
         self._loop = asyncio.get_running_loop()
         for listener in self._listeners:
             self._bind(listener)
@@ -101,7 +101,7 @@ class LineShaper:
                 listener.sock.close()
                 listener.sock = None
 
-    async def __aenter__(self) -> "LineShaper":
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

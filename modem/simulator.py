@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Mapping
 
 from modem.hayes import (
     DEFAULT_GUARD_TIME,
@@ -51,7 +51,7 @@ class SimKnobs:
     ident: str = "dialmail simulated modem V.34"
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, str | int | float | None]) -> "SimKnobs":
+    def from_mapping(cls, values: Mapping[str, str | int | float | None]) -> SimKnobs:
         """Build from text values (URL query, CLI); raises ValueError naming the bad knob."""
         kwargs: dict[str, object] = {}
         known = {f.name: f for f in fields(cls)}
@@ -268,9 +268,8 @@ class SimulatedModem:
             return None
         elif name == "S":
             return self._register(arg)
-        elif name.startswith("+"):
-            if arg.endswith("?"):
-                self._info("0")
+        elif name.startswith("+") and arg.endswith("?"):
+            self._info("0")
         # &C, &K, &W, L, M, X, W, \N, %C ...: accepted, no effect on a simulated line.
         return True
 

@@ -238,9 +238,9 @@ def test_pppd_ending_is_reported_as_carrier_loss(tmp_path, stand_in_pppd, monkey
     monkeypatch.setenv("EXIT_STATUS", "16")
 
     async def scenario():
-        async with PtyModemServer(SimKnobs(dial_delay=0.1, guard_time=0.25)) as server:
-            async with open_link(modem_settings(server.path, stand_in_pppd)).up() as info:
-                return await asyncio.wait_for(info.wait_carrier_lost(), 5)
+        async with PtyModemServer(SimKnobs(dial_delay=0.1, guard_time=0.25)) as server, \
+                open_link(modem_settings(server.path, stand_in_pppd)).up() as info:
+            return await asyncio.wait_for(info.wait_carrier_lost(), 5)
     assert asyncio.run(scenario()) == "pppd ended: the modem hung up"
 
 
@@ -328,7 +328,7 @@ def test_sim_link_signals_carrier_loss_within_a_second_and_cuts_traffic():
         async with link.up() as info:
             dropped: list[float] = []
             link.line.add_carrier_listener(lambda up, why: dropped.append(time.monotonic()))
-            reader, writer = await asyncio.open_connection(*next(iter(info.addresses.values())))
+            reader, _writer = await asyncio.open_connection(*next(iter(info.addresses.values())))
             await reader.readline()
             reason = await asyncio.wait_for(info.wait_carrier_lost(), 3)
             noticed_after = time.monotonic() - dropped[0]

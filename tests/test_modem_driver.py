@@ -70,15 +70,14 @@ kinds = pytest.mark.parametrize("kind", ["url", "pty"])
 @pytest.mark.timeout(20)
 def test_driver_initialises_dials_and_reports_rate_and_protocol(kind):
     async def scenario():
-        async with simulated(kind, rate=31200) as (port, sim):
-            async with driver(port) as modem:
-                connected = await modem.dial(plan("0845 555".replace(" ", "")))
-                assert connected.result.code is ResultCode.CONNECT
-                assert connected.result.rate == 31200
-                assert connected.result.protocol == ("ARQ", "V34", "LAPM", "V42BIS")
-                assert sim.carrier
-                assert sim.modem.commands == ["ATZ", "AT&F E0 V1 Q0 &C1 &D2", "ATDT0845555"]
-                await modem.hang_up()
+        async with simulated(kind, rate=31200) as (port, sim), driver(port) as modem:
+            connected = await modem.dial(plan("0845555"))
+            assert connected.result.code is ResultCode.CONNECT
+            assert connected.result.rate == 31200
+            assert connected.result.protocol == ("ARQ", "V34", "LAPM", "V42BIS")
+            assert sim.carrier
+            assert sim.modem.commands == ["ATZ", "AT&F E0 V1 Q0 &C1 &D2", "ATDT0845555"]
+            await modem.hang_up()
     asyncio.run(scenario())
 
 
@@ -104,12 +103,11 @@ def test_driver_redials_after_busy_and_connects(kind):
 @pytest.mark.timeout(20)
 def test_driver_gives_up_after_the_configured_attempts_with_a_clear_message(kind):
     async def scenario():
-        async with simulated(kind, busy=100) as (port, sim):
-            async with driver(port) as modem:
-                with pytest.raises(DialFailed) as failed:
-                    await modem.dial(plan("111", "222", attempts_per_number=2))
-                assert sim.modem.dials == 4
-                return failed.value
+        async with simulated(kind, busy=100) as (port, sim), driver(port) as modem:
+            with pytest.raises(DialFailed) as failed:
+                await modem.dial(plan("111", "222", attempts_per_number=2))
+            assert sim.modem.dials == 4
+            return failed.value
     error = asyncio.run(scenario())
     assert str(error) == "no connection after 4 attempts on 2 numbers: 111 was busy (x2); 222 was busy (x2)"
     assert [f.code for f in error.failures] == [ResultCode.BUSY] * 4
@@ -124,11 +122,10 @@ def test_driver_gives_up_after_the_configured_attempts_with_a_clear_message(kind
 @pytest.mark.timeout(20)
 def test_each_failure_reaches_the_user_in_words(kind, knob, words):
     async def scenario():
-        async with simulated(kind, **{knob: 5}) as (port, _):
-            async with driver(port) as modem:
-                with pytest.raises(DialFailed) as failed:
-                    await modem.dial(plan("111", attempts_per_number=1))
-                return str(failed.value)
+        async with simulated(kind, **{knob: 5}) as (port, _), driver(port) as modem:
+            with pytest.raises(DialFailed) as failed:
+                await modem.dial(plan("111", attempts_per_number=1))
+            return str(failed.value)
     message = asyncio.run(scenario())
     assert message.startswith("no connection after 1 attempt on 1 number: ")
     assert words in message
@@ -138,13 +135,12 @@ def test_each_failure_reaches_the_user_in_words(kind, knob, words):
 @pytest.mark.timeout(20)
 def test_a_dial_without_answer_is_aborted_and_the_modem_left_idle(kind):
     async def scenario():
-        async with simulated(kind, dial_delay=30) as (port, sim):
-            async with driver(port) as modem:
-                with pytest.raises(DialFailed) as failed:
-                    await modem.dial(plan("111", attempts_per_number=1, connect_timeout=0.5))
-                assert sim.modem.state == "command" and not sim.carrier
-                assert (await modem.command("AT")).result.code is ResultCode.OK
-                return str(failed.value)
+        async with simulated(kind, dial_delay=30) as (port, sim), driver(port) as modem:
+            with pytest.raises(DialFailed) as failed:
+                await modem.dial(plan("111", attempts_per_number=1, connect_timeout=0.5))
+            assert sim.modem.state == "command" and not sim.carrier
+            assert (await modem.command("AT")).result.code is ResultCode.OK
+            return str(failed.value)
     assert "no connection to 111 within 0.5 s: the modem gave no result" in asyncio.run(scenario())
 
 
@@ -152,17 +148,16 @@ def test_a_dial_without_answer_is_aborted_and_the_modem_left_idle(kind):
 @pytest.mark.timeout(20)
 def test_hang_up_puts_the_modem_back_on_hook(kind):
     async def scenario():
-        async with simulated(kind) as (port, sim):
-            async with driver(port) as modem:
-                await modem.dial(plan())
-                assert sim.carrier
-                how = await modem.hang_up()
-                assert not sim.carrier
-                assert (await modem.command("AT")).result.code is ResultCode.OK
-                await modem.dial(plan())  # and it can call again
-                assert sim.carrier
-                await modem.hang_up()
-                return how
+        async with simulated(kind) as (port, sim), driver(port) as modem:
+            await modem.dial(plan())
+            assert sim.carrier
+            how = await modem.hang_up()
+            assert not sim.carrier
+            assert (await modem.command("AT")).result.code is ResultCode.OK
+            await modem.dial(plan())  # and it can call again
+            assert sim.carrier
+            await modem.hang_up()
+            return how
     how = asyncio.run(scenario())
     if kind == "url":
         assert how == "hung up by dropping DTR"
@@ -174,15 +169,14 @@ def test_hang_up_puts_the_modem_back_on_hook(kind):
 @pytest.mark.timeout(20)
 def test_carrier_drop_is_noticed_within_one_second(kind):
     async def scenario():
-        async with simulated(kind) as (port, sim):
-            async with driver(port) as modem:
-                await modem.dial(plan())
-                await asyncio.sleep(0.2)
-                assert not modem.carrier_lost.is_set()
-                sim.drop_carrier("test pulled the phone cable")
-                took = await wait_until(modem.carrier_lost.is_set, 1.0, "noticing the carrier drop")
-                await modem.hang_up()
-                return took, modem.loss_reason
+        async with simulated(kind) as (port, sim), driver(port) as modem:
+            await modem.dial(plan())
+            await asyncio.sleep(0.2)
+            assert not modem.carrier_lost.is_set()
+            sim.drop_carrier("test pulled the phone cable")
+            took = await wait_until(modem.carrier_lost.is_set, 1.0, "noticing the carrier drop")
+            await modem.hang_up()
+            return took, modem.loss_reason
     took, reason = asyncio.run(scenario())
     assert took < 1.0
     if kind == "url":
@@ -195,9 +189,8 @@ def test_carrier_drop_is_noticed_within_one_second(kind):
 @pytest.mark.timeout(20)
 def test_identify_reads_ati_answers(kind):
     async def scenario():
-        async with simulated(kind) as (port, _):
-            async with driver(port) as modem:
-                return await modem.identify(("ATZ",), ("ATI3",))
+        async with simulated(kind) as (port, _), driver(port) as modem:
+            return await modem.identify(("ATZ",), ("ATI3",))
     assert asyncio.run(scenario()) == {"ATZ": "OK", "ATI3": ["dialmail simulated modem V.34"]}
 
 

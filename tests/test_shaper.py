@@ -147,7 +147,7 @@ def test_connections_are_refused_while_on_hook():
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection(*address)  # before dialling
             await off_hook(line, shaper)
-            reader, writer = await asyncio.open_connection(*address)
+            reader, _writer = await asyncio.open_connection(*address)
             assert await reader.readline() == b"220 isp ready\r\n"
             line.set_dtr(False)  # the computer hangs up
             await wait_until(lambda: not shaper.is_open, 1.0, "the shaper closing on hang-up")
