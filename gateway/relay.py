@@ -432,13 +432,12 @@ def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes]:
         return None, b""
 
 
-def _needs_smtputf8(msg: Message, sender: str, rcpts: list[str], data: bytes) -> bool:
-    if not sender.isascii() or any(not r.isascii() for r in rcpts):
-        return True
-    if msg.smtputf8:
-        end = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
-        return not data[:min(end) if end else len(data)].isascii()
-    return False
+def _utf8_headers(msg: Message, data: bytes) -> bool:
+    """Non-ASCII in the header block of a message that came in with SMTPUTF8."""
+    if not msg.smtputf8:
+        return False
+    end = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    return not data[:min(end) if end else len(data)].isascii()
 
 
 async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
@@ -453,14 +452,22 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
     sender = ctx.rewriter.address(msg.sender)
     data = ctx.rewriter.message(data)
     outcomes: dict[str, Outcome] = {}
-    utf8 = _needs_smtputf8(msg, sender, rcpts, data)
     where = f"{conn.peer.host}:{conn.peer.port}"
+    utf8 = not sender.isascii() or _utf8_headers(msg, data) or any(not r.isascii() for r in rcpts)
     if utf8 and not conn.smtp.supports_extension("smtputf8"):
-        await ctx.record(job.qid, {r: outcome.smtputf8_not_offered(where) for r in rcpts})
-        return
+        # Only what truly needs SMTPUTF8 fails: ASCII recipients of an ASCII message still go.
+        whole = not sender.isascii() or _utf8_headers(msg, data)
+        failed = [r for r in rcpts if whole or not r.isascii()]
+        outcomes.update({r: outcome.smtputf8_not_offered(where) for r in failed})
+        rcpts = [r for r in rcpts if r not in outcomes]
+        utf8 = False
+        if not rcpts:
+            await ctx.record(job.qid, outcomes)
+            return
     limit = conn.size_limit
     if limit and len(data) > limit:
-        await ctx.record(job.qid, {r: outcome.too_big(len(data), limit) for r in rcpts})
+        outcomes.update({r: outcome.too_big(len(data), limit) for r in rcpts})
+        await ctx.record(job.qid, outcomes)
         return
     try:
         accepted = await _abortable(ctx, conn.send(sender, rcpts, data, utf8, outcomes))

@@ -1,0 +1,390 @@
+"""Flushing the outbound queue to real smarthosts: smtp-sink and Postfix on 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import time
+from pathlib import Path
+
+import pytest
+from flufl.bounce import scan_message
+
+from gateway import config as config_mod
+from gateway import outcome
+from gateway.deliver import LocalDelivery
+from gateway.directory import Directory
+from gateway.relay import flush
+from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
+from spool.users import Users
+
+pytestmark = pytest.mark.peer
+
+
+# ---------------------------------------------------------------- a dialmail spool without the daemon
+
+
+class Office:
+    """Config, queue, users and local delivery of one office, driven directly."""
+
+    def __init__(self, tmp: Path, port: int = 25, *, starttls: str = "off", smarthost: str = "",
+                 extra: str = "", route: str = "smarthost"):
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.path = self.tmp / "dialmail.toml"
+        self.path.write_text(f"""
+[server]
+hostname = "mail.office.test"
+domains = ["office.test"]
+spool_dir = "{self.tmp / 'spool'}"
+
+[smarthost]
+host = "127.0.0.1"
+port = {port}
+starttls = "{starttls}"
+timeout = 20
+route = "{route}"
+{smarthost}
+
+[queue]
+retry_min = "5m"
+retry_max = "4h"
+queue_lifetime = "4d"
+delay_warning = "4h"
+{extra}
+""")
+        self.cfg = config_mod.load(self.path)
+        self.queue = Queue(Catalogue(self.cfg.spool_dir))
+        self.users = Users(self.cfg.spool_dir)
+        for name in ("alice", "bob"):
+            self.users.add(name, f"{name}-pw")
+        self.delivery = LocalDelivery(self.cfg, self.queue, Directory(self.cfg, self.users))
+
+    def send(self, sender: str, rcpts: list[str], data: bytes, **kw) -> str:
+        routes = [(r, LOCAL if r.endswith("@office.test") else RELAY) for r in rcpts]
+        return self.queue.enqueue(sender, routes, data, origin="smtp", **kw)
+
+    def flush(self, **kw):
+        return asyncio.run(flush(self.cfg, self.queue, **kw))
+
+    def deliver_local(self) -> None:
+        while self.delivery.run_once():
+            pass
+
+    def mailbox(self, user: str) -> list[email.message.EmailMessage]:
+        new = self.tmp / "spool" / "mail" / user / "new"
+        files = sorted(new.iterdir()) if new.exists() else []
+        return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default) for p in files]
+
+    def status(self, qid: str) -> dict[str, str]:
+        m = self.queue.get(qid)
+        return {r.rcpt: r.status for r in m.recipients} if m else {}
+
+
+def message(subject: str, sender: str = "alice@office.test", to: str = "friend@example.com", body: str = "hello",
+            extra_headers: str = "") -> bytes:
+    return (f"From: Alice <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}@office.test>\r\n{extra_headers}\r\n{body}\r\n").encode()
+
+
+@pytest.fixture
+def office(tmp_path):
+    made = []
+
+    def make(*args, **kw) -> Office:
+        o = Office(tmp_path / f"office{len(made)}", *args, **kw)
+        made.append(o)
+        return o
+    yield make
+    for o in made:
+        o.queue.cat.close()
+
+
+# ---------------------------------------------------------------- a TCP proxy that counts and cuts
+
+
+class Proxy:
+    """127.0.0.1 proxy in front of a server: counts connections and can cut the first one
+    the moment the client's stream reaches ``cut_at`` (bytes before it still pass)."""
+
+    def __init__(self, upstream_port: int, cut_at: bytes | None = None):
+        self.upstream_port = upstream_port
+        self.cut_at = cut_at
+        self.connections = 0
+        self.cuts = 0
+        self.port = 0
+
+    async def __aenter__(self) -> "Proxy":
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        cut = self.cut_at if self.cuts == 0 else None
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def up() -> None:
+            seen = b""
+            while data := await cr.read(65536):
+                if cut is not None:
+                    seen += data
+                    i = seen.find(cut)
+                    if i >= 0:
+                        self.cuts += 1
+                        uw.write(data[:len(data) - (len(seen) - i)])
+                        await uw.drain()
+                        uw.transport.abort()
+                        cw.transport.abort()
+                        return
+                uw.write(data)
+                await uw.drain()
+            uw.close()
+
+        async def down() -> None:
+            while data := await ur.read(65536):
+                cw.write(data)
+                await cw.drain()
+            cw.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+
+# ---------------------------------------------------------------- smtp-sink
+
+
+def test_whole_queue_goes_over_one_reused_connection(office, smtp_sink):
+    o = office(smtp_sink.port)
+    ids = [o.send("alice@office.test", ["friend@example.com", "other@example.net"], message(f"m{i}"))
+           for i in range(5)]
+
+    async def run():
+        async with Proxy(smtp_sink.port) as proxy:
+            o.cfg = config_mod.loads(o.path.read_text().replace(f"port = {smtp_sink.port}", f"port = {proxy.port}"))
+            seen = []
+            result = await flush(o.cfg, o.queue, progress=lambda qid, n: seen.append((qid, n)))
+            return proxy.connections, result, seen
+
+    connections, result, seen = asyncio.run(run())
+    assert connections == 1
+    assert (result.sent, result.deferred, result.bounced, result.messages, result.error) == (10, 0, 0, 5, None)
+    assert [qid for qid, _ in seen] == ids and seen[-1][1] == result.bytes > 0
+    got = smtp_sink.wait_messages(5)
+    assert sorted(m.message["Subject"] for m in got) == [f"m{i}" for i in range(5)]
+    assert all(m.rcpts == ["friend@example.com", "other@example.net"] for m in got)
+    assert all(m.helo == "mail.office.test" for m in got)
+    assert o.queue.messages() == []
+
+
+def test_sender_rewritten_on_the_way_out_but_not_on_the_lan(office, smtp_sink):
+    o = office(smtp_sink.port, smarthost='[smarthost.rewrite]\n"@office.test" = "office@isp.example"\n'
+                                        '"boss@office.test" = "boss@isp.example"\n')
+    data = message("rewrite", extra_headers="Reply-To: boss@office.test\r\nSender: alice@office.test\r\n",
+                   body="alice@office.test stays in the body")
+    qid = o.send("alice@office.test", ["friend@example.com", "bob@office.test"], data)
+    o.deliver_local()
+    result = o.flush()
+    assert result.sent == 1
+    sent = smtp_sink.wait_messages(1)[0]
+    assert sent.mail_from == "office@isp.example"
+    assert sent.message["From"] == "Alice <office@isp.example>"
+    assert sent.message["Reply-To"] == "boss@isp.example"
+    assert sent.message["Sender"] == "office@isp.example"
+    assert b"alice@office.test stays in the body" in sent.data
+    local = o.mailbox("bob")[0]
+    assert local["From"] == "Alice <alice@office.test>" and local["Return-Path"] == "<alice@office.test>"
+    assert o.queue.get(qid) is None
+
+
+def test_starttls_required_refuses_server_without_it(office, smtp_sink):
+    o = office(smtp_sink.port, starttls="required")
+    qid = o.send("alice@office.test", ["friend@example.com"], message("needs tls"))
+    result = o.flush()
+    assert result.error is not None and result.error.dsn == "4.7.4"
+    assert "does not offer STARTTLS" in result.error.reason
+    assert o.status(qid) == {"friend@example.com": DEFERRED}
+    assert o.queue.get(qid).recipients[0].last_reply.startswith("4.7.4")
+    assert smtp_sink.messages() == []
+
+
+def test_carrier_drop_mid_data_keeps_message_queued_then_delivers_exactly_once(office, smtp_sink):
+    o = office(smtp_sink.port)
+    first = o.send("alice@office.test", ["friend@example.com"], message("first"))
+    big_body = "line of text\r\n" * 2000 + "CUT-HERE\r\n" + "more text\r\n" * 2000 + "END-OF-SECOND"
+    second = o.send("alice@office.test", ["friend@example.com", "other@example.com"], message("second", body=big_body))
+    clock = [time.time()]
+
+    async def run(cut: bool):
+        async with Proxy(smtp_sink.port, cut_at=b"CUT-HERE" if cut else None) as proxy:
+            o.cfg = config_mod.loads(o.path.read_text().replace(f"port = {smtp_sink.port}", f"port = {proxy.port}"))
+            result = await flush(o.cfg, o.queue, clock=lambda: clock[0])
+            return result, proxy.cuts
+
+    result, cuts = asyncio.run(run(cut=True))
+    assert cuts == 1
+    assert result.sent == 1 and result.deferred == 2
+    assert result.error is not None and result.error.status == DEFERRED and result.error.dsn == "4.4.2"
+    assert o.queue.get(first) is None
+    waiting = o.queue.get(second)
+    assert {r.status for r in waiting.recipients} == {DEFERRED}
+    assert all(r.next_retry >= clock[0] + 300 for r in waiting.recipients)
+
+    # not due yet: back-off holds it
+    result, _ = asyncio.run(run(cut=False))
+    assert result.sent == 0 and o.queue.get(second) is not None
+
+    clock[0] += 301
+    result, _ = asyncio.run(run(cut=False))
+    assert (result.sent, result.deferred, result.error) == (2, 0, None)
+    assert o.queue.get(second) is None
+    msgs = smtp_sink.wait_messages(2)
+    complete = [m for m in msgs if m.data.rstrip().endswith(b"END-OF-SECOND")]
+    assert len(complete) == 1 and complete[0].rcpts == ["friend@example.com", "other@example.com"]
+    assert sum(1 for m in msgs if m.message["Subject"] == "first") == 1
+
+
+def test_stop_event_ends_flush_between_messages(office, smtp_sink):
+    o = office(smtp_sink.port)
+    ids = [o.send("alice@office.test", ["friend@example.com"], message(f"s{i}")) for i in range(4)]
+
+    async def run():
+        stop = asyncio.Event()
+        return await flush(o.cfg, o.queue, stop_event=stop, progress=lambda qid, n: stop.set())
+
+    result = asyncio.run(run())
+    assert result.sent == 1 and result.error is not None and result.error.status == DEFERRED
+    assert o.queue.get(ids[0]) is None
+    # the rest was never tried: still queued, due at once for the next session
+    assert all(o.status(q) == {"friend@example.com": "queued"} for q in ids[1:])
+    assert o.flush().sent == 3
+
+
+def test_hard_rejects_bounce_to_local_sender_at_once(office, smtp_sink_factory):
+    sink = smtp_sink_factory(hard_reject=["rcpt"], hard_reply="550 5.1.1 no such user")
+    o = office(sink.port)
+    qid = o.send("alice@office.test", ["nobody@example.com"], message("to nobody"))
+    events = []
+    result = asyncio.run(flush(o.cfg, o.queue, on_local_mail=lambda: events.append(1)))
+    assert result.bounced == 1 and result.local_notices == 1 and events == [1]
+    assert o.queue.get(qid) is None
+    [notice] = [m for m in o.queue.messages()]
+    assert notice.sender == "" and notice.recipients[0].rcpt == "alice@office.test"
+    assert notice.recipients[0].route == LOCAL
+    o.deliver_local()
+    [dsn] = o.mailbox("alice")
+    assert dsn.get_content_type() == "multipart/report"
+    assert scan_message(dsn) == {b"nobody@example.com"}
+    assert "550 5.1.1 no such user" in dsn.as_string()
+
+
+def test_soft_rejects_defer_with_back_off(office, smtp_sink_factory):
+    sink = smtp_sink_factory(soft_reject=["rcpt"])
+    o = office(sink.port)
+    qid = o.send("alice@office.test", ["slow@example.com"], message("later"))
+    start = time.time()
+    clock = [start]
+    delays = []
+    for _ in range(4):
+        result = asyncio.run(flush(o.cfg, o.queue, clock=lambda: clock[0]))
+        assert result.deferred == 1 and result.bounced == 0
+        r = o.queue.get(qid).recipients[0]
+        delays.append(round(r.next_retry - clock[0]))
+        clock[0] = r.next_retry
+    assert delays == [300, 600, 1200, 2400]
+    assert r.last_code == 450 and r.attempts == 4
+
+
+# ---------------------------------------------------------------- real Postfix
+
+
+def test_postfix_per_recipient_outcomes_and_single_bounce(office, postfix_smarthost):
+    pf = postfix_smarthost
+    o = office(pf.port)
+    mixed = o.send("alice@office.test", ["ok1@example.com", "temp1@example.com", "bad1@example.com"],
+                   message("mixed"))
+    all_bad = o.send("alice@office.test", ["bad2@example.com"], message("all bad"))
+    after = o.send("alice@office.test", ["ok2@example.com"], message("after the refusals"))
+    now = time.time()
+    result = o.flush(clock=lambda: now)
+    by = {r.rcpt: r.outcome for r in result.results}
+    assert by["ok1@example.com"].status == DELIVERED
+    assert (by["temp1@example.com"].status, by["temp1@example.com"].code, by["temp1@example.com"].dsn) == \
+        (DEFERRED, 450, "4.2.0")
+    assert (by["bad1@example.com"].status, by["bad1@example.com"].dsn) == (BOUNCED, "5.1.1")
+    assert by["bad2@example.com"].status == BOUNCED and by["ok2@example.com"].status == DELIVERED
+    assert o.status(mixed) == {"ok1@example.com": DELIVERED, "temp1@example.com": DEFERRED,
+                               "bad1@example.com": BOUNCED}
+    assert o.queue.get(all_bad) is None and o.queue.get(after) is None
+
+    # the sender hears about the bad recipients now, not when temp1 is finally done
+    o.deliver_local()
+    bounces = o.mailbox("alice")
+    assert sorted(b for m in bounces for b in scan_message(m)) == [b"bad1@example.com", b"bad2@example.com"]
+
+    pf.set_recipient_rules("")
+    result = o.flush(clock=lambda: now + 301)
+    assert [(r.rcpt, r.outcome.status) for r in result.results] == [("temp1@example.com", DELIVERED)]
+    assert o.queue.get(mixed) is None
+    o.deliver_local()
+    assert len(o.mailbox("alice")) == 2  # no second bounce for bad1
+
+    delivered = pf.wait_delivered(3)
+    rcpts = sorted(d.original_to for d in pf.delivered())
+    assert rcpts == ["ok1@example.com", "ok2@example.com", "temp1@example.com"]
+    assert all(d.return_path == "alice@office.test" for d in delivered)
+
+
+def test_postfix_size_limit_bounces_without_sending(office, postfix_smarthost):
+    postfix_smarthost.set_params(message_size_limit=3000)
+    o = office(postfix_smarthost.port)
+    big = o.send("alice@office.test", ["friend@example.com"], message("big", body="x" * 70 + "\r\n" * 1 + "y" * 5000))
+    small = o.send("alice@office.test", ["friend@example.com"], message("small"))
+    result = o.flush()
+    by = {r.qid: r.outcome for r in result.results}
+    assert by[big].status == BOUNCED and by[big].dsn == "5.3.4" and "size limit 3000" in by[big].reason
+    assert by[small].status == DELIVERED
+    assert [d.message["Subject"] for d in postfix_smarthost.wait_delivered(1)] == ["small"]
+    o.deliver_local()
+    [dsn] = o.mailbox("alice")
+    assert scan_message(dsn) == {b"friend@example.com"}
+    assert "Status: 5.3.4" in dsn.as_string()
+
+
+def test_postfix_without_smtputf8_bounces_utf8_recipient_with_reason(office, postfix_smarthost):
+    o = office(postfix_smarthost.port)
+    qid = o.send("alice@office.test", ["jörg@example.com", "plain@example.com"], message("umlaut"))
+    result = o.flush()
+    by = {r.rcpt: r.outcome for r in result.results}
+    assert by["jörg@example.com"].status == BOUNCED and by["jörg@example.com"].dsn == "5.6.7"
+    assert "SMTPUTF8" in by["jörg@example.com"].reason
+    # only the address that needs SMTPUTF8 fails; the ASCII one goes without it
+    assert by["plain@example.com"].status == DELIVERED
+    assert o.queue.get(qid) is None
+    o.deliver_local()
+    [dsn] = o.mailbox("alice")
+    assert "does not support it" in dsn.get_body(("plain",)).get_content()
+    assert [d.original_to for d in postfix_smarthost.wait_delivered(1)] == ["plain@example.com"]
+
+
+# ---------------------------------------------------------------- outcomes, without sockets
+
+
+@pytest.mark.parametrize("code,text,status,dsn", [
+    (250, "2.0.0 Ok: queued as X", DELIVERED, "2.0.0"),
+    (450, "4.2.0 try later", DEFERRED, "4.2.0"),
+    (451, "try again", DEFERRED, "4.0.0"),
+    (550, "5.1.1 no such user", BOUNCED, "5.1.1"),
+    (554, "4.1.1 mismatched class", BOUNCED, "5.0.0"),
+    (421, "4.3.2 shutting down", DEFERRED, "4.3.2"),
+])
+def test_reply_classification(code, text, status, dsn):
+    o = outcome.from_reply(code, text)
+    assert (o.status, o.dsn) == (status, dsn)
+
+
+def test_back_off_doubles_up_to_the_maximum():
+    assert [outcome.retry_delay(n, 300, 3600) for n in range(6)] == [300, 600, 1200, 2400, 3600, 3600]
