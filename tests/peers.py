@@ -130,7 +130,12 @@ _PACKAGE_OF = {
 
 
 class PeerStartError(RuntimeError):
-    """A peer did not come up; the message carries the tail of its log."""
+    """A peer did not come up; the message carries the tail of its log.
+    ``port_conflict``: a chosen port was taken meanwhile (start() then retries)."""
+
+    def __init__(self, message: str, port_conflict: bool = False):
+        super().__init__(message)
+        self.port_conflict = port_conflict
 
 
 # --------------------------------------------------------------------------
@@ -206,11 +211,6 @@ def _proc_stat(pid: int) -> tuple[int, str, int, bool] | None:
     return int(fields[1]), fields[19], int(fields[3]), fields[0] in ("Z", "X")
 
 
-def _alive(pid: int, starttime: str) -> bool:
-    st = _proc_stat(pid)
-    return bool(st) and st[1] == starttime and not st[3]
-
-
 def _all_procs() -> dict[int, tuple[int, str, int, bool]]:
     out = {}
     for entry in os.listdir("/proc"):
@@ -245,8 +245,29 @@ def _peer_preexec() -> None:  # runs in the child between fork and exec
         pass
 
 
+def _listen_table() -> dict[str, int]:
+    """socket inode -> port for every TCP socket in LISTEN state (IPv4/IPv6)."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A":
+                out[f[9]] = int(f[1].rsplit(":", 1)[1], 16)
+    return out
+
+
 def listening_ports(pid: int, with_children: bool = True) -> set[int]:
     """TCP ports (IPv4/IPv6) in LISTEN state whose sockets pid (or its children) holds."""
+    table = _listen_table()
+    inodes = _socket_inodes(pid, with_children)
+    return {port for inode, port in table.items() if inode in inodes}
+
+
+def _socket_inodes(pid: int, with_children: bool = True) -> set[str]:
     pids = [pid] + ([p for p, _ in _descendants(pid)] if with_children else [])
     inodes = set()
     for p in pids:
@@ -261,17 +282,7 @@ def listening_ports(pid: int, with_children: bool = True) -> set[int]:
                 continue
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A" and f[9] in inodes:
-                ports.add(int(f[1].rsplit(":", 1)[1], 16))
-    return ports
+    return inodes
 
 
 _LIVE: set["_Peer"] = set()
@@ -389,14 +400,21 @@ class _Peer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise PeerStartError(
-                    f"{self.name} exited with {self.proc.returncode}\n--- {self.log_path}:\n{_tail(self.log_path)}"
-                    + (f"\n--- {self.output_path}:\n{_tail(self.output_path)}" if self.output_path != self.log_path else "")
-                )
-            if ports <= listening_ports(self.proc.pid):
+                logs = f"--- {self.log_path}:\n{_tail(self.log_path)}"
+                if self.output_path != self.log_path:
+                    logs += f"\n--- {self.output_path}:\n{_tail(self.output_path)}"
+                raise PeerStartError(f"{self.name} exited with {self.proc.returncode}\n{logs}",
+                                     port_conflict="in use" in logs)
+            table = _listen_table()  # snapshot first, then our sockets: no false "taken"
+            inodes = _socket_inodes(self.proc.pid)
+            if ports <= {port for inode, port in table.items() if inode in inodes}:
                 # a socket in LISTEN state held by our process: connections are
                 # queued from now on (no probe connection needed)
                 return
+            taken = {port for inode, port in table.items() if port in ports and inode not in inodes}
+            if taken:  # some daemons (clamd) keep running without their TCP port
+                raise PeerStartError(f"{self.name}: port(s) {sorted(taken)} taken by another process",
+                                     port_conflict=True)
             if time.monotonic() >= deadline:
                 raise PeerStartError(
                     f"{self.name} not listening on {sorted(ports)} after {timeout} s\n--- log:\n{_tail(self.log_path)}"
@@ -404,16 +422,20 @@ class _Peer:
             time.sleep(0.02)
 
     def start(self):
-        last = None
-        for _ in range(self.start_attempts):
-            self._prepare()
-            try:
-                self._launch()
-                return self
-            except PeerStartError as e:  # most likely a port taken since free_port(); retry
-                last = e
-                self._stop_process()
-        raise last
+        """Start (retrying with new ports); on failure everything is cleaned up."""
+        try:
+            for attempt in range(self.start_attempts):
+                self._prepare()
+                try:
+                    self._launch()
+                    return self
+                except PeerStartError as e:  # a port taken since free_port(): retry
+                    self._stop_process()
+                    if not e.port_conflict or attempt == self.start_attempts - 1:
+                        raise
+        except BaseException:
+            self.stop()
+            raise
 
     def _stop_process(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
@@ -819,6 +841,11 @@ class SinkMessage:
     received: str
     data: bytes
     raw: bytes
+
+    @property
+    def body(self) -> bytes:
+        """Alias of ``data``: the original message as sent after DATA."""
+        return self.data
 
     @property
     def mail_from(self) -> str:
@@ -1253,8 +1280,9 @@ class Clamd(_Peer):
 def run_fetchmail(rcfile_text: str, home_dir: Path | str, timeout: float = 60,
                   args: Sequence[str] = (), verbose: bool = True) -> subprocess.CompletedProcess:
     """One fetchmail poll (``--nodetach``) with rcfile_text written to
-    home_dir/fetchmailrc (mode 0600, as fetchmail demands); FETCHMAILHOME and
-    HOME point at home_dir so .fetchids/locks stay there.  Output is text.
+    home_dir/fetchmailrc (mode 0600, as fetchmail demands); FETCHMAILHOME,
+    HOME and --pidfile point into home_dir so .fetchids and the lock stay
+    there (parallel runs do not collide).  Output is text.
     Exit codes: 0 mail delivered, 1 no new mail, 6 rcfile permissions, ...
     """
     home = Path(home_dir)
@@ -1263,7 +1291,8 @@ def run_fetchmail(rcfile_text: str, home_dir: Path | str, timeout: float = 60,
     rc.write_text(rcfile_text)
     rc.chmod(0o600)
     env = dict(os.environ, FETCHMAILHOME=str(home), HOME=str(home))
-    argv = [_prog("fetchmail"), "-f", str(rc), "--nodetach", "--nosyslog"]
+    # --pidfile: as root fetchmail would lock /var/run/fetchmail.pid, shared by all runs
+    argv = [_prog("fetchmail"), "-f", str(rc), "--nodetach", "--nosyslog", "--pidfile", str(home / "fetchmail.pid")]
     if verbose:
         argv.append("-v")
     return subprocess.run(argv + list(args), env=env, capture_output=True, text=True, timeout=timeout)

@@ -353,3 +353,30 @@ def test_stop_leaves_no_process(make):
     assert [p for p, st in tree if _proc_stat(p) and _proc_stat(p)[1] == st] == []  # no zombies either
     assert _session_members(pid) == {}
     assert not directory.exists()
+
+
+def test_start_retries_when_the_port_got_taken(monkeypatch):
+    need("clamd")
+    import tests.peers as peers
+
+    blocker = socket.socket()
+    blocker.bind((HOST, 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    ports = iter([taken])
+    monkeypatch.setattr(peers, "free_port", lambda host=HOST: next(ports, None) or free_port())
+    try:
+        with Clamd() as c:
+            assert c.port != taken
+            assert c.scan_bytes(b"clean") == "stream: OK"
+    finally:
+        blocker.close()
+
+
+def test_failed_start_cleans_up(monkeypatch):
+    need("smtp-sink")
+    sink = SmtpSink(extra_args=["-Z-no-such-option"])
+    directory = sink.dir
+    with pytest.raises(Exception):
+        sink.start()
+    assert sink.proc is None and not directory.exists()
