@@ -46,11 +46,8 @@ class ProgressView:
                            f"{event['bounced']} bounced")
         elif kind == "fetch-done":
             self.out.print(f"{t} fetching done: {event['fetched']} fetched")
-        elif kind in ("hangup", "hungup"):
-            if event.get("how"):
-                self.out.print(f"{t} {event['how']}")
-            else:
-                self.out.print(f"{t} hanging up")
+        elif kind == "hangup":
+            self.out.print(f"{t} hanging up")
         elif kind in ("error", "stopping", "refused"):
             self.out.print(f"{t} [red]{kind}[/red]: {event.get('message') or event.get('reason')}")
         elif kind == "retry":
@@ -70,15 +67,14 @@ class ProgressView:
             self.outcome = event.get("outcome")
 
     def _transfer(self, t: str, way: str, ev: dict) -> None:
-        what = ev.get("message_id") or ev.get("qid") or ev.get("uid") or ev.get("id") or ""
-        size = ev.get("size") or ev.get("bytes")
-        rate = ""
+        what = ev.get("qid") or ev.get("uid") or ev.get("message_id") or ""
+        total = ev.get("total")
         elapsed = ev.get("seconds")
-        if size and elapsed:
-            rate = f" {int(size) / max(float(elapsed), 1e-3) / 1024:.1f} KiB/s"
-        status = ev.get("status") or ev.get("result") or ""
-        arrow = "→" if way == "send" else "←"
-        self.out.print(f"{t} {arrow} {way} {what} {size or ''}{' bytes' if size else ''}{rate} {status}".rstrip())
+        rate = f" ({int(total) / max(float(elapsed), 1e-3) / 1024:.1f} KiB/s)" if total and elapsed else ""
+        detail = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("type", "qid", "uid", "total", "seconds"))
+        arrow = "→ sent" if way == "send" else "← fetched"
+        size = f", {int(total) // 1024} KiB so far{rate}" if total else ""
+        self.out.print(f"{t} {arrow} {what}{size} {detail}".rstrip())
 
 
 @app.command("connect-now")

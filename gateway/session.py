@@ -240,19 +240,23 @@ class Session:
     async def _send(self) -> None:
         from gateway import relay
         spool = self.ctx.spool
+        # A session someone asked for, or the retry after a dropped line, sends everything
+        # waiting (as postqueue -f does); scheduled and demand sessions respect back-off.
+        force = self.record.trigger in ("manual", "retry", "flush")
+        self._send_started = time.monotonic()
         result = await relay.flush(self.config, spool.queue, clock=self.clock, progress=self._send_progress,
-                                   stop_event=self.stop)
+                                   stop_event=self.stop, force=force, on_local_mail=self.ctx.kick_delivery)
         self.record.sent += result.sent
         self.record.deferred += result.deferred
         self.record.bounced += result.bounced
-        if getattr(result, "error", None):
-            self.record.errors.append(f"send: {result.error}")
-        if result.bounced and self.ctx.kick_delivery:
-            self.ctx.kick_delivery()
-        self.emit("send-done", sent=result.sent, deferred=result.deferred, bounced=result.bounced)
+        if result.error is not None:
+            self.record.errors.append(f"send: {result.error.reply}")
+        self.emit("send-done", sent=result.sent, deferred=result.deferred, bounced=result.bounced,
+                  bytes=result.bytes)
 
-    def _send_progress(self, *args, **kwargs) -> None:
-        self.emit("send", **_progress_fields(args, kwargs))
+    def _send_progress(self, qid: str, total: int) -> None:
+        elapsed = time.monotonic() - self._send_started
+        self.emit("send", qid=qid, total=total, seconds=round(elapsed, 2))
 
     async def _fetch(self) -> None:
         from gateway import fetch

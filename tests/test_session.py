@@ -1,0 +1,105 @@
+"""Dial sessions end to end: simulated modem + line shaper + real smarthost, through the daemon or not."""
+import asyncio
+import subprocess
+import sys
+import time
+
+import aiosmtplib
+import pytest
+
+from tests.harness import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def sim_link(route_port: int, sink_port: int, extra: str = "") -> str:
+    return f"""
+[smarthost]
+host = "127.0.0.1"
+port = {route_port}
+starttls = "off"
+
+[link]
+type = "sim"
+rate = 115200
+dial_delay = "1s"
+redial_delay = "0.2s"
+forward = ["127.0.0.1:{route_port}->127.0.0.1:{sink_port}"]
+{extra}
+[session]
+retry_delay = "1s"
+retry_count = 3
+idle_timeout = "20s"
+cost_per_call = 0.10
+cost_per_minute = 0.02
+"""
+
+
+def submit(port: int, n: int, size: int = 2000, to="partner@elsewhere.test") -> list[str]:
+    async def go():
+        subjects = []
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as c:
+            for i in range(n):
+                subject = f"outbound {i}"
+                body = ("line of text for the outbound message\r\n" * (size // 39)).encode()
+                msg = (f"From: alice@office.test\r\nTo: {to}\r\nSubject: {subject}\r\n"
+                       f"Message-ID: <out{i}.{time.time()}@office.test>\r\n\r\n").encode() + body
+                await c.sendmail("alice@office.test", [to], msg)
+                subjects.append(subject)
+        return subjects
+    return asyncio.run(go())
+
+
+def test_lock_keeps_two_sessions_apart(site, smtp_sink):
+    """Two connect-now runs (cron and a user, no daemon) at once: one session, the other is refused."""
+    route = free_port()
+    site.write_config(sim_link(route, smtp_sink.port).replace('dial_delay = "1s"', 'dial_delay = "3s"'))
+    cmd = [sys.executable, "-m", "gateway", "-c", str(site.config_path), "connect-now", "--send-only"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    lock = site.spool / "locks" / "session"
+    wait_for(lambda: lock.exists() and lock.read_text().strip(), timeout=20, what="the first session's lock")
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    out1 = first.communicate(timeout=60)[0].decode()
+    assert first.returncode == 0, out1
+    assert second.returncode == 75, second.stdout + second.stderr
+    assert "already running" in second.stdout
+    assert "CONNECTED" in out1
+
+
+def test_connect_now_through_the_daemon_sends_and_logs(site, smtp_sink):
+    route = free_port()
+    site.write_config(sim_link(route, smtp_sink.port))
+    site.start()
+    subjects = submit(site.smtp_port, 5)
+    r = site.cli("connect-now", "--send-only", timeout=120)
+    out = r.stdout.decode()
+    assert r.returncode == 0, out + r.stderr.decode()
+    assert "CONNECTED" in out and "5 sent" in out
+    got = smtp_sink.wait_messages(5)
+    assert sorted(m.message["Subject"] for m in got) == sorted(subjects)
+    log = site.cli("log").stdout.decode()
+    assert "manual" in log and " ok " in log and "5/0/0" in log
+    status = site.cli("status").stdout.decode()
+    assert "daemon: running" in status and "last session: #1" in status and "sent 5" in status
+    assert "0 message(s)" in status
+    # The link is down again: the shaper no longer accepts connections.
+    with pytest.raises(OSError):
+        import socket
+        socket.create_connection(("127.0.0.1", route), timeout=2).close()
+
+
+def test_carrier_drop_mid_session_retries_and_loses_nothing(site, smtp_sink):
+    """The line drops after 40 kB each call: bounded retries move everything, each message exactly once."""
+    route = free_port()
+    site.write_config(sim_link(route, smtp_sink.port, extra="drop_after_bytes = 40000\n"))
+    site.start()
+    subjects = submit(site.smtp_port, 8, size=12000)
+    r = site.cli("connect-now", "--send-only", timeout=150)
+    out = r.stdout.decode()
+    assert "line dropped: trying again" in out, out
+    got = smtp_sink.wait_messages(8, timeout=30)
+    names = [m.message["Subject"] for m in got]
+    assert sorted(names) == sorted(subjects), f"lost or duplicated: {sorted(names)}"
+    assert site.cli("queue", "list").stdout.decode().startswith("queue is empty"), out
+    log = site.cli("log").stdout.decode()
+    assert "retry" in log and "carrier lost" in log
