@@ -21,6 +21,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ FAILED = "failed"
 DELAYED = "delayed"
 MAX_HEADER_BYTES = 64 * 1024  # of the original, returned as text/rfc822-headers
 ORIGIN = "bounce"
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,10 @@ def entry(r: Recipient, outcome: Outcome | None = None) -> Entry:
         return Entry(r.rcpt, r.orcpt, outcome.dsn, f"{outcome.code} {outcome.reply}")
     reply = r.last_reply or ""
     code = r.last_code or (554 if r.status == BOUNCED else 451)
-    return Entry(r.rcpt, r.orcpt, enhanced_status(code, reply), f"{code} {reply}".strip() if reply else None)
+    # The stored reply leads with the status chosen when the outcome was made (an expired
+    # recipient keeps 4.4.7 under a 554); fall back to the basic code's class.
+    status = reply.split()[0] if reply and _STATUS.fullmatch(reply.split()[0]) else enhanced_status(code, reply)
+    return Entry(r.rcpt, r.orcpt, status, f"{code} {reply}".strip() if reply else None)
 
 
 # ---------------------------------------------------------------- leaving the queue

@@ -1,0 +1,190 @@
+"""Bounces, delay warnings and expiry: RFC 3464 reports that real parsers understand."""
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import time
+
+import pytest
+from flufl.bounce import scan_message
+
+from gateway import bounce, outcome
+from gateway.expiry import expire
+from gateway.relay import flush
+from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
+from tests.harness import wait_for
+from tests.test_relay import Office, message
+
+DAY = 86400
+
+
+@pytest.fixture
+def office(tmp_path):
+    o = Office(tmp_path / "office", 9)  # port 9: nothing is ever sent in these tests
+    yield o
+    o.queue.cat.close()
+
+
+def parse(data: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+def notices(o: Office) -> list:
+    return [m for m in o.queue.messages() if m.origin == bounce.ORIGIN]
+
+
+def notice_of(o: Office, m) -> email.message.EmailMessage:
+    return parse(o.queue.body_path(m.id).read_bytes())
+
+
+def test_dsn_is_a_valid_multipart_report():
+    headers = b"From: Alice <alice@office.test>\r\nTo: x@example.com\r\nSubject: the original\r\n\r\nbody not returned\r\n"
+    data = bounce.build_dsn(hostname="mail.office.test", sender="alice@office.test", qid="Q1", arrival=time.time() - 60,
+                            action=bounce.FAILED, original_headers=headers, entries=[
+                                bounce.Entry("x@example.com", None, "5.1.1", "550 5.1.1 no such user"),
+                                bounce.Entry("y@example.com", "list@office.test", "5.2.2", "552 5.2.2 mailbox full")])
+    assert b"\n" not in data.replace(b"\r\n", b"")  # CRLF only
+    msg = parse(data)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["To"].addresses[0].addr_spec == "alice@office.test" and "MAILER-DAEMON@mail.office.test" in msg["From"]
+    assert msg["Auto-Submitted"] == "auto-replied"
+    text, status, original = msg.get_payload()
+    assert text.get_content_type() == "text/plain" and "x@example.com" in text.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, *per_rcpt = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; mail.office.test" and per_message["Arrival-Date"]
+    assert [(b["Final-Recipient"], b["Action"], b["Status"], b["Diagnostic-Code"]) for b in per_rcpt] == [
+        ("rfc822; x@example.com", "failed", "5.1.1", "smtp; 550 5.1.1 no such user"),
+        ("rfc822; y@example.com", "failed", "5.2.2", "smtp; 552 5.2.2 mailbox full")]
+    assert per_rcpt[1]["Original-Recipient"] == "rfc822; list@office.test"
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: the original" in original.as_bytes() and b"body not returned" not in data
+    assert scan_message(msg) == {b"x@example.com", b"list@office.test"}
+
+
+def test_bounce_of_a_bounce_is_dropped(office):
+    qid = office.send("", ["gone@example.com"], message("a bounce", sender="MAILER-DAEMON@mail.office.test"))
+    office.queue.record(qid, "gone@example.com", BOUNCED, 550, "5.1.1 no such user")
+    settled = bounce.settle(office.cfg, office.queue, qid)
+    assert settled.removed and settled.bounce_id is None
+    assert office.queue.messages() == []
+    assert not office.queue.body_path(qid).exists()
+
+
+def test_bounced_recipients_reported_once_while_others_wait(office):
+    qid = office.send("alice@office.test", ["a@example.com", "b@example.com", "c@example.com"], message("three"))
+    office.queue.record(qid, "a@example.com", BOUNCED, 550, "5.1.1 no such user")
+    office.queue.record(qid, "b@example.com", DEFERRED, 450, "4.2.0 try later")
+    first = bounce.settle(office.cfg, office.queue, qid)
+    assert first.bounce_id and not first.removed and first.local
+    assert bounce.settle(office.cfg, office.queue, qid).bounce_id is None  # nothing new: no second notice
+    office.queue.record(qid, "b@example.com", BOUNCED, 550, "5.7.1 refused")
+    office.queue.record(qid, "c@example.com", DELIVERED, 250, "2.0.0 ok")
+    last = bounce.settle(office.cfg, office.queue, qid)
+    assert last.removed and last.bounce_id
+    assert office.queue.get(qid) is None
+    reports = [scan_message(notice_of(office, m)) for m in notices(office)]
+    assert reports == [{b"a@example.com"}, {b"b@example.com"}]
+    office.deliver_local()
+    assert len(office.mailbox("alice")) == 2
+
+
+def test_unknown_local_recipient_bounces_to_outside_sender(office):
+    qid = office.send("friend@example.com", ["nosuch@office.test", "bob@office.test"],
+                      message("hello office", sender="friend@example.com", to="nosuch@office.test"))
+    office.deliver_local()
+    assert office.queue.get(qid) is None and len(office.mailbox("bob")) == 1
+    [n] = notices(office)
+    assert n.sender == "" and [(r.rcpt, r.route) for r in n.recipients] == [("friend@example.com", RELAY)]
+    assert scan_message(notice_of(office, n)) == {b"nosuch@office.test"}
+
+
+def test_expiry_and_one_delay_warning_with_injected_clock(office):
+    qid = office.send("alice@office.test", ["slow@example.com"], message("slow"))
+    arrival = office.queue.get(qid).arrival
+    office.queue.record(qid, "slow@example.com", DEFERRED, 451, "4.3.0 server busy", next_retry=arrival + 300)
+
+    assert not expire(office.cfg, office.queue, arrival + 3 * 3600).warned
+    first = expire(office.cfg, office.queue, arrival + 5 * 3600)
+    assert first.warned == [qid] and first.local_notices == 1 and bool(first)
+    assert not expire(office.cfg, office.queue, arrival + 6 * 3600).warned  # only one warning
+    [warning] = notices(office)
+    w = notice_of(office, warning)
+    assert "Delayed Mail" in w["Subject"]
+    block = w.get_payload()[1].get_payload()[1]
+    assert (block["Action"], block["Status"]) == ("delayed", "4.3.0") and block["Will-Retry-Until"]
+    assert scan_message(w) == set()  # a warning is not a failure
+    office.deliver_local()
+
+    assert not expire(office.cfg, office.queue, arrival + 4 * DAY - 1).bounced
+    done = expire(office.cfg, office.queue, arrival + 4 * DAY + 1)
+    assert done.bounced == [qid] and office.queue.get(qid) is None
+    failure = notice_of(office, notices(office)[0])
+    assert scan_message(failure) == {b"slow@example.com"}
+    block = failure.get_payload()[1].get_payload()[1]
+    assert block["Status"] == "4.4.7" and "451 4.3.0 server busy" in block["Diagnostic-Code"]
+    assert "expired after 4 days" in block["Diagnostic-Code"]
+    office.deliver_local()
+    assert [m["Subject"] for m in office.mailbox("alice")] == ["Delayed Mail (still being retried)",
+                                                               "Undelivered Mail Returned to Sender"]
+
+
+def test_being_offline_never_bounces_before_the_lifetime(office):
+    qid = office.send("alice@office.test", ["later@example.com"], message("offline"))
+    arrival = office.queue.get(qid).arrival
+    assert not expire(office.cfg, office.queue, arrival + 3 * DAY).bounced
+    assert office.queue.get(qid).recipients[0].status == "queued"
+
+
+def test_held_message_neither_expires_nor_warns(office):
+    qid = office.send("alice@office.test", ["x@example.com"], message("held"))
+    office.queue.set_hold(qid, True)
+    result = expire(office.cfg, office.queue, time.time() + 10 * DAY)
+    assert not result.bounced and not result.warned and office.queue.get(qid) is not None
+
+
+def test_flush_expires_before_sending(office):
+    qid = office.send("alice@office.test", ["x@example.com"], message("old"))
+    result = asyncio.run(flush(office.cfg, office.queue, clock=lambda: time.time() + 5 * DAY))
+    assert result.expired == 1 and result.sent == 0 and result.error is None  # nothing left to connect for
+    assert office.queue.get(qid) is None
+
+
+def test_administrator_bounce(office):
+    qid = office.send("alice@office.test", ["x@example.com", "y@example.com"], message("admin"))
+    office.queue.record(qid, "y@example.com", DELIVERED, 250, "2.0.0 ok")
+    settled = bounce.bounce_now(office.cfg, office.queue, qid, outcome.administrator_bounce())
+    assert settled.removed and settled.local
+    n = notice_of(office, notices(office)[0])
+    assert scan_message(n) == {b"x@example.com"}
+    assert "deleted by the administrator" in n.as_string()
+
+
+# ---------------------------------------------------------------- the CLI, end to end
+
+
+@pytest.mark.peer
+def test_cli_queue_bounce_and_flush(site, smtp_sink):
+    site.write_config(f"""
+        [smarthost]
+        host = "127.0.0.1"
+        port = {smtp_sink.port}
+        starttls = "off"
+        """)
+    q = Queue(Catalogue(site.spool))
+    doomed = q.enqueue("alice@office.test", [("x@example.com", RELAY)], message("doomed"), origin="smtp")
+    going = q.enqueue("alice@office.test", [("y@example.com", RELAY), ("bob@office.test", LOCAL)],
+                      message("going"), origin="smtp")
+    r = site.cli("queue", "bounce", doomed)
+    assert r.returncode == 0, r.stderr
+    assert f"{doomed}: bounced" in r.stdout.decode()
+    mail = wait_for(lambda: site.mail_of("alice"), what="the bounce in alice's mailbox")
+    assert scan_message(parse(mail[0])) == {b"x@example.com"}
+
+    r = site.cli("queue", "flush")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert f"{going} <y@example.com> delivered: 250" in out and "1 delivered, 0 deferred, 0 bounced" in out
+    assert [m.rcpts for m in smtp_sink.wait_messages(1)] == [["y@example.com"]]
