@@ -1,33 +1,54 @@
 """Real mail peers for tests: Dovecot, smtp-sink, Postfix, clamd, and client runners.
 
 Every peer listens on 127.0.0.1 only, on a free high port, with its whole
-configuration in a private temporary directory, and is stopped by PID at
-teardown (SIGTERM, wait up to 10 s, SIGKILL; leftover children of the peer
-are then ended by PID too).
+configuration in a private temporary directory.  It runs in its own session
+(setsid) with a parent-death signal, and is stopped by PID at teardown:
+SIGTERM, wait up to 10 s, SIGKILL; then any process left in its session is
+reaped/killed by PID (the test process acts as child subreaper meanwhile, so
+no zombies are left behind).  ``restart()`` stops and starts a peer on the
+same ports with the same data.
 
 Fixtures (re-exported by tests/conftest.py via ``from tests.peers import *``):
 
 ``dovecot``              Dovecot IMAP+POP3, STARTTLS offered but optional (``ssl = yes``),
                          plus implicit-TLS ports.  The server is started once per
                          session (``dovecot_server``); the function fixture wipes all
-                         users and mail before each test, so every test starts with
-                         no users: call ``dovecot.add_user("alice", "secret")``.
+                         users and mail before and after each test, so every test
+                         starts with no users: ``dovecot.add_user("alice", "secret")``.
+                         Do not stop() it (restart() is fine).
 ``dovecot_notls``        same, ``ssl = no`` (no STARTTLS capability at all).
 ``smtp_sink``            a fresh Postfix ``smtp-sink`` per test, storing every
                          message with its envelope (``messages()``).
 ``smtp_sink_factory``    callable: ``smtp_sink_factory(hard_reject=["rcpt"])`` etc.
                          for fault injection; all sinks it made stop at teardown.
-``postfix_smarthost``    real Postfix (root only) delivering to a catch-all Maildir,
-                         with per-recipient 4xx/5xx rules; session server, reset per test.
+``postfix_smarthost``    real Postfix (root only, skipped otherwise) delivering to a
+                         catch-all Maildir, per-recipient 4xx/5xx rules; session
+                         server, reset per test.
 ``clamd``                clamd with a one-line EICAR body signature (session scope).
 ``peer_tmp``             a per-test temp dir that the peers' unprivileged users can
                          reach (pytest's ``tmp_path`` lives below a 0700 directory
                          owned by root, which Dovecot/smtp-sink/Postfix children,
                          running as dovecot/nobody, cannot traverse).
 
-Client helpers: ``run_fetchmail``, ``fetchmail_rc``, ``run_swaks``, ``run_getmail``,
-``getmail_rc``; plumbing: ``have``, ``need``, ``free_port``, ``wait_port``,
-``listening_ports``, ``make_self_signed_cert``, ``peer_tmpdir``.
+Client helpers: ``run_fetchmail``/``fetchmail_rc``, ``run_swaks``,
+``run_getmail``/``getmail_rc``; plumbing: ``have``, ``need`` (pytest.skip naming
+the Debian package), ``free_port``, ``wait_port``, ``listening_ports``,
+``make_self_signed_cert``, ``peer_tmpdir``.  Packages: tests/peers-debian.txt.
+
+Behaviour worth knowing (all checked on Debian 12, as root and as a user):
+- Dovecot treats 127.0.0.1 -> 127.0.0.1 as a secured connection: plaintext
+  LOGIN always works, even with ``ssl = required`` (so no such fixture).
+- Dovecot's auth-failure penalty (anvil; 2-15 s delay for every later login
+  from the same IP) is switched off, and passwords are checked by a
+  checkpassword script because passwd-file notices changes only once a second.
+- smtp-sink answers AUTH with 250 instead of 235 (smtplib login() fails), so
+  AUTH is not announced by default; its faults hit every instance of a
+  command: per-recipient replies need ``postfix_smarthost``.
+- fetchmail as root locks /var/run/fetchmail.pid (run_fetchmail passes its
+  own --pidfile) and checks certificate names against DNS names only
+  (fetchmail_rc sets ``sslcommonname localhost``).
+- getmail6 refuses to deliver to a Maildir as root: getmail_rc adds
+  ``user = nobody`` and run_getmail chowns the Maildir.
 
 Set ``DIALMAIL_KEEP_PEER_DIRS=1`` to keep the peers' directories (configs,
 logs, mail) after the run for debugging.
@@ -42,6 +63,7 @@ import dataclasses
 import email
 import email.message
 import email.policy
+import grp
 import imaplib
 import os
 import poplib
@@ -55,8 +77,8 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import pytest
 
@@ -113,6 +135,8 @@ _PACKAGE_OF = {
     "doveconf": "dovecot-core",
     "postfix": "postfix",
     "postconf": "postfix",
+    "postsuper": "postfix",
+    "postqueue": "postfix",
     "smtp-sink": "postfix",
     "smtp-source": "postfix",
     "fetchmail": "fetchmail",
@@ -285,7 +309,7 @@ def _socket_inodes(pid: int, with_children: bool = True) -> set[str]:
     return inodes
 
 
-_LIVE: set["_Peer"] = set()
+_LIVE: set[_Peer] = set()
 
 
 @atexit.register
@@ -391,7 +415,7 @@ class _Peer:
         with open(self.output_path, "ab") as out:
             self.proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.dir, env=env, preexec_fn=_peer_preexec,
+                cwd=self.dir, env=env, preexec_fn=_peer_preexec,  # noqa: PLW1509 (no threads here)
             )
         _LIVE.add(self)
 
@@ -480,7 +504,23 @@ class _Peer:
                     break
                 time.sleep(0.02)
 
+    def restart(self, timeout: float = 10.0):
+        """Stop the daemon and start it again on the same ports with the same
+        data (e.g. to test reconnecting after a server outage)."""
+        self._stop_process()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._launch()
+                return self
+            except PeerStartError as e:
+                self._stop_process()
+                if not e.port_conflict or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
     def stop(self) -> None:
+        """Stop the daemon (and all its processes) and delete its directory."""
         try:
             self._stop_process()
         finally:
@@ -646,14 +686,13 @@ class Dovecot(_Peer):
                         f"ssl_cert = <{self.cert}\nssl_key = <{self.key}")
             self.imaps_port, self.pop3s_port = free_port(), free_port()
         if IS_ROOT:
-            users = dict(internal_user="dovecot", internal_group="dovecot", login_user="dovenull",
-                         mail_user="dovecot", mail_group="dovecot", chroot="")
+            users = {"internal_user": "dovecot", "internal_group": "dovecot", "login_user": "dovenull",
+                     "mail_user": "dovecot", "mail_group": "dovecot", "chroot": ""}
         else:
             me = self.mail_owner
-            import grp
             group = grp.getgrgid(os.getegid()).gr_name
-            users = dict(internal_user=me, internal_group=group, login_user=me,
-                         mail_user=me, mail_group=group, chroot="  chroot =\n")
+            users = {"internal_user": me, "internal_group": group, "login_user": me,
+                     "mail_user": me, "mail_group": group, "chroot": "  chroot =\n"}
         self.conf.write_text(_DOVECOT_CONF.format(
             d=d, host=HOST, ssl=ssl_conf, imap_port=self.imap_port, pop3_port=self.pop3_port,
             imaps_port=self.imaps_port or 0, pop3s_port=self.pop3s_port or 0, **users))
@@ -677,8 +716,8 @@ class Dovecot(_Peer):
 
     def add_user(self, name: str, password: str) -> MailUser:
         """Add (or re-password) a login; the mailbox is created on first use."""
-        if not re.fullmatch(r"[A-Za-z0-9._@+-]+", name) or ":" in password or "\n" in password:
-            raise ValueError("user name/password not usable in a passwd-file")
+        if not re.fullmatch(r"[A-Za-z0-9._@+-]+", name) or "\n" in password or "\0" in password:
+            raise ValueError("user name must be [A-Za-z0-9._@+-]+, password without newline/NUL")
         self.users[name] = password
         self._write_users()
         return MailUser(name, password)
@@ -969,8 +1008,12 @@ class SmtpSink(_Peer):
 
     def _launch(self) -> None:
         argv = [_prog("smtp-sink")] + (["-u", "nobody"] if IS_ROOT else [])
-        argv += self.args + ["-d", f"{self.spool}/%Y%m%d%H%M%S.", f"{HOST}:0", "100"]
+        # port 0: the kernel picks a free port, read back below (restart() reuses it)
+        argv += self.args + ["-d", f"{self.spool}/%Y%m%d%H%M%S.", f"{HOST}:{self.port}", "100"]
         self._spawn(argv)
+        if self.port:
+            self._wait_listening([self.port], timeout=10)
+            return
         deadline = time.monotonic() + 10
         while True:
             if self.proc.poll() is not None:
@@ -1468,6 +1511,7 @@ def postfix_smarthost(postfix_smarthost_server):
     """Real Postfix smarthost, reset for this test (default rules: temp* 450, bad* 550)."""
     postfix_smarthost_server.reset()
     yield postfix_smarthost_server
+    postfix_smarthost_server.reset()
 
 
 @pytest.fixture(scope="session")

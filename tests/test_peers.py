@@ -18,6 +18,7 @@ from tests.peers import (
     IS_ROOT,
     Clamd,
     Dovecot,
+    PeerStartError,
     PostfixSmarthost,
     SmtpSink,
     _descendants,
@@ -357,7 +358,7 @@ def test_stop_leaves_no_process(make):
 
 def test_start_retries_when_the_port_got_taken(monkeypatch):
     need("clamd")
-    import tests.peers as peers
+    from tests import peers
 
     blocker = socket.socket()
     blocker.bind((HOST, 0))
@@ -377,6 +378,26 @@ def test_failed_start_cleans_up(monkeypatch):
     need("smtp-sink")
     sink = SmtpSink(extra_args=["-Z-no-such-option"])
     directory = sink.dir
-    with pytest.raises(Exception):
+    with pytest.raises(PeerStartError, match="invalid option"):
         sink.start()
     assert sink.proc is None and not directory.exists()
+
+
+def test_restart_keeps_port_and_data(smtp_sink):
+    need("dovecot")
+    port = smtp_sink.port
+    smtp_sink.restart()
+    assert smtp_sink.port == port
+    with smtplib.SMTP(HOST, port) as c:
+        c.sendmail("a@example.com", ["b@example.com"], msg("after restart"))
+    assert smtp_sink.wait_messages(1)[0].message["Subject"] == "after restart"
+
+    with Dovecot(tls="none") as d:
+        d.add_user("alice", "secret")
+        d.save("alice", msg("kept"))
+        imap_port = d.imap_port
+        d.restart()
+        assert d.imap_port == imap_port
+        m = d.imap("alice")
+        assert m.select("INBOX") == ("OK", [b"1"])
+        m.logout()
