@@ -25,7 +25,7 @@ from gateway.pop3.wire import wire_octets
 from spool.fsio import fsync_dir
 
 MAX_UID = 70  # RFC 1939: 1 to 70 characters in the range 0x21 to 0x7E
-_PRINTABLE = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_UID)
+_PRINTABLE = re.compile(rf"[\x21-\x7e]{{1,{MAX_UID}}}")
 _WIRE_SIZE = re.compile(r",W=(\d+)(?=[,:]|$)")  # Dovecot's CRLF size in the name
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol
 
 MAX_LINE = 4096  # RFC 2449 allows 255 octets per command; AUTH responses may be longer
 
@@ -380,7 +381,7 @@ class Session:
     _AUTH = (State.AUTHORIZATION,)
     _TRANS = (State.TRANSACTION,)
     _BOTH = (State.AUTHORIZATION, State.TRANSACTION)
-    _COMMANDS = {
+    _COMMANDS: ClassVar[dict] = {
         "CAPA": (_BOTH, _capa), "QUIT": (_BOTH, _quit), "NOOP": (_TRANS, _noop),
         "USER": (_AUTH, _user), "PASS": (_AUTH, _pass), "AUTH": (_AUTH, _auth), "STLS": (_AUTH, _stls),
         "STAT": (_TRANS, _stat), "LIST": (_TRANS, _list), "UIDL": (_TRANS, _uidl), "RETR": (_TRANS, _retr),

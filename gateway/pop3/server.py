@@ -16,8 +16,17 @@ from gateway.config import Config
 from gateway.deliver import mailbox_path
 from gateway.errors import ConfigError
 from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts
-from gateway.pop3.protocol import (Authenticate, Close, Response, Send, Session, StartTLS, Stream, Update,
-                                   line)
+from gateway.pop3.protocol import (
+    Authenticate,
+    Close,
+    Response,
+    Send,
+    Session,
+    StartTLS,
+    Stream,
+    Update,
+    line,
+)
 from gateway.pop3.throttle import LoginThrottle
 from gateway.pop3.wire import CHUNK, MessageEncoder
 from spool.users import Users
@@ -101,7 +110,7 @@ class Connection:
                 if action is None:
                     try:
                         data = await asyncio.wait_for(self.reader.read(CHUNK), IDLE_TIMEOUT)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         self.session.idle_timeout()
                         self.ending = "idle timeout"
                         continue

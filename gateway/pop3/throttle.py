@@ -8,7 +8,7 @@ Per client address: each failure within the window delays the answer a little mo
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 FAILURE_DELAY = 0.25  # seconds added per recent failure
 MAX_DELAY = 2.0
