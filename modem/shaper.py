@@ -12,6 +12,7 @@ connection is reset at once, both sides, mid-transfer if need be.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
@@ -71,7 +72,8 @@ class LineShaper:
         self._listeners = [_Listener(r) for r in routes]
         self._up = _Direction(rate)
         self._down = _Direction(rate)
-        # Small chunks keep the pacing smooth: about 20 ms of line time each.
+        # Small chunks keep the pacing smooth: about 20 ms of line time each.  A byte costs
+        # 8 bits: the modem-to-modem link is synchronous (V.42), no start and stop bits.
         self._chunk = max(16, int(rate / 8 * 0.02))
         self._connections: set[_Forward] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,7 +165,8 @@ class LineShaper:
             if listener.sock is None:
                 self._bind(listener)
             sock, listener.sock = listener.sock, None
-            listener.server = await asyncio.start_server(self._accept, sock=sock, backlog=64)
+            listener.server = await asyncio.start_server(functools.partial(self._accept, listener.route),
+                                                         sock=sock, backlog=64)
             if not self._open:
                 listener.server.close()
                 listener.server = None
@@ -206,12 +209,10 @@ class LineShaper:
 
     # -- forwarding ------------------------------------------------------------------
 
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+    async def _accept(self, route: Route, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         if not self._open:
             _abort(client_w)
             return
-        port = client_w.get_extra_info("sockname")[1]
-        route = next(l.route for l in self._listeners if l.port == port)
         try:
             target_r, target_w = await asyncio.open_connection(route.target_host, route.target_port)
         except OSError as exc:

@@ -40,10 +40,13 @@ class SimKnobs:
 
     rate: int = 33600
     protocol: tuple[str, ...] = ("ARQ", "V34", "LAPM", "V42BIS")
-    busy: int = 0  # the first N dials get BUSY ...
-    no_answer: int = 0  # ... the next N get NO ANSWER ...
-    no_dialtone: int = 0  # ... (checked first) the first N get NO DIALTONE
-    no_carrier: int = 0  # ... then N get NO CARRIER (a voice answered)
+    # The script, in dial order: the first no_dialtone dials get NO DIALTONE, the next
+    # busy get BUSY, then no_answer NO ANSWER, then no_carrier NO CARRIER (a voice
+    # answered); every dial after that connects.
+    busy: int = 0
+    no_answer: int = 0
+    no_dialtone: int = 0
+    no_carrier: int = 0
     dial_delay: float = 1.0
     drop_after_seconds: float | None = None
     drop_after_bytes: int | None = None
