@@ -179,6 +179,28 @@ def settle(config: Config, queue: Queue, qid: str, now: float | None = None) -> 
     return Settled()
 
 
+def remove_if_settled(conn, qid: str) -> bool:
+    """Inside a caller's transaction: delete the message's row when every recipient is final
+    and no bounced one still needs reporting.  The caller unlinks the body after COMMIT.
+
+    The relay calls this in the transaction that records a message's outcomes, so the
+    common case (all delivered) costs one commit; anything to report goes to ``settle``.
+    """
+    left = conn.execute("SELECT COUNT(*) FROM recipients r WHERE r.msg_id=? AND (r.status NOT IN (?,?) OR "
+                        "(r.status=? AND NOT EXISTS (SELECT 1 FROM bounce_reported b "
+                        "WHERE b.msg_id=r.msg_id AND b.rcpt=r.rcpt)))", (qid, *FINAL, BOUNCED)).fetchone()[0]
+    if left:
+        return False
+    return conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1
+
+
+def unlink_body(queue: Queue, qid: str) -> None:
+    try:
+        os.unlink(queue.body_path(qid))
+    except FileNotFoundError:
+        pass
+
+
 def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> Settled:
     msg = queue.get(qid)
     if msg is None:
@@ -215,7 +237,7 @@ def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> S
         with queue.cat.transaction() as conn:
             commit(conn, "discarded")
         if state["removed"]:
-            _unlink_body(queue, qid)
+            unlink_body(queue, qid)
         return Settled(removed=state["removed"])
     data = build_dsn(hostname=config.server.hostname, sender=msg.sender, qid=qid, arrival=msg.arrival,
                      action=FAILED, entries=[entry(r) for r in fresh], original_headers=read_headers(queue, qid),
@@ -225,17 +247,10 @@ def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> S
                               subject="Undelivered Mail Returned to Sender", in_txn=commit,
                               smtputf8=not msg.sender.isascii())
     if state["removed"]:
-        _unlink_body(queue, qid)
+        unlink_body(queue, qid)
     log.info("%s: sender non-delivery notification: %s (to <%s> for %s)", qid, notice_id, msg.sender,
              ", ".join(expect))
     return Settled(removed=state["removed"], bounce_id=notice_id, local=route == LOCAL)
-
-
-def _unlink_body(queue: Queue, qid: str) -> None:
-    try:
-        os.unlink(queue.body_path(qid))
-    except FileNotFoundError:
-        pass
 
 
 def bounce_now(config: Config, queue: Queue, qid: str, outcome: Outcome, now: float | None = None) -> Settled:

@@ -38,6 +38,7 @@ from gateway.config import Config
 from gateway.expiry import expire
 from gateway.outcome import Outcome
 from gateway.rewrite import SenderRewriter
+from spool import notices
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, FINAL, RELAY, Message, Queue
 
 log = logging.getLogger("dialmail.relay")
@@ -91,6 +92,7 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
     expired = await asyncio.to_thread(expire, config, queue, now)
     result.expired = len(expired.bounced)
     result.local_notices += expired.local_notices
+    await asyncio.to_thread(notices.ensure, queue.cat)
     owner = f"relay:{os.getpid()}:{secrets.token_hex(4)}"
     pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now)
     try:
@@ -152,6 +154,10 @@ class _Context:
                 if o.status == DEFERRED:
                     retry = now + outcome.retry_delay(attempts.get(rcpt, 0), cfg.retry_min, cfg.retry_max)
                 q.record(qid, rcpt, o.status, o.code, o.reply, next_retry=retry, conn=conn)
+            removed = bounce.remove_if_settled(conn, qid)
+        if removed:
+            bounce.unlink_body(q, qid)
+            return bounce.Settled(removed=True)
         return bounce.settle(self.config, q, qid, now=now)
 
     async def record_all(self, jobs: list[_Job], why: Outcome) -> None:
