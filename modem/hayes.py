@@ -420,6 +420,20 @@ class Dialer:
 
     Drive it with ``start(at)`` and then ``handle(event)`` for each action's outcome;
     the shell reports only final results (it skips RING and other unsolicited lines).
+
+    =======  ==============================  ==========================================
+    phase    event                           action (next phase)
+    =======  ==============================  ==========================================
+    idle     Started                         SendCommand(init[0]) (init), or dial
+    init     Reply OK                        next init string, or first dial (dial)
+    init     Reply other / TimedOut          GaveUp, no failures: the modem is at fault
+    dial     Reply CONNECT                   Connected (done)
+    dial     Reply BUSY, NO ANSWER, ...      record Failure; next number, Pause before a
+                                             new round (pause), or GaveUp (done)
+    dial     TimedOut                        record Failure; AbortDial (abort)
+    abort    any                             as after a failed dial
+    pause    Paused                          SendCommand(ATDT next) (dial), or GaveUp
+    =======  ==============================  ==========================================
     """
 
     def __init__(self, plan: DialPlan) -> None:

@@ -55,7 +55,8 @@ class LinkInfo:
 
     @property
     def bytes_up(self) -> int | None:
-        """Bytes carried towards the ISP so far (sim backend; None where not counted)."""
+        """Bytes carried towards the ISP so far: the shaper's count (sim) or the ppp
+        interface's (modem, command with an interface); None where nothing counts them."""
         return self._counters()[0] if self._counters else None
 
     @property
@@ -161,6 +162,33 @@ class AlwaysOnLink(Link):
 # --- shared helpers -------------------------------------------------------------------
 
 
+def interface_counters(name: str) -> Callable[[], tuple[int, int]] | None:
+    """Bytes sent and received on ``name`` since now, from the kernel's counters.
+
+    Used for ppp interfaces, which exist only for this call, so every byte on them is
+    the session's.  None if the interface has no counters.
+    """
+    base = Path("/sys/class/net", name, "statistics")
+
+    def read() -> tuple[int, int] | None:
+        try:
+            return (int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text()))
+        except (OSError, ValueError):
+            return None
+
+    start = read()
+    if start is None:
+        return None
+    last = [start]
+
+    def since_start() -> tuple[int, int]:
+        now = read()
+        if now is not None:  # once pppd has removed the interface, keep the final figures
+            last[0] = now
+        return (last[0][0] - start[0], last[0][1] - start[1])
+    return since_start
+
+
 def interface_is_up(name: str) -> bool:
     """The kernel's IFF_UP flag for ``name`` (False if there is no such interface)."""
     try:
@@ -261,7 +289,8 @@ class CommandLink(Link):
                 await asyncio.wait_for(asyncio.shield(proc.wait()), 0.2)
             except TimeoutError:
                 pass
-        info = LinkInfo("command", _now(), interface=cfg.interface)
+        info = LinkInfo("command", _now(), interface=cfg.interface,
+                        _counters=interface_counters(cfg.interface) if cfg.interface else None)
         self._watch(self._watch_link(info))
         return info
 
@@ -375,6 +404,7 @@ class ModemLink(Link):
             except TimeoutError:
                 pass
         self.progress(f"{self.pppd.interface} is up")
+        info._counters = interface_counters(self.pppd.interface)
         self._watch(self._watch_pppd(info, proc))
         self._watch(self._watch_modem(info, modem))
         return info

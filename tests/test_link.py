@@ -189,6 +189,25 @@ def test_command_link_gives_up_when_the_link_never_comes_up(tmp_path):
 
 # --- modem + pppd (stand-in) --------------------------------------------------------------
 
+
+async def send_over_loopback(nbytes: int) -> None:
+    """Traffic on lo, the interface the stand-in "ppp" link is given."""
+    done = asyncio.get_running_loop().create_future()
+
+    async def sink(reader, writer):
+        got = 0
+        while chunk := await reader.read(65536):
+            got += len(chunk)
+        done.set_result(got)
+        writer.close()
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    _, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    writer.write(b"p" * nbytes)
+    await writer.drain()
+    writer.close()
+    assert await asyncio.wait_for(done, 5) == nbytes
+    server.close()
+
 STAND_IN_PPPD = """#!/bin/sh
 # Stand-in for pppd: record the arguments, then behave like "pppd nodetach".
 printf '%s\\n' "$@" > "{args}"
@@ -223,6 +242,8 @@ def test_modem_link_dials_then_hands_the_port_to_pppd_and_stops_it(tmp_path, sta
                 assert (info.backend, info.rate, info.interface, info.number) == ("modem", 28800, "lo", "5550199")
                 assert info.protocol == "ARQ/V34/LAPM/V42BIS"
                 await wait_until((tmp_path / "pppd-args").exists, 2, "pppd starting")
+                await send_over_loopback(20000)
+                assert info.bytes_up >= 20000 and info.bytes_down >= 20000  # the interface's counters
             assert not server.carrier  # hung up on the way out
             return server.path, info
     device, info = asyncio.run(scenario())
