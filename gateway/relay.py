@@ -44,7 +44,20 @@ from spool.queue import BOUNCED, DEFERRED, DELIVERED, FINAL, RELAY, Message, Que
 log = logging.getLogger("dialmail.relay")
 
 FOREVER = 1e18  # "due" horizon for a forced flush: every waiting recipient
-Progress = Callable[[str, int], None]  # (queue id just sent, bytes sent so far in this flush)
+
+
+@dataclass(frozen=True)
+class SendProgress:
+    """Passed to ``progress`` after each message the server took (for the session's live view)."""
+    qid: str
+    size: int  # bytes of this message
+    total: int  # bytes the server accepted so far in this flush
+    seconds: float  # since the flush began sending
+    messages: int  # messages sent so far in this flush
+    remaining: int  # messages still to go in this flush
+
+
+Progress = Callable[[SendProgress], None]
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
             jobs.setdefault(qid, _Job(qid, [])).rcpts.append(rcpt)
         if jobs:
             ctx = _Context(config, queue, clock, progress, stop_event, result)
+            ctx.remaining = len(jobs)
             if config.smarthost.route == "mx":
                 await _flush_mx(ctx, list(jobs.values()), lookup or mx.dns_lookup, mx_port)
             else:
@@ -124,6 +138,8 @@ class _Context:
         self.stop_event = stop_event
         self.result: FlushResult = result
         self.rewriter = SenderRewriter(config.smarthost.rewrite)
+        self.started = time.monotonic()
+        self.remaining = 0
 
     def stopped(self) -> bool:
         return self.stop_event is not None and self.stop_event.is_set()
@@ -231,7 +247,9 @@ class Connection:
         self.smtp: aiosmtplib.SMTP | None = None
 
     def _tls_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.peer.ca_file)
+        ctx = ssl.create_default_context()
+        if self.peer.ca_file:
+            ctx.load_verify_locations(cafile=self.peer.ca_file)  # in addition to the system's CAs
         if not self.peer.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -447,6 +465,7 @@ def _utf8_headers(msg: Message, data: bytes) -> bool:
 
 
 async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
+    ctx.remaining -= 1
     msg, data = await asyncio.to_thread(_load, ctx.queue, job.qid)
     if msg is None:
         log.warning("%s: vanished from the queue before sending (deleted?)", job.qid)
@@ -487,7 +506,8 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
         ctx.result.messages += 1
         ctx.result.bytes += len(data)
         if ctx.progress is not None:
-            ctx.progress(job.qid, ctx.result.bytes)
+            ctx.progress(SendProgress(job.qid, len(data), ctx.result.bytes, time.monotonic() - ctx.started,
+                                      ctx.result.messages, ctx.remaining))
 
 
 # ---------------------------------------------------------------- direct MX delivery
@@ -504,6 +524,7 @@ async def _flush_mx(ctx: _Context, jobs: list[_Job], lookup: mx.Lookup, port: in
                 group[-1].rcpts.append(rcpt)
             else:
                 group.append(_Job(job.qid, [rcpt]))
+    ctx.remaining = sum(len(group) for group in by_domain.values())
     sh = ctx.config.smarthost
     for domain, domain_jobs in by_domain.items():
         if ctx.stopped():

@@ -166,13 +166,14 @@ def test_whole_queue_goes_over_one_reused_connection(office, smtp_sink):
         async with Proxy(smtp_sink.port) as proxy:
             o.cfg = config_mod.loads(o.path.read_text().replace(f"port = {smtp_sink.port}", f"port = {proxy.port}"))
             seen = []
-            result = await flush(o.cfg, o.queue, progress=lambda qid, n: seen.append((qid, n)))
+            result = await flush(o.cfg, o.queue, progress=seen.append)
             return proxy.connections, result, seen
 
     connections, result, seen = asyncio.run(run())
     assert connections == 1
     assert (result.sent, result.deferred, result.bounced, result.messages, result.error) == (10, 0, 0, 5, None)
-    assert [qid for qid, _ in seen] == ids and seen[-1][1] == result.bytes > 0
+    assert [p.qid for p in seen] == ids and seen[-1].total == result.bytes > 0
+    assert [p.remaining for p in seen] == [4, 3, 2, 1, 0] and sum(p.size for p in seen) == result.bytes
     got = smtp_sink.wait_messages(5)
     assert sorted(m.message["Subject"] for m in got) == [f"m{i}" for i in range(5)]
     assert all(m.rcpts == ["friend@example.com", "other@example.net"] for m in got)
@@ -253,7 +254,7 @@ def test_stop_event_ends_flush_between_messages(office, smtp_sink):
 
     async def run():
         stop = asyncio.Event()
-        return await flush(o.cfg, o.queue, stop_event=stop, progress=lambda qid, n: stop.set())
+        return await flush(o.cfg, o.queue, stop_event=stop, progress=lambda p: stop.set())
 
     result = asyncio.run(run())
     assert result.sent == 1 and result.error is not None and result.error.status == DEFERRED
