@@ -361,6 +361,33 @@ def queue_flush(ctx: typer.Context):
         fail(f"flush stopped: {result.error.code} {result.error.reply}", EX_TEMPFAIL)
 
 
+@app.command("fetch")
+@explained
+def fetch_now(ctx: typer.Context,
+              account: Annotated[Optional[list[str]], typer.Option("--account", "-a",
+                                 help="Only the fetch account of this name (repeatable).")] = None):
+    """Collect mail from the ISP mailboxes now (no dialling: the link must be up) and deliver it."""
+    from gateway.directory import Directory
+    from gateway.fetch import fetch_all
+    from spool.users import Users
+    st = state(ctx)
+    cfg = st.config()
+    if st.verbose:
+        setup_logging(True)
+    names = [a.name for a in cfg.fetch]
+    for name in account or []:
+        if name not in names:
+            fail(f"no [[fetch]] account named {name!r} (have: {', '.join(names) or 'none'})", EX_USAGE)
+    q = _queue(ctx)
+    result = asyncio.run(fetch_all(cfg, q, q.cat, Directory(cfg, Users(cfg.spool_dir)),
+                                   accounts=list(account) if account else None))
+    _deliver_local_now(cfg, q)
+    for r in result.accounts:
+        typer.echo(r.summary())
+    if result.errors:
+        raise typer.Exit(EX_TEMPFAIL)
+
+
 def _deliver_local_now(cfg, q) -> None:
     """Bounces for local senders go into their mailboxes at once, daemon or not (claims keep
     a running daemon from delivering the same recipient twice)."""

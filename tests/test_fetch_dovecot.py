@@ -500,3 +500,27 @@ def test_thousand_small_messages_against_fetchmail(fs, isp, tmp_path, capsys):
                 f"fetchmail/dialmail {theirs / ours:.2f}"
     with capsys.disabled():
         print(f"\n1000 small messages ({sum(map(len, msgs))} bytes) from Dovecot on loopback: {line}")
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_dialmail_fetch_command_prints_a_line_per_account_and_delivers(fs, isp):
+    isp.add_user("other", ISP_PASSWORD)
+    fill(isp, "office", [message(1), message(2)])
+    fill(isp, "other", [message(3)])
+    fs.configure(fs.account("office", isp.imap_port, "office", deliver_to="alice"),
+                 fs.account("other", isp.imap_port, "other", deliver_to="bob"))
+    only = fs.site.cli("fetch", "--account", "other")
+    assert only.returncode == 0, only.stderr
+    assert only.stdout.decode().splitlines()[0].startswith("other: 1 fetched")
+    assert len(fs.mail("bob")) == 1 and fs.mail("alice") == []
+    both = fs.site.cli("fetch")
+    lines = both.stdout.decode().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["office", "other"]
+    assert lines[0].startswith("office: 2 fetched") and lines[1].startswith("other: 0 fetched")
+    assert len(fs.mail("alice")) == 2
+    assert fs.site.cli("fetch", "--account", "nope").returncode == 64
+    isp.remove_user("other")
+    failed = fs.site.cli("fetch")
+    assert failed.returncode == 75 and "other: 0 fetched" in failed.stdout.decode()
