@@ -256,17 +256,35 @@ def test_stls_when_a_certificate_is_configured(tmp_path):
         site.stop()
 
 
+def test_daemon_stopping_mid_session_deletes_nothing(pop3):
+    smtp_send(pop3, message(1), message(2))
+    before = stored(pop3)
+    pop = login(pop3)
+    pop.dele(1)
+    pop3.stop()
+    assert pop.sock.recv(1024) in (Response.SHUTDOWN.encode() + b"\r\n", b"")
+    assert stored(pop3) == before
+    start(pop3)
+    pop = login(pop3)
+    assert pop.stat()[0] == 2
+    pop.quit()
+
+
 # ---------------------------------------------------------------- fetchmail
 
 
-def fetchmail(site: Site, home: Path, out: Path, keep: bool) -> subprocess.CompletedProcess:
-    """One fetchmail poll over POP3 (UIDL tracking), each message written to a file in ``out``."""
+def fetchmail(site: Site, home: Path, out: Path, keep: bool, cert: Path | None = None):
+    """One fetchmail poll over POP3 (UIDL tracking), each message written to a file in ``out``.
+
+    With ``cert`` fetchmail must use STLS and verify the server's certificate.
+    """
     need("fetchmail")
     out.mkdir(exist_ok=True)
+    tls = f"sslproto 'TLS1.2+' sslcertck sslcertfile '{cert}' sslcommonname 'localhost'" if cert else "sslproto '' no sslcertck"
     rc = (f"set no syslog\n"
           f"poll 127.0.0.1 with proto POP3 port {site.pop3_port} uidl\n"
           f'  user "alice" there with password "{PASSWORD}" is "alice" here\n'
-          f"  options {'keep' if keep else 'nokeep'} no rewrite sslproto '' no sslcertck\n"
+          f"  options {'keep' if keep else 'nokeep'} no rewrite {tls}\n"
           f"  mda \"sh -c 'cat > $(mktemp {out}/msg.XXXXXX)'\"\n")
     # --invisible: no Received line of fetchmail's own, so the bytes can be compared;
     # --pidfile: as root the lock is otherwise system-wide and other fetchmail runs collide.
@@ -300,6 +318,23 @@ def test_fetchmail_without_keep_deletes_what_it_fetched(pop3, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert sorted(files_in(out)) == sorted(lf(d) for d in before.values())
     assert stored(pop3) == {}
+
+
+def test_fetchmail_over_stls_with_certificate_check(tmp_path):
+    cert, key = make_self_signed_cert(tmp_path)
+    site = Site(tmp_path, extra=f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    site.add_user("alice", PASSWORD)
+    start(site)
+    try:
+        smtp_send(site, message(1), message(2))
+        out = tmp_path / "out"
+        run = fetchmail(site, tmp_path / "fm", out, keep=False, cert=cert)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "POP3> STLS" in run.stdout
+        assert len(files_in(out)) == 2 and stored(site) == {}
+        assert "mechanism=USER tls=yes" in site.log()
+    finally:
+        site.stop()
 
 
 # ---------------------------------------------------------------- getmail6

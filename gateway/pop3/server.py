@@ -122,8 +122,10 @@ class Connection:
                     break
                 else:
                     await self._perform(action)
-        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+        except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             log.info("POP3 connection from %s lost: %s", self.ip, exc.__class__.__name__)
+        except Exception:
+            log.exception("POP3 session from %s failed", self.ip)
         except asyncio.CancelledError:
             self.ending = "server stopping"
             if not self.writer.is_closing():
@@ -180,6 +182,9 @@ class Connection:
             log.error("POP3 cannot open maildrop of %s: %s", user, exc)
             self.session.login_refused(Response.MAILDROP_FAILED)
             return
+        except BaseException:
+            server.locks.release(user)
+            raise
         self.user, self.maildrop = user, maildrop
         self.session.login_accepted(messages)
         log.info("POP3 login user=%s from=%s %s messages=%d octets=%d", user, self.ip, how,
