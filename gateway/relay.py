@@ -301,6 +301,10 @@ class Connection:
             self.smtp = None
 
     @property
+    def alive(self) -> bool:
+        return self.smtp is not None and self.smtp.is_connected
+
+    @property
     def size_limit(self) -> int:
         try:
             return int((self.smtp.esmtp_extensions.get("size") or "0").split()[0])
@@ -416,6 +420,9 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         for job in jobs:
             if ctx.stopped():
                 ctx.result.error = outcome.lost_connection("(link went down)")
+                break
+            if not conn.alive:  # the server said 421 and hung up: the rest waits, untouched
+                ctx.result.error = outcome.lost_connection(f"{peer.host}:{peer.port} (the server closed it)")
                 break
             try:
                 await _send_job(ctx, conn, job)
@@ -552,6 +559,8 @@ async def _flush_mx(ctx: _Context, jobs: list[_Job], lookup: mx.Lookup, port: in
             ctx.result.error = saved_error
             try:
                 for job in domain_jobs:
+                    if not conn.alive:
+                        break
                     await _send_job(ctx, conn, job)
             except _Stop as stop:
                 ctx.result.error = stop.why

@@ -28,7 +28,7 @@ class Office:
     """Config, queue, users and local delivery of one office, driven directly."""
 
     def __init__(self, tmp: Path, port: int = 25, *, starttls: str = "off", smarthost: str = "",
-                 extra: str = "", route: str = "smarthost"):
+                 extra: str = "", route: str = "smarthost", timeout: float = 20):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.path = self.tmp / "dialmail.toml"
@@ -42,7 +42,7 @@ spool_dir = "{self.tmp / 'spool'}"
 host = "127.0.0.1"
 port = {port}
 starttls = "{starttls}"
-timeout = 20
+timeout = {timeout}
 route = "{route}"
 {smarthost}
 
@@ -262,6 +262,29 @@ def test_stop_event_ends_flush_between_messages(office, smtp_sink):
     # the rest was never tried: still queued, due at once for the next session
     assert all(o.status(q) == {"friend@example.com": "queued"} for q in ids[1:])
     assert o.flush().sent == 3
+
+
+def test_server_hanging_up_with_421_defers_that_message_and_leaves_the_rest(office, smtp_sink_factory):
+    sink = smtp_sink_factory(disconnect_421=["mail"])
+    o = office(sink.port)
+    first = o.send("alice@office.test", ["friend@example.com"], message("first"))
+    second = o.send("alice@office.test", ["friend@example.com"], message("second"))
+    result = o.flush()
+    assert result.results[0].outcome.code == 421 and result.results[0].outcome.status == DEFERRED
+    assert len(result.results) == 1 and result.error is not None and "closed" in result.error.reason
+    assert o.status(first) == {"friend@example.com": DEFERRED}
+    assert o.status(second) == {"friend@example.com": "queued"}
+
+
+@pytest.mark.timeout(60)
+def test_reply_timeout_after_the_final_dot_defers(office, smtp_sink_factory):
+    sink = smtp_sink_factory(delays={".": 5})
+    o = office(sink.port, timeout=1)
+    qid = o.send("alice@office.test", ["friend@example.com"], message("slow server"))
+    result = o.flush()
+    assert result.error is not None and result.error.status == DEFERRED and "timed out" in result.error.reason
+    # the server may have the message (RFC 1047): deferred, never bounced, tried again later
+    assert o.status(qid) == {"friend@example.com": DEFERRED}
 
 
 def test_hard_rejects_bounce_to_local_sender_at_once(office, smtp_sink_factory):
