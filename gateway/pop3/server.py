@@ -144,6 +144,10 @@ class Connection:
             await self._stream(action)
         elif isinstance(action, StartTLS):
             await self.writer.drain()
+            if getattr(self.reader, "_buffer", b""):
+                # Cleartext that arrived behind STLS would be read as if it came over TLS
+                # (command injection, RFC 2595 section 3.1 / CVE-2011-0411): refuse it.
+                raise ConnectionAbortedError("data sent before the TLS handshake")
             await self.writer.start_tls(self.server.tls)
             self.session.tls_started()
         elif isinstance(action, Update):
