@@ -91,6 +91,23 @@ def test_bounced_recipients_reported_once_while_others_wait(office):
     assert len(office.mailbox("alice")) == 2
 
 
+def test_failure_while_removing_leaves_neither_bounce_nor_loss(office):
+    qid = office.send("alice@office.test", ["x@example.com"], message("atomic"))
+    office.queue.record(qid, "x@example.com", BOUNCED, 550, "5.1.1 no such user")
+    # the removal fails inside the transaction that also queues the bounce (as a crash would)
+    office.queue.cat.execute("CREATE TEMP TRIGGER power_cut BEFORE DELETE ON messages "
+                             "BEGIN SELECT RAISE(ABORT, 'power cut'); END")
+    with pytest.raises(Exception, match="power cut"):
+        bounce.settle(office.cfg, office.queue, qid)
+    assert [m.id for m in office.queue.messages()] == [qid]
+    assert sorted(p.name for p in office.queue.msg.iterdir()) == [qid]  # no stray bounce body either
+    office.queue.cat.execute("DROP TRIGGER power_cut")
+    settled = bounce.settle(office.cfg, office.queue, qid)
+    assert settled.removed and settled.bounce_id
+    assert [m.id for m in office.queue.messages()] == [settled.bounce_id]
+    assert bounce.settle(office.cfg, office.queue, qid).bounce_id is None
+
+
 def test_unknown_local_recipient_bounces_to_outside_sender(office):
     qid = office.send("friend@example.com", ["nosuch@office.test", "bob@office.test"],
                       message("hello office", sender="friend@example.com", to="nosuch@office.test"))
