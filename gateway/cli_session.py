@@ -68,13 +68,12 @@ class ProgressView:
 
     def _transfer(self, t: str, way: str, ev: dict) -> None:
         what = ev.get("qid") or ev.get("uid") or ev.get("message_id") or ""
-        total = ev.get("total")
-        elapsed = ev.get("seconds")
-        rate = f" ({int(total) / max(float(elapsed), 1e-3) / 1024:.1f} KiB/s)" if total and elapsed else ""
-        detail = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("type", "qid", "uid", "total", "seconds"))
+        total, elapsed = ev.get("total"), ev.get("seconds")
+        rate = f", {int(total) / max(float(elapsed), 1e-3) / 1024:.1f} KiB/s" if total and elapsed else ""
+        size = f" {int(ev['size']) / 1024:.1f} KiB" if ev.get("size") is not None else ""
+        count = f" [{ev['done']}/{ev['done'] + ev['left']}]" if ev.get("left") is not None else ""
         arrow = "→ sent" if way == "send" else "← fetched"
-        size = f", {int(total) // 1024} KiB so far{rate}" if total else ""
-        self.out.print(f"{t} {arrow} {what}{size} {detail}".rstrip())
+        self.out.print(f"{t} {arrow}{count} {what}{size}{rate}".rstrip())
 
 
 @app.command("connect-now")

@@ -243,7 +243,6 @@ class Session:
         # A session someone asked for, or the retry after a dropped line, sends everything
         # waiting (as postqueue -f does); scheduled and demand sessions respect back-off.
         force = self.record.trigger in ("manual", "retry", "flush")
-        self._send_started = time.monotonic()
         result = await relay.flush(self.config, spool.queue, clock=self.clock, progress=self._send_progress,
                                    stop_event=self.stop, force=force, on_local_mail=self.ctx.kick_delivery)
         self.record.sent += result.sent
@@ -254,9 +253,9 @@ class Session:
         self.emit("send-done", sent=result.sent, deferred=result.deferred, bounced=result.bounced,
                   bytes=result.bytes)
 
-    def _send_progress(self, qid: str, total: int) -> None:
-        elapsed = time.monotonic() - self._send_started
-        self.emit("send", qid=qid, total=total, seconds=round(elapsed, 2))
+    def _send_progress(self, p) -> None:  # gateway.relay.SendProgress
+        self.emit("send", qid=p.qid, size=p.size, total=p.total, seconds=round(p.seconds, 2),
+                  done=p.messages, left=p.remaining)
 
     async def _fetch(self) -> None:
         from gateway import fetch
