@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 FAILURE_DELAY = 0.25  # seconds added per recent failure
-MAX_DELAY = 2.0
+MAX_DELAY = 1.0
 _PRUNE_AT = 1024  # addresses remembered before stale ones are forgotten
 
 
