@@ -141,7 +141,7 @@ def session_log(ctx: typer.Context,
                       r.outcome, str(r.connect_rate or "-"), f"{r.connected_seconds:.0f}s",
                       f"{r.bytes_up}/{r.bytes_down}", f"{r.sent}/{r.deferred}/{r.bounced}", str(r.fetched),
                       f"{r.cost:.2f}{(' ' + cur) if cur else ''}", "; ".join(r.errors) or "-")
-    Console(width=max(console.width, 130)).print(table)
+    Console(width=max(console.width, 132)).print(table)
 
 
 @app.command("status")

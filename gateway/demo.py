@@ -199,10 +199,10 @@ async def _run_demo(keep: bool, rate: int) -> int:
         left = isp.mailbox_count()
 
         console.rule("dialmail log")
-        console.print(cli("log", "--last", "5").stdout.decode().rstrip())
+        console.file.write(cli("log", "--last", "5").stdout.decode())
         table = Table(title="Where every message went")
         for col in ("subject", "from", "to", "path", "arrived", "ok"):
-            table.add_column(col, no_wrap=col in ("from", "to", "ok"))
+            table.add_column(col, no_wrap=col in ("subject", "from", "to", "ok"))
         for e in expects:
             table.add_row(e.subject, e.sender, e.to, e.how, e.arrived, "[green]yes[/green]" if e.ok else "[red]NO[/red]")
         console.print(table)

@@ -270,8 +270,12 @@ class Session:
             self.ctx.kick_delivery()
         self.emit("fetch-done", fetched=result.fetched)
 
-    def _fetch_progress(self, *args, **kwargs) -> None:
-        self.emit("fetch", **_progress_fields(args, kwargs))
+    def _fetch_progress(self, p) -> None:  # gateway.fetch.FetchProgress
+        if p.partial:
+            self.emit("fetch-piece", uid=p.uid, size=p.size, done_bytes=p.done_bytes)
+            return
+        self.emit("fetch", uid=f"{p.account}/{p.folder}/{p.uid}", size=p.size, total=p.bytes,
+                  done=p.messages, left=max(0, p.planned_messages - p.messages))
 
     async def _etrn(self) -> None:
         """Ask the ISP to release mail it holds for us (RFC 1985); failures are only noted."""
