@@ -207,3 +207,14 @@ def test_members_only_group_bounces_outsider_mail_that_did_not_come_by_smtp(site
             assert b"only members may post to board" in f.read()
     finally:
         q.cat.close()
+
+
+def test_sample_config_shows_every_policy_section():
+    from pathlib import Path
+    from gateway.config import load
+    cfg = load(Path(__file__).resolve().parent.parent / "etc" / "dialmail.toml")
+    pol = cfg.policy
+    assert pol.groups["support"].mode == "round-robin" and pol.groups["board@office.example"].members_only
+    assert pol.forwards["bob"].keep and pol.virus.clamd.kind == "unix" and pol.virus.on_error == "accept"
+    assert "*.junk.example" in pol.blocklist.senders and pol.blocklist.allow
+    assert pol.autoresponders["fudge@office.example"].file.name == "fudge-recipe.eml"
