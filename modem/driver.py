@@ -39,6 +39,8 @@ from modem.hayes import (
 )
 
 log = logging.getLogger(__name__)
+# Every AT command and every line the modem answers, for the per-session transcript.
+dialogue = logging.getLogger("modem.dialogue")
 
 Progress = Callable[[str], None]
 
@@ -220,8 +222,12 @@ class HayesModem:
         """Send one AT command line; wait for its final result."""
         self._drain()
         self._parser.back_to_command_state()
+        dialogue.debug("> %s", text)
         await self._write(text.encode("ascii") + b"\r")
         reply = await self._read_result(self.command_timeout if timeout is None else timeout)
+        for line in reply.info:
+            dialogue.debug("< %s", line)
+        dialogue.debug("< %s", (reply.result.text or reply.result.code.value) if reply.result else "(no answer)")
         # Echo (E1) comes back as an info line: it is not part of the answer.
         reply.info = [line for line in reply.info if line.strip().upper() != text.strip().upper()]
         return reply
