@@ -101,6 +101,7 @@ class Connection:
         self.user: str | None = None
         self.maildrop: Maildrop | None = None
         self.ending = "disconnected"
+        self.streaming = False  # a reply line now would land inside a message
 
     async def run(self) -> None:
         try:
@@ -128,7 +129,7 @@ class Connection:
             log.exception("POP3 session from %s failed", self.ip)
         except asyncio.CancelledError:
             self.ending = "server stopping"
-            if not self.writer.is_closing():
+            if not self.writer.is_closing() and not self.streaming:
                 self.writer.write(line(Response.SHUTDOWN))
         finally:
             self._release()
@@ -200,6 +201,7 @@ class Connection:
             self.writer.write(line(Response.MESSAGE_GONE))
             await self.writer.drain()
             return
+        self.streaming = True
         try:
             encoder = MessageEncoder(action.body_lines)
             self.writer.write(action.head)
@@ -211,6 +213,7 @@ class Connection:
                 await self.writer.drain()
             self.writer.write(encoder.end())
             await self.writer.drain()
+            self.streaming = False
         finally:
             await asyncio.to_thread(f.close)
 
