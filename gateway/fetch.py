@@ -260,7 +260,9 @@ class AccountFetcher:
         self.state.forget_missing(self.name, folder, on_server)
         self.expunge_later = []
         if not readonly:
-            if a.keep and a.keep_days:
+            if not a.keep:  # copies kept while keep was true: they are spooled, so they may go now
+                self.state.mark_for_deletion(self.name, folder, self.state.older_than(self.name, folder, float("inf")))
+            elif a.keep_days:
                 expired = self.state.older_than(self.name, folder, self.clock() - a.keep_days * 86400)
                 self.state.mark_for_deletion(self.name, folder, expired)
             self.delete(client, folder, self.state.pending_deletion(self.name, folder))
@@ -401,8 +403,10 @@ class AccountFetcher:
         chunk = self.account.chunk_size
 
         def pieces():
+            # Until a short piece, not until RFC822.SIZE: a server whose size is off must not
+            # get its messages cut short.
             offset = 0
-            while offset < size:
+            while True:
                 self.check_stop()
                 item = client.fetch([uid], [f"BODY.PEEK[]<{offset}.{chunk}>"]).get(uid, {})
                 piece = _item(item, b"BODY[]")
@@ -412,6 +416,8 @@ class AccountFetcher:
                 yield piece
                 if self.report:
                     self.report(self.progress(folder, uid, size, partial=True, done_bytes=offset))
+                if len(piece) < chunk:
+                    break
 
         if self.take(folder, uid, size, block=block, pieces=pieces()) and not self.account.keep:
             self.delete(client, folder, [uid])

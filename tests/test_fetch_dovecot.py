@@ -107,16 +107,7 @@ class FetchSite:
 
 
 def fill(dovecot, user: str, messages: list[bytes], folder: str = "INBOX") -> None:
-    """APPEND over one connection (much faster than one doveadm save each)."""
-    m = dovecot.imap(user)
-    try:
-        if folder.upper() != "INBOX":
-            m.create(folder)
-        for data in messages:
-            typ, _ = m.append(folder, None, None, data)
-            assert typ == "OK"
-    finally:
-        m.logout()
+    dovecot.save_many(user, messages, folder)
 
 
 @pytest.fixture
@@ -524,3 +515,13 @@ def test_dialmail_fetch_command_prints_a_line_per_account_and_delivers(fs, isp):
     isp.remove_user("other")
     failed = fs.site.cli("fetch")
     assert failed.returncode == 75 and "other: 0 fetched" in failed.stdout.decode()
+
+
+def test_switching_keep_off_deletes_the_copies_kept_so_far(fs, isp):
+    fill(isp, "office", [message(i) for i in range(3)])
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice", keep=True))
+    assert fs.fetch().fetched == 3 and isp.message_count("office") == 3
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice", keep=False))
+    result = fs.fetch()
+    assert result.fetched == 0 and result.deleted == 3 and isp.message_count("office") == 0
+    assert len(fs.mail("alice")) == 3
