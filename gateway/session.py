@@ -67,6 +67,20 @@ class Transcript:
         self.file.close()
 
 
+class _DialogueHandler(logging.Handler):
+    """Copies the modem's AT dialogue (modem.dialogue logger) into the session transcript."""
+
+    def __init__(self, transcript: Transcript):
+        super().__init__(logging.DEBUG)
+        self.transcript = transcript
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.transcript.write("[at] " + record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
 class Session:
     def __init__(self, ctx: SessionContext, trigger: str, mode: str = "both", emit: Emit | None = None,
                  clock: Callable[[], float] = time.time):
@@ -120,6 +134,11 @@ class Session:
         self.transcript = Transcript(cfg.spool_dir / "sessions" / f"{sid:06d}.log")
         rec.transcript = str(self.transcript.path)
         self.emit("session", id=sid, trigger=rec.trigger, mode=rec.mode)
+        dialogue = logging.getLogger("modem.dialogue")
+        handler = _DialogueHandler(self.transcript)
+        dialogue.addHandler(handler)
+        dialogue.setLevel(logging.DEBUG)
+        dialogue.propagate = False
         try:
             await self._hook("before", cfg.session.before)
             try:
@@ -144,6 +163,7 @@ class Session:
             rec.outcome = self._outcome()
             slog.update(sid, rec)
             self.emit("done", id=sid, outcome=rec.outcome, record=_summary(rec))
+            dialogue.removeHandler(handler)
             self.transcript.close()
             lock.release()
         return rec
