@@ -1,6 +1,7 @@
 """Dial sessions end to end: simulated modem + line shaper + real smarthost, through the daemon or not."""
 import asyncio
 import subprocess
+import textwrap
 import sys
 import time
 
@@ -103,3 +104,30 @@ def test_carrier_drop_mid_session_retries_and_loses_nothing(site, smtp_sink):
     assert site.cli("queue", "list").stdout.decode().startswith("queue is empty"), out
     log = site.cli("log").stdout.decode()
     assert "retry" in log and "carrier lost" in log
+
+
+def test_demand_dials_when_enough_mail_waits_and_the_lock_refuses_a_second_session(site, smtp_sink):
+    """The daemon dials on its own once 3 messages wait; a session started beside it meanwhile is refused."""
+    route = free_port()
+    site.write_config(sim_link(route, smtp_sink.port).replace('dial_delay = "1s"', 'dial_delay = "4s"')
+                      + "\n[demand]\nmin_messages = 3\nmin_gap = \"1h\"\n")
+    site.start()
+    submit(site.smtp_port, 3)
+    lock = site.spool / "locks" / "session"
+    wait_for(lambda: lock.exists() and lock.read_text().strip(), timeout=30, what="a demand session")
+    beside = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import asyncio
+            from gateway.config import load
+            from gateway.daemon import Spool
+            from gateway.session import Session, SessionContext
+            cfg = load({str(site.config_path)!r})
+            rec = asyncio.run(Session(SessionContext(cfg, Spool(cfg)), "schedule", "send").run())
+            print(rec.outcome, rec.errors)
+            """)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert beside.stdout.startswith("refused"), beside.stdout + beside.stderr
+    assert "already running" in beside.stdout
+    got = smtp_sink.wait_messages(3, timeout=60)
+    assert len(got) == 3
+    wait_for(lambda: "demand" in site.cli("log").stdout.decode(), timeout=30, what="the demand session in the log")
+    assert "dial on demand: 3 messages queued" in site.log()
