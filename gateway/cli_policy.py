@@ -93,12 +93,14 @@ def _timestamp(text: Optional[str], end: bool) -> Optional[float]:
 @users_app.command("vacation")
 @explained
 def users_vacation(ctx: typer.Context, name: str,
-                   start: Annotated[Optional[str], typer.Option(help="First day (2026-07-01 or 2026-07-01T08:00).")] = None,
+                   start: Annotated[Optional[str],
+                                    typer.Option(help="First day (2026-07-01 or 2026-07-01T08:00).")] = None,
                    end: Annotated[Optional[str], typer.Option(help="Last day (inclusive) or end time.")] = None,
                    subject: Annotated[str, typer.Option(help="Subject of the reply.")] = "Out of office",
                    message_file: Annotated[Optional[Path], typer.Option(help="Text of the reply (UTF-8).")] = None,
-                   every: Annotated[Optional[str], typer.Option(help="Answer one sender at most once per "
-                                                                     "this long (default [policy] autoreply_every).")] = None,
+                   every: Annotated[Optional[str],
+                                    typer.Option(help="Answer one sender at most once per this long "
+                                                      "(default [policy] autoreply_every).")] = None,
                    off: Annotated[bool, typer.Option("--off", help="Turn the out-of-office off.")] = False,
                    show: Annotated[bool, typer.Option("--show", help="Print the current setting.")] = False):
     """Turn a user's out-of-office reply on (with dates, subject and text) or off; overrides [vacation.USER]."""

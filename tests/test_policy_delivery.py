@@ -8,7 +8,6 @@ import pytest
 from gateway.config import loads
 from gateway.errors import ConfigError
 from gateway.replies import Reply
-from tests.harness import wait_for
 from tests.test_policy_kit import message, pop3, queue_of, send, settled, subjects, submit
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,6 +66,7 @@ def test_aliases_groups_and_catch_all_per_domain(hosted):
     assert subjects(pm) == ["to postmaster and abuse"] * 2
 
 
+@pytest.mark.peer
 def test_forwarding_local_remote_with_and_without_copy(hosted, smtp_sink):
     site = hosted
     site.write_config(HOSTED + f"""

@@ -101,7 +101,7 @@ on_error = "reject"
 
 
 def test_fetched_mail_is_delivered_unscanned_when_clamd_is_down_and_fail_open(site, dovecot, tmp_path):
-    fetching_site(site, dovecot, f"""
+    fetching_site(site, dovecot, """
 [virus]
 clamd = "tcp:127.0.0.1:1"
 on_error = "accept"
