@@ -367,7 +367,13 @@ class ModemLink(Link):
         self._proc: asyncio.subprocess.Process | None = None
 
     def pppd_command(self, device: str) -> list[str]:
-        return [self.pppd.path, device, str(self.dialer.baud), *self.pppd.options]
+        options = list(self.pppd.options)
+        # pppd must stay our child: its exit is how a dropped line is noticed, and
+        # stopping it is how the link comes down.  A detached pppd would look like one
+        # that exited at once.
+        if "nodetach" not in options and "-detach" not in options:
+            options.append("nodetach")
+        return [self.pppd.path, device, str(self.dialer.baud), *options]
 
     async def _bring_up(self) -> LinkInfo:
         modem = self.modem = _driver_for(self.dialer, self.progress)

@@ -12,6 +12,7 @@ connection is reset at once, both sides, mid-transfer if need be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import socket
@@ -133,8 +134,16 @@ class LineShaper:
     # -- carrier ---------------------------------------------------------------------
 
     def _carrier_listener(self, carrier: bool, reason: str) -> None:
-        # Called on the modem's thread (SimLine) or on the loop (pty server).
+        # Called on the modem's thread (SimLine) or on the loop (pty server), before the
+        # modem's CONNECT reaches the dialer.  Listening starts right here so a client that
+        # connects the moment it reads CONNECT waits in the backlog instead of being
+        # refused; accepting starts once the loop gets to it.
         assert self._loop is not None
+        if carrier:
+            for listener in self._listeners:
+                if listener.sock is not None:
+                    with contextlib.suppress(OSError):
+                        listener.sock.listen(64)
         self._loop.call_soon_threadsafe(self._on_carrier, carrier, reason)
 
     def _on_carrier(self, carrier: bool, reason: str) -> None:

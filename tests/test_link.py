@@ -253,6 +253,12 @@ def test_modem_link_dials_then_hands_the_port_to_pppd_and_stops_it(tmp_path, sta
     assert info.hangup == "hung up: the port cannot drop DTR, sent +++ and ATH0"
 
 
+def test_pppd_is_always_kept_in_the_foreground(stand_in_pppd):
+    link = open_link(modem_settings("/dev/ttyS0", stand_in_pppd, pppd_options="noauth user office"))
+    assert link.pppd_command("/dev/ttyS0") == [str(stand_in_pppd), "/dev/ttyS0", "115200", "noauth", "user",
+                                               "office", "nodetach"]
+
+
 @pytest.mark.timeout(30)
 def test_pppd_ending_is_reported_as_carrier_loss(tmp_path, stand_in_pppd, monkeypatch):
     monkeypatch.setenv("EXIT_AFTER", "0.5")

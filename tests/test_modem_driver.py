@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -268,6 +269,35 @@ def test_simulate_command_stops_cleanly_on_sigterm(simulate_cli):
     assert proc.returncode == 0, output
     assert "simulated modem stopped" in output
     assert not path.is_symlink()
+
+
+@pytest.mark.timeout(30)
+def test_simulate_command_forwards_shaped_routes_only_while_connected(simulate_cli):
+    async def scenario():
+        async def isp(reader, writer):
+            writer.write(b"220 isp.test ESMTP\r\n")
+            await writer.drain()
+        server = await asyncio.start_server(isp, "127.0.0.1", 0)
+        isp_port = server.sockets[0].getsockname()[1]
+        with socket.socket() as probe:  # a free port for the shaped route
+            probe.bind(("127.0.0.1", 0))
+            local = probe.getsockname()[1]
+        path, _ = await asyncio.to_thread(simulate_cli, "--dial-delay", "0.1", "--guard-time", str(GUARD),
+                                          "--forward", f"127.0.0.1:{local}->127.0.0.1:{isp_port}")
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", local)
+        async with driver(str(path)) as modem:
+            await modem.dial(plan())
+            reader, _writer = await asyncio.open_connection("127.0.0.1", local)
+            greeting = await asyncio.wait_for(reader.readline(), 5)
+            await modem.hang_up()
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(100), 2)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", local)
+        server.close()
+        return greeting
+    assert asyncio.run(scenario()) == b"220 isp.test ESMTP\r\n"
 
 
 def test_probe_command_identifies_a_modem_and_suggests_a_link_table():

@@ -3,6 +3,12 @@
 wvdial goes on to start pppd after CONNECT, which cannot work on a kernel without PPP;
 the test is about the modem dialogue, so it checks that wvdial reached CONNECT (and
 handled a BUSY on the way), not what pppd did next.
+
+wvdial 1.61 on this platform sometimes aborts on its own about half a second after
+sending ATDT, before any answer could have arrived (a failed assertion in its wvstreams
+coroutine library: ``WvTaskMan::yield ... stack_magic``; about one run in four, with the
+simulator's dial delay at 3 s as at 0.2 s).  That run says nothing about our modem, so
+the test starts over with a fresh simulator, a few times at most.
 """
 from __future__ import annotations
 
@@ -19,32 +25,62 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.peer
 
 
+WVSTREAMS_CRASH = "wvtask.cc"
+
+
 @pytest.fixture
-def pty_modem(tmp_path):
-    """``dialmail modem simulate`` in its own process, as an admin would run it."""
-    path = tmp_path / "ttyS9"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from gateway.cli_modem import modem_app; modem_app()", "simulate",
-         "--pty", str(path), "--busy", "1", "--rate", "33600", "--dial-delay", "0.2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 10
-    while not path.is_symlink():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"simulator did not start: {proc.communicate()[0]}")
-        time.sleep(0.02)
-    yield path
-    proc.terminate()
-    log, _ = proc.communicate(timeout=10)
-    print(log)
+def start_pty_modem(tmp_path):
+    """Start ``dialmail modem simulate`` in its own process, as an admin would run it."""
+    procs: list[subprocess.Popen] = []
+
+    def start() -> Path:
+        for proc in procs:
+            stop(proc)
+        path = tmp_path / f"ttyS{len(procs)}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from gateway.cli_modem import modem_app; modem_app()", "simulate",
+             "--pty", str(path), "--busy", "1", "--rate", "33600", "--dial-delay", "0.2"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 10
+        while not path.is_symlink():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"simulator did not start: {proc.communicate()[0]}")
+            time.sleep(0.02)
+        return path
+
+    def stop(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            print(proc.communicate(timeout=10)[0])
+
+    yield start
+    for proc in procs:
+        stop(proc)
+
+
+@pytest.fixture
+def pty_modem(start_pty_modem):
+    return start_pty_modem()
 
 
 @pytest.mark.skipif(shutil.which("wvdial") is None, reason="wvdial is not installed (Debian package wvdial)")
 @pytest.mark.timeout(60)
-def test_wvdial_dials_the_simulated_modem_and_reaches_connect(pty_modem, tmp_path):
-    conf = tmp_path / "wvdial.conf"
+def test_wvdial_dials_the_simulated_modem_and_reaches_connect(start_pty_modem, tmp_path):
+    for _ in range(6):
+        output = run_wvdial(start_pty_modem(), tmp_path / "wvdial.conf")
+        if WVSTREAMS_CRASH not in output:
+            break
+    assert "--> Modem initialized." in output, output
+    assert "The line is busy. Trying again." in output, output
+    assert "CONNECT 33600/ARQ/V34/LAPM/V42BIS" in output, output
+    assert "--> Carrier detected." in output, output
+
+
+def run_wvdial(modem: Path, conf: Path) -> str:
     conf.write_text(f"""[Dialer Defaults]
-Modem = {pty_modem}
+Modem = {modem}
 Baud = 115200
 Init1 = ATZ
 Init2 = ATQ0 V1 E1 S0=0 &C1 &D2 +FCLASS=0
@@ -58,12 +94,9 @@ Stupid Mode = yes
 Auto Reconnect = off
 Redial Delay = 1
 """)
-    done = subprocess.run(["wvdial", "--config", str(conf)], check=False, capture_output=True, text=True, timeout=45)
-    output = done.stdout + done.stderr
-    assert "--> Modem initialized." in output, output
-    assert "The line is busy. Trying again." in output, output
-    assert "CONNECT 33600/ARQ/V34/LAPM/V42BIS" in output, output
-    assert "--> Carrier detected." in output, output
+    done = subprocess.run(["wvdial", "--config", str(conf)], check=False, capture_output=True, text=True,
+                          timeout=20)
+    return done.stdout + done.stderr
 
 
 @pytest.mark.skipif(shutil.which("chat") is None, reason="chat is not installed (Debian package ppp)")
