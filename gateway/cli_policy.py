@@ -100,10 +100,10 @@ def users_vacation(ctx: typer.Context, name: str,
                    message_file: Annotated[Optional[Path], typer.Option(help="Text of the reply (UTF-8).")] = None,
                    every: Annotated[Optional[str],
                                     typer.Option(help="Answer one sender at most once per this long "
-                                                      "(default [policy] autoreply_every).")] = None,
+                                                      "(default: policy autoreply_every).")] = None,
                    off: Annotated[bool, typer.Option("--off", help="Turn the out-of-office off.")] = False,
                    show: Annotated[bool, typer.Option("--show", help="Print the current setting.")] = False):
-    """Turn a user's out-of-office reply on (with dates, subject and text) or off; overrides [vacation.USER]."""
+    """Turn a user's out-of-office reply on (with dates, subject and text) or off; overrides the config file's vacation table."""
     from spool.policystate import PolicyState
     from spool.queue import Catalogue
     from spool.users import Users
