@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from gateway.directory import Directory  # noqa: E402
 from gateway.fetch import fetch_all  # noqa: E402
 from spool.queue import Catalogue, Queue  # noqa: E402
 from spool.users import Users  # noqa: E402
-from tests.peers import Dovecot, SmtpSink, have, need, run_fetchmail  # noqa: E402
+from tests.peers import Dovecot, SmtpSink, have, run_fetchmail  # noqa: E402
 
 PASSWORD = "bench-pw"
 

@@ -524,9 +524,13 @@ class AccountFetcher:
     def recipients(self, block: bytes) -> tuple[list[tuple[str, str]], str | None]:
         """(recipients with routes, review reason or None)."""
         a = self.account
-        if a.mode == "single":
-            return [self.route(a.deliver_to)], None
         postmaster = self.route(self.config.server.postmaster)
+        if a.mode == "single":
+            target = self.route(a.deliver_to)
+            if target[1] == LOCAL and not self.directory.exists(target[0]):
+                # local delivery would bounce it to a sender outside: the postmaster gets it instead
+                return [postmaster], f"deliver_to {target[0]} is nobody here (account {self.name})"
+            return [target], None
         env = envelope_recipients(block, a.envelope_header, a.envelope_skip, a.guess_from_headers)
         if env is None:
             where = f"{a.envelope_header}[{a.envelope_skip}]" if a.envelope_header else "To/Cc"
@@ -567,12 +571,9 @@ class AccountFetcher:
 
     def notice(self, folder: str, uidvalidity: int, uid: int, size: int, block: bytes, kind: str) -> None:
         a = self.account
-        if a.mode == "single":
-            rcpts = [self.route(a.deliver_to)]
-        else:
-            rcpts, review = self.recipients(block)
-            if review:
-                rcpts = [self.route(self.config.server.postmaster)]
+        rcpts, review = self.recipients(block)
+        if review:
+            rcpts = [self.route(self.config.server.postmaster)]
         limit = a.max_message_size or 0
         what = {
             LEFT: "It has been left on the ISP's server; ask the administrator to fetch it another way "

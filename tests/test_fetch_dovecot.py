@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import subprocess
-import textwrap
 import threading
 import time
 import tracemalloc
@@ -17,6 +14,7 @@ from gateway import config as config_mod
 from gateway.deliver import LocalDelivery
 from gateway.directory import Directory
 from gateway.fetch import fetch_all
+from spool.fetchstate import AccountLock
 from spool.queue import Catalogue, Queue
 from spool.users import Users
 from tests.harness import Site
@@ -54,7 +52,7 @@ class FetchSite:
         self.pwfile.chmod(0o600)
 
     def account(self, name: str, port: int, user: str, **opts) -> str:
-        lines = [f'[[fetch]]', f'name = "{name}"', f'host = "127.0.0.1"', f'port = {port}',
+        lines = ['[[fetch]]', f'name = "{name}"', 'host = "127.0.0.1"', f'port = {port}',
                  f'username = "{user}"', f'password_file = "{self.pwfile}"']
         opts.setdefault("tls", "off")
         for key, value in opts.items():
@@ -196,23 +194,13 @@ def test_several_folders(fs, isp):
 
 
 def test_two_fetches_of_one_account_never_run_at_once(fs, isp):
-    fill(isp, "office", [message(i, size=200_000) for i in range(20)])
-    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice", chunk_size="16KB"))
-    results = []
-
-    def run():
-        results.append(fs.fetch(deliver=False))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert sorted(r.fetched for r in results)[0] == 0 or sum(r.fetched for r in results) == 20
-    assert sum(r.fetched for r in results) == 20
-    assert any("being fetched" in e for r in results for e in r.errors) or all(r.errors == [] for r in results)
-    fs.fetch()
-    assert len(fs.mail("alice")) == 20
+    fill(isp, "office", [message(i) for i in range(3)])
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice"))
+    with AccountLock(fs.config.spool_dir, "isp"):  # as another process fetching this account would
+        blocked = fs.site.cli("fetch")
+        assert blocked.returncode == 75 and b"being fetched" in blocked.stdout
+        assert isp.message_count("office") == 3 and fs.mail("alice") == []
+    assert fs.fetch().fetched == 3
 
 
 # ---------------------------------------------------------------- multidrop
@@ -525,3 +513,44 @@ def test_switching_keep_off_deletes_the_copies_kept_so_far(fs, isp):
     result = fs.fetch()
     assert result.fetched == 0 and result.deleted == 3 and isp.message_count("office") == 0
     assert len(fs.mail("alice")) == 3
+
+
+def test_stop_event_ends_the_session_between_messages_and_the_next_one_continues(fs, isp):
+    msgs = [message(i) for i in range(40)]
+    fill(isp, "office", msgs)
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice", batch_size=5))
+
+    async def run():
+        stop = asyncio.Event()
+        seen = []
+
+        def progress(event):
+            seen.append(event)
+            if len(seen) == 3:
+                stop.set()
+
+        return await _fetch_async(fs, progress=progress, stop_event=stop)
+
+    first = asyncio.run(run())
+    assert 3 <= first.fetched < 40 and first.errors == [] and not first.complete
+    assert isp.message_count("office") == 40 - first.fetched
+    second = fs.fetch()
+    assert second.fetched == 40 - first.fetched and second.complete
+    assert sorted(fs.mail("alice")) == sorted(msgs)
+
+
+async def _fetch_async(fs, **kw):
+    cfg = fs.config
+    cat = Catalogue(cfg.spool_dir)
+    try:
+        return await fetch_all(cfg, Queue(cat), cat, Directory(cfg, Users(cfg.spool_dir)), **kw)
+    finally:
+        cat.close()
+
+
+def test_single_drop_to_a_user_that_does_not_exist_goes_to_review(fs, isp):
+    fill(isp, "office", [message(1)])
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="zed"))
+    result = fs.fetch()
+    assert result.fetched == 1 and result.review == 1
+    assert b"X-Dialmail-Review: deliver_to zed@office.test is nobody here" in fs.site.mail_of("postmaster")[0]
