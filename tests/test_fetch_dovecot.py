@@ -554,3 +554,15 @@ def test_single_drop_to_a_user_that_does_not_exist_goes_to_review(fs, isp):
     result = fs.fetch()
     assert result.fetched == 1 and result.review == 1
     assert b"X-Dialmail-Review: deliver_to zed@office.test is nobody here" in fs.site.mail_of("postmaster")[0]
+
+
+def test_without_uidplus_the_folder_is_expunged_once_at_the_end(fs, isp, monkeypatch):
+    from imapclient import IMAPClient
+    real = IMAPClient.has_capability
+    monkeypatch.setattr(IMAPClient, "has_capability",
+                        lambda self, cap: False if cap.upper() == "UIDPLUS" else real(self, cap))
+    fill(isp, "office", [message(i) for i in range(7)])
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice", batch_size=3))
+    result = fs.fetch()
+    assert result.fetched == 7 and result.deleted == 7 and isp.message_count("office") == 0
+    assert len(fs.mail("alice")) == 7
