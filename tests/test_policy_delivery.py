@@ -8,6 +8,7 @@ import pytest
 from gateway.config import loads
 from gateway.errors import ConfigError
 from gateway.replies import Reply
+from tests.harness import wait_for
 from tests.test_policy_kit import message, pop3, queue_of, send, settled, subjects, submit
 
 pytestmark = pytest.mark.timeout(120)
@@ -218,3 +219,50 @@ def test_sample_config_shows_every_policy_section():
     assert pol.forwards["bob"].keep and pol.virus.clamd.kind == "unix" and pol.virus.on_error == "accept"
     assert "*.junk.example" in pol.blocklist.senders and pol.blocklist.allow
     assert pol.autoresponders["fudge@office.example"].file.name == "fudge-recipe.eml"
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_in_the_middle_of_a_group_delivery_neither_loses_nor_duplicates(site):
+    """The daemon dies after the first of six mailboxes got a big message: the retry completes
+    the rest, keeps the round-robin member and the forwarded copy it had, and duplicates nothing."""
+    import os
+    import signal
+
+    members = ["alice", "bob", "u1", "u2", "u3", "u4"]
+    desk = ["d1", "d2", "d3"]
+    for u in members[2:] + desk:
+        site.add_user(u, f"{u}-pw")
+    site.write_config(f"""
+[groups.all]
+members = {members!r}
+[groups.desk]
+members = ["d1", "d2", "d3"]
+mode = "round-robin"
+[aliases]
+both = ["all", "desk", "someone@remote.test"]
+""".replace("'", '"'))
+    site.start()
+    data = message("x@outside.test", "both@office.test", "big", attachment=("blob.bin", os.urandom(12 << 20)))
+    assert submit(site, "x@outside.test", "both@office.test", data).accepted
+    wait_for(lambda: any(site.maildir(u).messages() for u in members if site.maildir(u).exists()),
+             timeout=60, interval=0.005, what="the first mailbox copy")
+    site.stop(signal.SIGKILL)
+    q = queue_of(site)
+    try:
+        pending = [r for m in q.messages() for r in m.recipients if r.rcpt == "both@office.test"]
+    finally:
+        q.cat.close()
+    assert pending and pending[0].status == "queued", "killed too late: the delivery had already finished"
+    site.start()
+    settled(site, timeout=90)
+    copies = {u: len(site.mail_of(u)) for u in members + desk}
+    print("copies after kill -9 and retry:", copies)
+    assert all(copies[u] == 1 for u in members), copies
+    # The turn was taken (d1, the first) before the kill; the retry must reuse it, not take d2's.
+    assert [copies[u] for u in desk] == [1, 0, 0], copies
+    q = queue_of(site)
+    try:
+        forwarded = [m for m in q.messages() if m.origin == "forward"]
+    finally:
+        q.cat.close()
+    assert len(forwarded) == 1 and forwarded[0].recipients[0].rcpt == "someone@remote.test"
