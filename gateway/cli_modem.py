@@ -114,7 +114,11 @@ async def _simulate(console: Console, knobs: SimKnobs, path: str, routes: tuple[
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # handlers only set a flag; shutdown happens below
-    server = await PtyModemServer(knobs, path).start()
+    try:
+        server = await PtyModemServer(knobs, path).start()
+    except OSError as exc:
+        console.print(f"cannot serve the simulated modem: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
     shaper = None
     try:
         server.add_carrier_listener(lambda up, why: console.print(f"carrier {'up' if up else 'down'}: {why}"))

@@ -61,6 +61,9 @@ class PtyModemServer:
 
     async def start(self) -> PtyModemServer:
         self._loop = asyncio.get_running_loop()
+        # Only a stale symlink of ours may be replaced: the path could be a real device.
+        if self.link is not None and self.link.exists() and not self.link.is_symlink():
+            raise FileExistsError(f"{self.link} exists and is not a symlink; not replacing it")
         master, slave = os.openpty()
         # Raw from the start: a cooked slave would echo our own results back as commands.
         tty.setraw(slave)
@@ -69,7 +72,7 @@ class PtyModemServer:
         os.set_blocking(master, False)
         self._master = master
         if self.link is not None:
-            if self.link.is_symlink() or self.link.exists():
+            if self.link.is_symlink():
                 self.link.unlink()
             self.link.symlink_to(self.slave_name)
         self._wait_for_client()

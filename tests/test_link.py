@@ -418,7 +418,8 @@ def test_cancelling_the_session_hangs_up_even_if_cancelled_again():
         task = asyncio.create_task(session())
         await asyncio.wait_for(online.wait(), 10)
         task.cancel()
-        await asyncio.sleep(0.05)  # now inside the hang-up (DTR is held low for 0.5 s)
+        # Cancel again while the hang-up holds DTR low.
+        await wait_until(lambda: not seen["line"].modem.dtr, 2, "the hang-up dropping DTR")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

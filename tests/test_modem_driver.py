@@ -300,6 +300,15 @@ def test_simulate_command_forwards_shaped_routes_only_while_connected(simulate_c
     assert asyncio.run(scenario()) == b"220 isp.test ESMTP\r\n"
 
 
+def test_simulate_command_never_replaces_a_real_file(tmp_path):
+    precious = tmp_path / "ttyS0"
+    precious.write_text("not ours")
+    result = CliRunner().invoke(modem_app, ["simulate", "--pty", str(precious)])
+    assert result.exit_code == 1
+    assert f"{precious} exists and is not a symlink; not replacing it" in result.output
+    assert precious.read_text() == "not ours"
+
+
 def test_probe_command_identifies_a_modem_and_suggests_a_link_table():
     result = CliRunner().invoke(modem_app, ["probe", "--port", "sim://?rate=28800", "--baud", "57600"])
     assert result.exit_code == 0, result.output
