@@ -34,7 +34,7 @@ from email.utils import formatdate, make_msgid
 from typing import Callable
 
 from imapclient import IMAPClient, SocketTimeout
-from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from gateway import address
 from gateway.config import Config, FetchConfig
@@ -43,6 +43,7 @@ from gateway.envelope import (envelope_recipients, first, header_block, message_
                               message_id_digest, return_path)
 from gateway.errors import ConfigError
 from spool.fetchstate import AccountLock, AlreadyFetching, FetchState
+from spool.fsio import is_disk_full
 from spool.queue import LOCAL, RELAY, Catalogue, Queue
 
 log = logging.getLogger("dialmail.fetch")
@@ -201,10 +202,17 @@ class AccountFetcher:
             with AccountLock(self.config.spool_dir, self.name):
                 client = self.connect()
                 try:
+                    failed = []
                     for folder in self.account.folders:
                         self.check_stop()
-                        self.folder(client, folder)
-                    self.result.complete = not self.capped
+                        try:
+                            self.folder(client, folder)
+                        except IMAPClientAbortError:
+                            raise
+                        except IMAPClientError as exc:  # a NO/BAD for this folder: the others still go
+                            failed.append(f"{folder}: server said {_text(exc)}")
+                    self.result.error = "; ".join(failed) or None
+                    self.result.complete = not self.capped and not failed
                 finally:
                     _close(client)
         except _Stopped:
@@ -215,11 +223,17 @@ class AccountFetcher:
             self.result.error = f"login refused: {_text(exc)}"
         except ConfigError as exc:
             self.result.error = str(exc)
-        except ssl.SSLError as exc:
-            self.result.error = f"TLS failed: {exc}"
-        except (OSError, IMAPClientError) as exc:
-            # imaplib.abort is an IMAPClientError; a carrier drop is an OSError
-            self.result.error = f"connection lost: {_text(exc) or type(exc).__name__}"
+        except ssl.SSLCertVerificationError as exc:
+            self.result.error = f"TLS certificate refused: {exc.verify_message or exc}"
+        except OSError as exc:
+            if is_disk_full(exc):
+                self.result.error = f"spool disk full: {exc.strerror}"
+            else:  # a carrier drop, a reset, a timeout
+                self.result.error = f"connection lost: {exc.strerror or exc or type(exc).__name__}"
+        except IMAPClientAbortError as exc:
+            self.result.error = f"connection lost: {_text(exc) or 'aborted'}"
+        except IMAPClientError as exc:
+            self.result.error = f"server said: {_text(exc)}"
         self.result.seconds = time.monotonic() - started
         log.info("fetch %s", self.result.summary())
         return self.result

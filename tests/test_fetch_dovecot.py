@@ -193,6 +193,14 @@ def test_several_folders(fs, isp):
     assert isp.message_count("office", "Lists") == 0 and isp.message_count("office") == 0
 
 
+def test_a_missing_folder_is_an_error_but_the_others_are_fetched(fs, isp):
+    fill(isp, "office", [message(1)])
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice", folders=["Nope", "INBOX"]))
+    result = fs.fetch()
+    assert result.fetched == 1 and not result.complete
+    assert result.errors[0].startswith("isp: Nope: server said")
+
+
 def test_two_fetches_of_one_account_never_run_at_once(fs, isp):
     fill(isp, "office", [message(i) for i in range(3)])
     fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice"))
