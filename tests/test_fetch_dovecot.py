@@ -435,24 +435,53 @@ def test_connection_cut_mid_fetch_loses_nothing_and_duplicates_nothing(fs, isp):
 # ---------------------------------------------------------------- big and many
 
 
+class RssSampler:
+    """Highest resident set size of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        import psutil
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
 @pytest.mark.timeout(240)
 def test_twenty_megabyte_message_is_fetched_in_pieces_with_flat_memory(fs, isp, capsys):
     big = message(1, size=20 * 1000 * 1000)
     isp.save("office", big)
     fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice"))
+    rss = RssSampler()
     tracemalloc.start()
     try:
         t0 = time.monotonic()
-        result = fs.fetch(deliver=False)
+        with rss:
+            result = fs.fetch(deliver=False)
         elapsed = time.monotonic() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert result.fetched == 1 and result.bytes == len(big)
     with capsys.disabled():
-        print(f"\n20 MB message: fetched in {elapsed:.2f}s, tracemalloc peak {peak / 1e6:.1f} MB "
-              f"(chunk_size 1 MB)")
+        print(f"\n20 MB message: fetched in {elapsed:.2f}s, tracemalloc peak {peak / 1e6:.1f} MB, "
+              f"RSS growth {rss.growth / 1e6:.1f} MB (chunk_size 1 MB)")
+    # a whole-literal fetch needs ~3.3x the message (66 MB) in Python objects alone
     assert peak < 12 * 1000 * 1000, f"peak {peak} bytes: not flat"
+    assert rss.growth < 40 * 1000 * 1000, f"RSS grew by {rss.growth} bytes"
     fs.fetch()
     assert fs.mail("alice") == [big]
     assert isp.message_count("office") == 0
