@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import socket
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from gateway.directory import Directory
 from gateway.relay import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from spool.users import Users
+from tests.harness import free_port
 
 pytestmark = pytest.mark.peer
 
@@ -412,3 +414,33 @@ def test_reply_classification(code, text, status, dsn):
 
 def test_back_off_doubles_up_to_the_maximum():
     assert [outcome.retry_delay(n, 300, 3600) for n in range(6)] == [300, 600, 1200, 2400, 3600, 3600]
+
+
+# ---------------------------------------------------------------- `dialmail queue flush` over a dialled link
+
+
+@pytest.mark.timeout(120)
+def test_cli_queue_flush_dials_the_link_and_only_sends(site, smtp_sink):
+    route = free_port()
+    site.write_config(f"""
+        [smarthost]
+        host = "127.0.0.1"
+        port = {route}
+        starttls = "off"
+
+        [link]
+        type = "sim"
+        rate = 115200
+        dial_delay = "0.5s"
+        forward = ["127.0.0.1:{route}->127.0.0.1:{smtp_sink.port}"]
+        """)
+    q = Queue(Catalogue(site.spool))
+    qid = q.enqueue("alice@office.test", [("friend@example.com", RELAY)], message("dialled"), origin="smtp")
+    r = site.cli("queue", "flush", timeout=90)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    assert f"{qid} <friend@example.com> delivered: 250" in r.stdout.decode()
+    assert [m.message["Subject"] for m in smtp_sink.wait_messages(1)] == ["dialled"]
+    assert q.get(qid) is None
+    # the link is down again: nothing listens on the ISP side's forwarded port any more
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", route), timeout=2).close()
