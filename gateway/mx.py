@@ -67,17 +67,27 @@ async def plan(domain: str, lookup: Lookup, rng: random.Random | None = None) ->
     return Plan(hosts=tuple(ordered))
 
 
-async def dns_lookup(domain: str, rdtype: str) -> list[tuple[int, str]]:
-    """The real resolver (dnspython), mapped onto the three outcomes ``plan`` knows."""
+def dns_resolver(resolver=None, lifetime: float = 30.0) -> Lookup:
+    """A ``Lookup`` on dnspython (the system's resolver unless one is given), mapped onto
+    the three outcomes ``plan`` knows."""
     import dns.asyncresolver
     import dns.exception
     import dns.resolver
-    try:
-        answer = await dns.asyncresolver.resolve(domain, rdtype, lifetime=30)
-    except dns.resolver.NXDOMAIN:
-        raise NoSuchDomain(domain) from None
-    except dns.resolver.NoAnswer:
-        raise NoRecords(domain) from None
-    except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.exception.DNSException) as exc:
-        raise LookupFailed(str(exc) or type(exc).__name__) from None
-    return [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+
+    async def lookup(domain: str, rdtype: str) -> list[tuple[int, str]]:
+        r = resolver or dns.asyncresolver.get_default_resolver()
+        try:
+            answer = await r.resolve(domain, rdtype, lifetime=lifetime)
+        except dns.resolver.NXDOMAIN:
+            raise NoSuchDomain(domain) from None
+        except dns.resolver.NoAnswer:
+            raise NoRecords(domain) from None
+        except dns.exception.DNSException as exc:
+            raise LookupFailed(str(exc) or type(exc).__name__) from None
+        return [(rr.preference, rr.exchange.to_text(omit_final_dot=True)) for rr in answer]
+    return lookup
+
+
+async def dns_lookup(domain: str, rdtype: str) -> list[tuple[int, str]]:
+    """The production lookup: the system's resolver."""
+    return await dns_resolver()(domain, rdtype)

@@ -67,3 +67,14 @@ def test_mx_route_delivers_per_domain_over_one_connection(tmp_path, smtp_sink):
     got = smtp_sink.wait_messages(2)
     assert sorted(tuple(m.rcpts) for m in got) == [("a@example.com", "b@example.com"), ("d@dead.example",)]
     assert o.queue.get(qid) is None
+
+
+def test_unreachable_name_server_defers_not_bounces():
+    """dnspython against a name server that does not answer (a closed port on loopback)."""
+    import dns.asyncresolver
+    from tests.harness import free_port
+    r = dns.asyncresolver.Resolver(configure=False)
+    r.nameservers = ["127.0.0.1"]
+    r.port = free_port()
+    p = asyncio.run(mx.plan("example.com", mx.dns_resolver(r, lifetime=1.0)))
+    assert p.hosts == () and (p.failure.status, p.failure.dsn) == (DEFERRED, "4.4.3")
