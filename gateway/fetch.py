@@ -445,6 +445,7 @@ class AccountFetcher:
         now = self.clock()
         delete = not self.account.keep
         if self.state.known_copies(self.name, [digest]):
+            log.info("fetch %s/%s uid %d: a copy taken before (same headers and size)", self.name, folder, uid)
             self.record_only(folder, uid, size, digest, now)
             return True
         rcpts, review = self.recipients(block)
@@ -453,6 +454,9 @@ class AccountFetcher:
         if msgid_key:
             already = self.state.delivered_to([r for r, _ in rcpts], msgid_key)
             rcpts = [(r, route) for r, route in rcpts if r not in already]
+            if already:
+                log.info("fetch %s/%s uid %d: %s already had %s; not delivered again", self.name, folder, uid,
+                         ", ".join(sorted(already)), msgid)
             if not rcpts:
                 self.record_only(folder, uid, size, digest, now)
                 return True
