@@ -18,7 +18,10 @@ from spool.fsio import fsync_dir, write_file
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._+-]*(@[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)?")
 
-_hasher = PasswordHasher()
+# OWASP's argon2id profile (19 MiB, 2 passes): every login costs this much memory for
+# a moment, and an office server may see many logins at once.  Hashes carry their own
+# parameters, so older ones still verify.
+_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 # A hash to verify against when the user does not exist, so timing does not tell.
 _DUMMY = _hasher.hash("dialmail-no-such-user")
 
