@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import config as config_mod  # noqa: E402
-from gateway.relay import flush  # noqa: E402
-from spool.queue import RELAY, Catalogue, Queue  # noqa: E402
-from tests.peers import SmtpSink, need  # noqa: E402
+from gateway import config as config_mod
+from gateway.relay import flush
+from spool.queue import RELAY, Catalogue, Queue
+from tests.peers import SmtpSink, need
 
 
 def dialmail_rate(port: int, count: int, size: int, tmp: Path) -> tuple[float, int]:

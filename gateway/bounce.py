@@ -149,9 +149,8 @@ def read_headers(queue: Queue, qid: str) -> bytes:
         return b""
 
 
-def entry(r: Recipient, outcome: Outcome | None = None) -> Entry:
-    if outcome is not None:
-        return Entry(r.rcpt, r.orcpt, outcome.dsn, f"{outcome.code} {outcome.reply}")
+def entry(r: Recipient) -> Entry:
+    """A failed recipient's DSN line, from its outcome as stored in the spool."""
     reply = r.last_reply or ""
     code = r.last_code or (554 if r.status == BOUNCED else 451)
     # The stored reply leads with the status chosen when the outcome was made (an expired

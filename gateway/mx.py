@@ -9,8 +9,8 @@ production, a dictionary in tests -- the tests never touch real DNS.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from gateway.outcome import Outcome
 from spool.queue import BOUNCED, DEFERRED

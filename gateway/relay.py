@@ -27,9 +27,9 @@ import os
 import secrets
 import ssl
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
 
 import aiosmtplib
 

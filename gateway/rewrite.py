@@ -70,7 +70,7 @@ class SenderRewriter:
             new = self.address(addr)
             if addr and new != addr:
                 pattern = re.compile(r"(?<![\w.+\-=])" + re.escape(addr) + r"(?![\w\-])", re.IGNORECASE)
-                text = pattern.sub(lambda _m: new, text)
+                text = pattern.sub(new.replace("\\", "\\\\"), text)
         return name + b":" + text.encode("utf-8", "surrogateescape")
 
 

@@ -9,7 +9,7 @@ bounce, so "bounce queued" and "recipient reported" cannot disagree after a cras
 from __future__ import annotations
 
 import sqlite3
-from typing import Iterable
+from collections.abc import Iterable
 
 from spool.queue import Catalogue
 

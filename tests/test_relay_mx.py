@@ -72,6 +72,7 @@ def test_mx_route_delivers_per_domain_over_one_connection(tmp_path, smtp_sink):
 def test_unreachable_name_server_defers_not_bounces():
     """dnspython against a name server that does not answer (a closed port on loopback)."""
     import dns.asyncresolver
+
     from tests.harness import free_port
     r = dns.asyncresolver.Resolver(configure=False)
     r.nameservers = ["127.0.0.1"]

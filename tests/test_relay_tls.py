@@ -126,5 +126,5 @@ def test_opportunistic_tls_is_used_when_offered(tmp_path, cert):
         o.send("alice@office.test", ["friend@example.com"], message("opportunistic"))
         return o
 
-    office, isp, result = asyncio.run(with_isp(cert, make))
+    _office, isp, result = asyncio.run(with_isp(cert, make))
     assert result.sent == 1 and isp.received[0]["tls"] is True
