@@ -444,3 +444,23 @@ def test_cli_queue_flush_dials_the_link_and_only_sends(site, smtp_sink):
     # the link is down again: nothing listens on the ISP side's forwarded port any more
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", route), timeout=2).close()
+
+
+def test_rewrite_map_full_address_wins_and_only_sender_headers_change():
+    from gateway.rewrite import SenderRewriter
+    rw = SenderRewriter([("@office.test", "office@isp.example"), ("Boss@Office.test", "boss@isp.example")])
+    assert rw.address("boss@OFFICE.TEST") == "boss@isp.example"
+    assert rw.address("alice@office.test") == "office@isp.example"
+    assert rw.address("alice@sub.office.test") == "alice@sub.office.test"
+    assert rw.address("") == ""
+    data = (b"From: \"Alice (alice@office.test)\" <alice@office.test>\r\n"
+            b"Reply-To: boss@office.test,\r\n\tfriend@example.com\r\n"
+            b"To: bob@office.test\r\nCc: alice@office.test\r\n\r\nFrom: alice@office.test in the body\r\n")
+    out = rw.message(data)
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert head.splitlines()[0] == b"From: \"Alice (office@isp.example)\" <office@isp.example>"
+    assert b"Reply-To: boss@isp.example,\r\n\tfriend@example.com" in head
+    assert b"To: bob@office.test\r\nCc: alice@office.test" in head
+    assert body == b"From: alice@office.test in the body\r\n"
+    plain = b"From: someone@example.com\r\n\r\nbody\r\n"
+    assert rw.message(plain) is plain
