@@ -1,0 +1,74 @@
+"""Carrier drops at random byte offsets: many dial sessions, each through the simulated
+modem and the line shaper, the line cut after a random number of bytes (so inside SMTP
+DATA, IMAP FETCH, STORE, EXPUNGE, or between them), new mail arriving both ways in
+between.  Then sessions on a clean line drain everything and the checker counts."""
+import asyncio
+import random
+import time
+
+import pytest
+
+from gateway.config import load
+from gateway.daemon import Spool
+from gateway.session import Session, SessionContext
+from spool.queue import RELAY
+from tests.harness import wait_for
+from tests.torture.checker import Ledger, check
+from tests.torture.rig import Rig
+
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(1800)]
+
+
+async def one_session(rig: Rig, spool: Spool, drop: int | None, mode: str = "both"):
+    rig.write(drop)
+    cfg = load(rig.site.config_path)
+    return await Session(SessionContext(cfg, spool), "manual", mode).run()
+
+
+def test_carrier_drops_lose_and_duplicate_nothing(site, smtp_sink, dovecot, torture_long):
+    target = 500 if torture_long else 50
+    seed = int(time.time())
+    rnd = random.Random(seed)
+    rig = Rig(site, smtp_sink, dovecot)
+    rig.write()
+    spool = Spool(load(site.config_path))
+    ledger = Ledger()
+    started = time.monotonic()
+
+    async def run():
+        sessions = 0
+        while ledger.drops < target:
+            sessions += 1
+            assert sessions < target * 4, f"only {ledger.drops} drops in {sessions} sessions"
+            traffic = 0
+            for mid, rcpt, data in rig.outbound(rnd, rnd.randint(0, 3)):
+                await asyncio.to_thread(spool.queue.enqueue, "alice@office.test", [(rcpt, RELAY)], data,
+                                        origin="torture", message_id=mid)
+                ledger.outbound.add(mid)
+                traffic += len(data)
+            traffic += await asyncio.to_thread(rig.place_at_isp, rnd, rnd.randint(0, 3), ledger)
+            # Offsets across the whole conversation, now and then past its end (no drop).
+            drop = rnd.randint(200, int(traffic * 1.15) + 3000)
+            rec = await one_session(rig, spool, drop, rnd.choice(("both", "both", "send", "fetch")))
+            if any(e.startswith("carrier lost") for e in rec.errors):
+                ledger.drops += 1
+        # A clean line until everything has gone both ways.
+        for _ in range(10):
+            rec = await one_session(rig, spool, None)
+            assert not any(e.startswith("carrier lost") for e in rec.errors)
+            if spool.queue.counts()["messages"] == 0 and rig.left_at_isp() == 0:
+                break
+        return sessions
+
+    try:
+        sessions = asyncio.run(run())
+        wait_for(lambda: rig.smtp_tap.idle() and rig.imap_tap.idle(), timeout=20, what="the taps to settle")
+        report = check(ledger, smtp_sink.messages(), site.spool, rig.smtp_tap.snapshot(),
+                       rig.imap_tap.snapshot(), left_at_isp=rig.left_at_isp())
+    finally:
+        spool.close()
+        rig.close()
+    print(f"\ncarrier drops: seed {seed}, {sessions} sessions, {time.monotonic() - started:.0f}s\n" + report.format())
+    assert report.problems() == [], report.format()
+    assert report.submitted_out > 0 and report.expected_local > 0
+    assert ledger.drops >= target
