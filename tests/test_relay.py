@@ -5,6 +5,7 @@ import asyncio
 import email
 import email.policy
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from gateway.directory import Directory
 from gateway.relay import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from spool.users import Users
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
+from tests.peers import need
 
 pytestmark = pytest.mark.peer
 
@@ -464,3 +466,36 @@ def test_rewrite_map_full_address_wins_and_only_sender_headers_change():
     assert body == b"From: alice@office.test in the body\r\n"
     plain = b"From: someone@example.com\r\n\r\nbody\r\n"
     assert rw.message(plain) is plain
+
+
+@pytest.mark.timeout(120)
+def test_daemon_session_bounce_reaches_the_local_sender(site, smtp_sink_factory):
+    """SMTP in, dial session out through the simulated modem, 5xx at the ISP, bounce in alice's Maildir."""
+    need("swaks")
+    sink = smtp_sink_factory(hard_reject=["rcpt"], hard_reply="550 5.1.1 <nobody@example.com>: no such user")
+    route = free_port()
+    site.write_config(f"""
+        [smarthost]
+        host = "127.0.0.1"
+        port = {route}
+        starttls = "off"
+
+        [link]
+        type = "sim"
+        rate = 115200
+        dial_delay = "0.5s"
+        forward = ["127.0.0.1:{route}->127.0.0.1:{sink.port}"]
+        """)
+    site.start()
+    r = subprocess.run(["swaks", "--server", f"127.0.0.1:{site.smtp_port}", "--from", "alice@office.test",
+                        "--to", "nobody@example.com", "--header", "Subject: into the void"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stdout
+    r = site.cli("connect-now", "--send-only", timeout=90)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    mail = wait_for(lambda: site.mail_of("alice"), timeout=30, what="the bounce in alice's Maildir")
+    dsn = email.message_from_bytes(mail[0], policy=email.policy.default)
+    assert dsn["Return-Path"] == "<>" and dsn.get_content_type() == "multipart/report"
+    assert scan_message(dsn) == {b"nobody@example.com"}
+    assert "Subject: into the void" in dsn.as_string()
+    assert site.cli("queue", "list").stdout.decode().strip() == "queue is empty"
