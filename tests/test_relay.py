@@ -5,9 +5,9 @@ import asyncio
 import email
 import email.policy
 import socket
-import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 from flufl.bounce import scan_message
@@ -20,7 +20,7 @@ from gateway.relay import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from spool.users import Users
 from tests.harness import free_port, wait_for
-from tests.peers import need
+from tests.peers import need, run_swaks
 
 pytestmark = pytest.mark.peer
 
@@ -118,7 +118,7 @@ class Proxy:
         self.cuts = 0
         self.port = 0
 
-    async def __aenter__(self) -> Proxy:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -487,9 +487,8 @@ def test_daemon_session_bounce_reaches_the_local_sender(site, smtp_sink_factory)
         forward = ["127.0.0.1:{route}->127.0.0.1:{sink.port}"]
         """)
     site.start()
-    r = subprocess.run(["swaks", "--server", f"127.0.0.1:{site.smtp_port}", "--from", "alice@office.test",
-                        "--to", "nobody@example.com", "--header", "Subject: into the void"],
-                       capture_output=True, timeout=60)
+    r = run_swaks(["--server", f"127.0.0.1:{site.smtp_port}", "--from", "alice@office.test",
+                   "--to", "nobody@example.com", "--header", "Subject: into the void"])
     assert r.returncode == 0, r.stdout
     r = site.cli("connect-now", "--send-only", timeout=90)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
