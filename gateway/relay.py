@@ -44,6 +44,7 @@ from spool.queue import BOUNCED, DEFERRED, DELIVERED, FINAL, RELAY, Message, Que
 log = logging.getLogger("dialmail.relay")
 
 FOREVER = 1e18  # "due" horizon for a forced flush: every waiting recipient
+CLAIM_PREFIX = "relay:"  # + pid + ":" + random: the owner of a flush's claims
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
     result.expired = len(expired.bounced)
     result.local_notices += expired.local_notices
     await asyncio.to_thread(notices.ensure, queue.cat)
-    owner = f"relay:{os.getpid()}:{secrets.token_hex(4)}"
+    await asyncio.to_thread(_release_dead_claims, queue)
+    owner = f"{CLAIM_PREFIX}{os.getpid()}:{secrets.token_hex(4)}"
     pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now)
     try:
         jobs: dict[str, _Job] = {}
@@ -127,6 +129,22 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
              result.deferred, result.bounced, result.messages, result.bytes,
              f"; stopped: {result.error.reply}" if result.error else "")
     return result
+
+
+def _release_dead_claims(queue: Queue) -> None:
+    """Free recipients claimed by a flush whose process died (a ``queue flush`` killed with
+    -9 while the daemon runs on): without this they would wait for the next daemon start."""
+    owners = [r[0] for r in queue.cat.execute("SELECT DISTINCT claim FROM recipients WHERE claim LIKE ?",
+                                              (CLAIM_PREFIX + "%",))]
+    for owner in owners:
+        try:
+            pid = int(owner[len(CLAIM_PREFIX):].split(":")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("releasing recipients claimed by a flush that died (%s)", owner)
+            queue.release_claims(owner)
+        except (ValueError, PermissionError):
+            continue
 
 
 class _Context:

@@ -5,6 +5,7 @@ import asyncio
 import email
 import email.policy
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Self
@@ -498,3 +499,13 @@ def test_daemon_session_bounce_reaches_the_local_sender(site, smtp_sink_factory)
     assert scan_message(dsn) == {b"nobody@example.com"}
     assert "Subject: into the void" in dsn.as_string()
     assert site.cli("queue", "list").stdout.decode().strip() == "queue is empty"
+
+
+def test_claims_of_a_dead_flush_are_released(office, smtp_sink):
+    o = office(smtp_sink.port)
+    qid = o.send("alice@office.test", ["friend@example.com"], message("orphaned claim"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert o.queue.claim(RELAY, f"relay:{dead.pid}:dead", 10) == [(qid, "friend@example.com")]
+    assert o.flush().sent == 1
+    assert o.queue.get(qid) is None
