@@ -72,6 +72,7 @@ class HayesModem:
         self._stop = threading.Event()
         self._reading = threading.Event()
         self._read_idle = threading.Event()
+        self._released = False
         self._watcher: threading.Thread | None = None
         self._cd_supported: bool | None = None
         self._last_cd: bool | None = None
@@ -183,9 +184,21 @@ class HayesModem:
     async def release_data_stream(self) -> None:
         """Stop reading so another program (pppd) owns the bytes; CD is still watched."""
         self._reading.clear()
+        self._released = True
         await asyncio.to_thread(self._read_idle.wait, 2)
 
-    def resume_reading(self) -> None:
+    async def reclaim_data_stream(self) -> None:
+        """Read again, with our line settings: pppd leaves its own termios on the tty."""
+        if self._released and self._port is not None:
+            port = self._port
+
+            def reapply() -> None:
+                port.baudrate = port.baudrate  # pyserial rewrites every termios setting
+            try:
+                await asyncio.to_thread(reapply)
+            except (OSError, serial.SerialException, ValueError):
+                pass
+        self._released = False
         self._reading.set()
 
     # -- the AT dialogue -------------------------------------------------------------
@@ -306,7 +319,7 @@ class HayesModem:
         self._stop_idle_watch()
         was_online = self.online
         self.online = False
-        self.resume_reading()
+        await self.reclaim_data_stream()
         port = self._need_port()
         how: list[str] = []
         dtr_dropped = False

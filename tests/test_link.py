@@ -210,8 +210,8 @@ async def send_over_loopback(nbytes: int) -> None:
 
 STAND_IN_PPPD = """#!/bin/sh
 # Stand-in for pppd: record the arguments, then behave like "pppd nodetach".
-printf '%s\\n' "$@" > "{args}"
 trap 'echo terminated >> "{events}"; exit 5' TERM
+printf '%s\\n' "$@" > "{args}.tmp" && mv "{args}.tmp" "{args}"
 if [ -n "$EXIT_AFTER" ]; then sleep "$EXIT_AFTER"; echo "Modem hangup" ; exit "$EXIT_STATUS"; fi
 while :; do sleep 0.05; done
 """
