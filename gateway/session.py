@@ -210,7 +210,8 @@ class Session:
             self.emit("error", message=str(exc))
 
     def _dialogue(self, text: str) -> None:
-        self.record.dial_attempts.append(mask(text)) if _is_dial_result(text) else None
+        if _is_dial_result(text):
+            self.record.dial_attempts.append(mask(text))
         self.emit("modem", text=mask(text))
 
     async def _watch(self, info) -> None:
@@ -340,19 +341,6 @@ class Session:
 def _is_dial_result(text: str) -> bool:
     return bool(re.search(r"\b(CONNECT|BUSY|NO CARRIER|NO DIALTONE|NO ANSWER|ERROR|timed out|dialling|dialing)\b",
                           text, re.I))
-
-
-def _progress_fields(args, kwargs) -> dict:
-    out = dict(kwargs)
-    if len(args) == 1 and isinstance(args[0], dict):
-        out.update(args[0])
-    elif args:
-        obj = args[0]
-        if hasattr(obj, "__dataclass_fields__"):
-            out.update({k: getattr(obj, k) for k in obj.__dataclass_fields__})
-        else:
-            out["args"] = [str(a) for a in args]
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in out.items()}
 
 
 def _describe(event: Event) -> str:
