@@ -22,6 +22,9 @@ class Outcome:
     code: int
     dsn: str  # RFC 3463 "x.y.z"
     reason: str
+    # The line or connection failed while this message was in flight: no verdict of the
+    # server on the message, so it is due again at once (see ``next_retry``).
+    dropped: bool = False
 
     @property
     def final(self) -> bool:
@@ -57,11 +60,11 @@ def from_reply(code: int, text: str) -> Outcome:
 
 def lost_connection(what: str) -> Outcome:
     """Connection lost, timed out or carrier dropped: the server may or may not have the message."""
-    return Outcome(DEFERRED, 421, "4.4.2", f"lost connection with the mail server {what}")
+    return Outcome(DEFERRED, 421, "4.4.2", f"lost connection with the mail server {what}", dropped=True)
 
 
 def timed_out(what: str) -> Outcome:
-    return Outcome(DEFERRED, 421, "4.4.2", f"timed out {what}")
+    return Outcome(DEFERRED, 421, "4.4.2", f"timed out {what}", dropped=True)
 
 
 def cannot_connect(detail: str) -> Outcome:
@@ -103,6 +106,21 @@ def expired(lifetime: int, last: str | None) -> Outcome:
 
 def administrator_bounce() -> Outcome:
     return Outcome(BOUNCED, 554, "5.0.0", "deleted by the administrator")
+
+
+def next_retry(o: Outcome, previous_reply: str | None, attempts: int, now: float, retry_min: int,
+               retry_max: int) -> float:
+    """When a deferred recipient is due again.
+
+    A server's 4xx backs off, doubling from ``retry_min`` to ``retry_max``.  A message in
+    flight when the line dropped is due at once -- the dial session paces its own retries
+    and a flaky modem line says nothing about the message -- unless it was also in flight
+    at the previous drop: then it backs off too, so one message that keeps killing the
+    connection cannot hold up the whole queue at the head of every session.
+    """
+    if o.dropped and not (previous_reply or "").startswith(o.dsn + " "):
+        return now
+    return now + retry_delay(attempts, retry_min, retry_max)
 
 
 def retry_delay(attempts: int, retry_min: int, retry_max: int) -> int:

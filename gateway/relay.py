@@ -14,7 +14,10 @@ next message starts, so a drop loses at most the message in flight, whose waitin
 recipients are deferred.  A recipient the server accepted is final and never sent again;
 one in flight when the line dropped after the final "." may be sent twice (RFC 1047,
 unavoidable in SMTP).  On a lost connection, timeout or carrier drop (``stop_event``)
-the flush stops and returns: the dial session decides whether to try again.
+the flush stops and returns: the dial session decides whether to try again, and the
+message in flight is due again at once (``outcome.next_retry``).  When no connection
+could be made at all (refused, TLS or AUTH failure) every recipient shows the reason in
+the queue but counts no attempt: the office's line or setup says nothing about the mail.
 
 Recipients are claimed in the spool first, so a ``dialmail queue flush`` and a session in
 the daemon never send the same recipient at the same time.
@@ -162,9 +165,14 @@ class _Context:
     def stopped(self) -> bool:
         return self.stop_event is not None and self.stop_event.is_set()
 
-    async def record(self, qid: str, outcomes: dict[str, Outcome]) -> None:
-        """Store one message's outcomes in one transaction, then settle the message."""
-        settled = await asyncio.to_thread(self._record, qid, outcomes)
+    async def record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool = False) -> None:
+        """Store one message's outcomes in one transaction, then settle the message.
+
+        ``unsent``: the connection never got as far as this message (no server, TLS or
+        AUTH refused): the reason is shown in the queue, but it is no attempt and the
+        message stays due for the next session.
+        """
+        settled = await asyncio.to_thread(self._record, qid, outcomes, unsent)
         for rcpt, o in outcomes.items():
             self.result.results.append(RecipientResult(qid, rcpt, o))
             if o.status == DELIVERED:
@@ -177,27 +185,30 @@ class _Context:
                      o.status, o.code, o.reply)
         self.result.local_notices += settled.local
 
-    def _record(self, qid: str, outcomes: dict[str, Outcome]) -> bounce.Settled:
+    def _record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool) -> bounce.Settled:
         q, cfg = self.queue, self.config.queue
         now = self.clock()
         with q.cat.transaction() as conn:
-            attempts = {r["rcpt"]: r["attempts"] for r in conn.execute(
-                "SELECT rcpt, attempts FROM recipients WHERE msg_id=?", (qid,))}
+            before = {r["rcpt"]: r for r in conn.execute(
+                "SELECT rcpt, attempts, last_reply FROM recipients WHERE msg_id=?", (qid,))}
             for rcpt, o in outcomes.items():
                 retry = None
-                if o.status == DEFERRED:
-                    retry = now + outcome.retry_delay(attempts.get(rcpt, 0), cfg.retry_min, cfg.retry_max)
-                q.record(qid, rcpt, o.status, o.code, o.reply, next_retry=retry, conn=conn)
+                if o.status == DEFERRED and not unsent and rcpt in before:
+                    prev = before[rcpt]
+                    retry = outcome.next_retry(o, prev["last_reply"], prev["attempts"], now, cfg.retry_min,
+                                               cfg.retry_max)
+                q.record(qid, rcpt, o.status, o.code, o.reply, next_retry=retry, count_attempt=not unsent,
+                         conn=conn)
             removed = bounce.remove_if_settled(conn, qid)
         if removed:
             bounce.unlink_body(q, qid)
             return bounce.Settled(removed=True)
         return bounce.settle(self.config, q, qid, now=now)
 
-    async def record_all(self, jobs: list[_Job], why: Outcome) -> None:
+    async def record_all(self, jobs: list[_Job], why: Outcome, unsent: bool = False) -> None:
         """The same outcome for every recipient of ``jobs`` (no connection, no route)."""
         for job in jobs:
-            await self.record(job.qid, {r: why for r in job.rcpts})
+            await self.record(job.qid, {r: why for r in job.rcpts}, unsent)
 
 
 @asynccontextmanager
@@ -418,7 +429,7 @@ async def _flush_smarthost(ctx: _Context, jobs: list[_Job]) -> None:
     sh = ctx.config.smarthost
     if not sh.host:
         ctx.result.error = outcome.cannot_connect("no [smarthost] host configured")
-        await ctx.record_all(jobs, ctx.result.error)
+        await ctx.record_all(jobs, ctx.result.error, unsent=True)
         return
     peer = Peer(sh.host, sh.port, sh.starttls, verify=True, ca_file=str(sh.ca_file) if sh.ca_file else None,
                 username=sh.username, password=sh.password() if sh.username else None)
@@ -432,7 +443,7 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         await _abortable(ctx, conn.open())
     except _Stop as stop:
         ctx.result.error = stop.why
-        await ctx.record_all(jobs, stop.why)
+        await ctx.record_all(jobs, stop.why, unsent=True)
         return False
     try:
         for job in jobs:
@@ -572,7 +583,7 @@ async def _flush_mx(ctx: _Context, jobs: list[_Job], lookup: mx.Lookup, port: in
             except _Stop as stop:
                 ctx.result.error = stop.why
                 if host == route.hosts[-1]:
-                    await ctx.record_all(domain_jobs, stop.why)
+                    await ctx.record_all(domain_jobs, stop.why, unsent=True)
                 continue
             ctx.result.error = saved_error
             try:

@@ -213,7 +213,8 @@ def test_starttls_required_refuses_server_without_it(office, smtp_sink):
     assert result.error is not None and result.error.dsn == "4.7.4"
     assert "does not offer STARTTLS" in result.error.reason
     assert o.status(qid) == {"friend@example.com": DEFERRED}
-    assert o.queue.get(qid).recipients[0].last_reply.startswith("4.7.4")
+    r = o.queue.get(qid).recipients[0]
+    assert r.last_reply.startswith("4.7.4") and r.attempts == 0 and r.next_retry <= time.time()
     assert smtp_sink.messages() == []
 
 
@@ -237,13 +238,17 @@ def test_carrier_drop_mid_data_keeps_message_queued_then_delivers_exactly_once(o
     assert o.queue.get(first) is None
     waiting = o.queue.get(second)
     assert {r.status for r in waiting.recipients} == {DEFERRED}
-    assert all(r.next_retry >= clock[0] + 300 for r in waiting.recipients)
+    # a dropped line says nothing about the message: due again at once, for the session's retry
+    assert all(r.next_retry == clock[0] for r in waiting.recipients)
 
-    # not due yet: back-off holds it
+    # cut again in the same message: now it backs off, so it cannot block the queue's head
+    result, cuts = asyncio.run(run(cut=True))
+    assert cuts == 1 and result.sent == 0 and result.deferred == 2
+    assert all(r.next_retry >= clock[0] + 300 for r in o.queue.get(second).recipients)
     result, _ = asyncio.run(run(cut=False))
     assert result.sent == 0 and o.queue.get(second) is not None
 
-    clock[0] += 301
+    clock[0] += 601
     result, _ = asyncio.run(run(cut=False))
     assert (result.sent, result.deferred, result.error) == (2, 0, None)
     assert o.queue.get(second) is None
@@ -288,8 +293,9 @@ def test_reply_timeout_after_the_final_dot_defers(office, smtp_sink_factory):
     qid = o.send("alice@office.test", ["friend@example.com"], message("slow server"))
     result = o.flush()
     assert result.error is not None and result.error.status == DEFERRED and "timed out" in result.error.reason
-    # the server may have the message (RFC 1047): deferred, never bounced, tried again later
+    # the server may have the message (RFC 1047): deferred, never bounced, tried again next time
     assert o.status(qid) == {"friend@example.com": DEFERRED}
+    assert o.queue.get(qid).recipients[0].next_retry <= time.time()
 
 
 def test_hard_rejects_bounce_to_local_sender_at_once(office, smtp_sink_factory):
@@ -509,3 +515,11 @@ def test_claims_of_a_dead_flush_are_released(office, smtp_sink):
     assert o.queue.claim(RELAY, f"relay:{dead.pid}:dead", 10) == [(qid, "friend@example.com")]
     assert o.flush().sent == 1
     assert o.queue.get(qid) is None
+
+
+def test_next_retry_drop_is_due_at_once_unless_it_repeats():
+    drop = outcome.lost_connection("while sending message body")
+    assert outcome.next_retry(drop, None, 0, 1000.0, 300, 3600) == 1000.0
+    assert outcome.next_retry(drop, "4.2.0 try later", 3, 1000.0, 300, 3600) == 1000.0
+    assert outcome.next_retry(drop, drop.reply, 1, 1000.0, 300, 3600) == 1600.0
+    assert outcome.next_retry(outcome.from_reply(450, "4.2.0 try later"), None, 0, 1000.0, 300, 3600) == 1300.0

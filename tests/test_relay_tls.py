@@ -104,6 +104,7 @@ def test_wrong_password_defers_and_never_bounces(tmp_path, cert):
     assert result.error is not None and result.error.dsn == "4.7.8" and result.bounced == 0
     [m] = office.queue.messages()
     assert m.recipients[0].status == DEFERRED and "authentication" in m.recipients[0].last_reply
+    assert m.recipients[0].attempts == 0  # the office's password says nothing about the message
     assert PASSWORD not in (m.recipients[0].last_reply or "") and "wrong" not in m.recipients[0].last_reply
 
 
