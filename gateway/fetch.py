@@ -11,7 +11,8 @@ For each ``[[fetch]]`` account and folder, in this order:
    off-peak window / delete, each with a notice), then fetch smallest first up to the
    session caps, so one big attachment never holds up the short urgent mail;
 4. per message: body into a spool tmp file (large ones in ``BODY.PEEK[]<off.len>`` pieces
-   straight to disk, so memory stays flat), fsync, then ``enqueue_file`` whose
+   straight to disk, so memory stays flat, each piece fsynced into
+   ``<spool>/fetch-partial/`` so a cut line resumes there next session), then ``enqueue_file`` whose
    transaction also records the UID, the copy's digest and the (recipient, Message-ID)
    pairs: the message is in the spool exactly when its UID is taken;
 5. only then, with keep = false, ``\\Deleted`` + UID EXPUNGE (plain EXPUNGE at the end of
@@ -25,12 +26,14 @@ between messages and between the pieces of a large one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import ssl
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
+from pathlib import Path
 from typing import Callable
 
 from imapclient import IMAPClient, SocketTimeout
@@ -282,6 +285,8 @@ class AccountFetcher:
             self.delete(client, folder, self.state.pending_deletion(self.name, folder))
         taken = self.state.taken(self.name, folder)
         new = [uid for uid in on_server if uid not in taken]
+        self.uidvalidity = uidvalidity
+        self.clean_partials(folder, set(new))
         try:
             if new:
                 self.take_new(client, folder, uidvalidity, new, renumbered)
@@ -395,7 +400,8 @@ class AccountFetcher:
             data = _item(response.get(uid, {}), b"BODY[]")
             if data is None:
                 continue  # expunged by someone else meanwhile
-            if self.take(folder, uid, size, data=data):
+            if self.take(folder, uid, size, header_block(data),
+                         lambda tmp, prefix, data=data: _write_durably(tmp, prefix, data, None)):
                 taken.append(uid)
             self.check_stop_between(client, folder, taken)
         if not self.account.keep:
@@ -408,39 +414,86 @@ class AccountFetcher:
             raise _Stopped()
 
     def fetch_large(self, client: IMAPClient, folder: str, uid: int, size: int) -> None:
-        """Fetch in ``chunk_size`` pieces straight into the spool file: memory stays flat."""
+        """Fetch in ``chunk_size`` pieces straight to disk: memory stays flat, and a cut line
+        costs only the piece in flight (the next session resumes at the partial file's end)."""
         self.check_stop()
         response = client.fetch([uid], ["BODY.PEEK[HEADER]"])
         if uid not in response:
             return
         block = header_block(_item(response[uid], b"BODY[HEADER]") or b"")
-        chunk = self.account.chunk_size
 
-        def pieces():
+        def produce(tmp, prefix: bytes) -> None:
+            partial = self.download(client, folder, uid, size)
+            if prefix:
+                with open(partial, "rb") as body:
+                    _write_durably(tmp, prefix, None, iter(lambda: body.read(1024 * 1024), b""))
+                os.unlink(partial)
+            else:
+                os.rename(partial, tmp)  # same file system; its data is fsynced already
+
+        if self.take(folder, uid, size, block, produce) and not self.account.keep:
+            self.delete(client, folder, [uid])
+
+    def partial_dir(self) -> Path:
+        return Path(self.config.spool_dir) / "fetch-partial"
+
+    def partial_prefix(self, folder: str) -> str:
+        return hashlib.sha256(f"{self.name}\0{folder}".encode()).hexdigest()[:16]
+
+    def download(self, client: IMAPClient, folder: str, uid: int, size: int) -> Path:
+        """The whole message into a partial file named by (account, folder, UIDVALIDITY, UID).
+
+        An IMAP message never changes under its UID, so bytes kept from an earlier
+        session are still right; each piece is fsynced before the next is asked for.
+        """
+        self.partial_dir().mkdir(mode=0o700, exist_ok=True)
+        path = self.partial_dir() / f"{self.partial_prefix(folder)}.{self.uidvalidity}.{uid}"
+        chunk = self.account.chunk_size
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            offset = os.fstat(fd).st_size
+            if offset:
+                log.info("fetch %s/%s uid %d: resuming at byte %d of %d", self.name, folder, uid, offset, size)
             # Until a short piece, not until RFC822.SIZE: a server whose size is off must not
             # get its messages cut short.
-            offset = 0
             while True:
                 self.check_stop()
                 item = client.fetch([uid], [f"BODY.PEEK[]<{offset}.{chunk}>"]).get(uid, {})
                 piece = _item(item, b"BODY[]")
                 if not piece:
                     break
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
                 offset += len(piece)
-                yield piece
                 if self.report:
                     self.report(self.progress(folder, uid, size, partial=True, done_bytes=offset))
                 if len(piece) < chunk:
                     break
+        finally:
+            os.close(fd)
+        return path
 
-        if self.take(folder, uid, size, block=block, pieces=pieces()) and not self.account.keep:
-            self.delete(client, folder, [uid])
+    def clean_partials(self, folder: str, wanted: set[int]) -> None:
+        """Drop partial downloads no longer wanted: taken, gone, or from an older UIDVALIDITY."""
+        d = self.partial_dir()
+        if not d.is_dir():
+            return
+        prefix = self.partial_prefix(folder) + "."
+        for name in os.listdir(d):
+            if not name.startswith(prefix):
+                continue
+            _, validity, uid = name.split(".")
+            if int(validity) != self.uidvalidity or int(uid) not in wanted:
+                os.unlink(d / name)
 
-    def take(self, folder: str, uid: int, size: int, data: bytes | None = None, block: bytes | None = None,
-             pieces=None) -> bool:
-        """Spool one copy and record its UID in the same transaction; True once the UID is taken."""
-        if block is None:
-            block = header_block(data)
+    def take(self, folder: str, uid: int, size: int, block: bytes, produce) -> bool:
+        """Spool one copy and record its UID in the same transaction; True once the UID is taken.
+
+        ``produce(tmp_path, prefix)`` writes the message file (fsynced); it is called only
+        after the copy has been found new, so a copy taken before is never downloaded whole.
+        """
         digest = message_digest(block, size)
         now = self.clock()
         delete = not self.account.keep
@@ -480,7 +533,7 @@ class AccountFetcher:
 
         qid, tmp = self.queue.new_body()
         with self.queue._writing():  # keeps start-up recovery from removing the tmp file meanwhile
-            _write_durably(tmp, prefix, data, pieces)
+            produce(tmp, prefix)
             self.queue.enqueue_file(qid, tmp, return_path(block), rcpts, origin=ORIGIN,
                                     client=f"{self.name}:{folder}:{uid}", message_id=msgid,
                                     subject=subject[:200] if subject else None, in_txn=in_txn)

@@ -603,3 +603,43 @@ def test_without_uidplus_the_folder_is_expunged_once_at_the_end(fs, isp, monkeyp
     result = fs.fetch()
     assert result.fetched == 7 and result.deleted == 7 and isp.message_count("office") == 0
     assert len(fs.mail("alice")) == 7
+
+
+def test_cut_in_a_big_message_resumes_where_it_stopped(fs, isp):
+    big = message(1, size=2_000_000)
+    fill(isp, "office", [big])
+    proxy = CuttingProxy(isp.imap_port)
+    try:
+        fs.configure(fs.account("isp", proxy.port, "office", deliver_to="alice", chunk_size="64KB"))
+        proxy.limit = 1_200_000
+        first = fs.fetch()
+        assert first.fetched == 0 and "connection lost" in first.errors[0]
+        partial_dir = fs.config.spool_dir / "fetch-partial"
+        kept = sum(p.stat().st_size for p in partial_dir.iterdir())
+        assert 1_000_000 < kept < 1_200_000
+        proxy.limit = None
+        events = []
+        second = fs.fetch(progress=events.append)
+        assert second.fetched == 1 and second.errors == []
+        assert events[0].partial and events[0].done_bytes == kept + 64_000  # the first piece asked for (64KB = 64000)
+        assert fs.mail("alice") == [big]
+        assert list(partial_dir.iterdir()) == [] and isp.message_count("office") == 0
+    finally:
+        proxy.close()
+
+
+def test_partial_download_of_a_message_gone_from_the_server_is_dropped(fs, isp):
+    fill(isp, "office", [message(1, size=500_000)])
+    proxy = CuttingProxy(isp.imap_port)
+    try:
+        fs.configure(fs.account("isp", proxy.port, "office", deliver_to="alice", chunk_size="64KB"))
+        proxy.limit = 300_000
+        assert fs.fetch().errors
+        partial_dir = fs.config.spool_dir / "fetch-partial"
+        assert len(list(partial_dir.iterdir())) == 1
+        isp.doveadm("expunge", "-u", "office", "mailbox", "INBOX", "all")
+        proxy.limit = None
+        assert fs.fetch().errors == []
+        assert list(partial_dir.iterdir()) == []
+    finally:
+        proxy.close()
