@@ -196,26 +196,40 @@ class Connection:
                  len(messages), sum(m.octets for m in messages))
 
     async def _stream(self, action: Stream) -> None:
-        f = await asyncio.to_thread(self.maildrop.open_message, action.message)
-        if f is None:
+        # One worker-thread hop opens the file and reads the first chunk: most messages
+        # fit in it, and each hop costs more than sending a small message does.
+        opened = await asyncio.to_thread(self._open_and_read, action.message)
+        if opened is None:
             self.writer.write(line(Response.MESSAGE_GONE))
             await self.writer.drain()
             return
+        f, chunk = opened
         self.streaming = True
         try:
             encoder = MessageEncoder(action.body_lines)
             self.writer.write(action.head)
-            while not encoder.done:
-                chunk = await asyncio.to_thread(f.read, CHUNK)
-                if not chunk:
-                    break
+            while True:
                 self.writer.write(encoder.encode(chunk))
+                # A buffered read returns less than asked only at the end of the file.
+                if encoder.done or len(chunk) < CHUNK:
+                    break
                 await self.writer.drain()
+                chunk = await asyncio.to_thread(f.read, CHUNK)
             self.writer.write(encoder.end())
             await self.writer.drain()
             self.streaming = False
         finally:
-            await asyncio.to_thread(f.close)
+            f.close()  # a read-only file: closing it does not wait for the disk
+
+    def _open_and_read(self, message):
+        f = self.maildrop.open_message(message)
+        if f is None:
+            return None
+        try:
+            return f, f.read(CHUNK)
+        except BaseException:
+            f.close()
+            raise
 
     def _release(self) -> None:
         if self.user is None:

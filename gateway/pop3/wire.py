@@ -58,6 +58,8 @@ class MessageEncoder:
         if chunk[:1] == b"\n":
             head = b"\n" if self._last_in == b"\r" else b"\r\n"
             text = head + _BARE_LF.sub(b"\r\n", chunk[1:])
+        elif chunk.count(b"\n") == chunk.count(b"\r\n"):
+            text = chunk  # CRLF throughout, as our own delivery stores it: no regex pass
         else:
             text = _BARE_LF.sub(b"\r\n", chunk)
         self._last_in = chunk[-1:]
