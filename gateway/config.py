@@ -64,6 +64,8 @@ class SMTPConfig:
     tls_key: Path | None
     max_connections: int
     min_free_space: int
+    max_auth_failures: int = 5
+    auth_lockout: int = 900
 
 
 @dataclass(frozen=True)
@@ -431,7 +433,8 @@ def loads(text: str, path: Path | None = None) -> Config:
     server = _server(_Section(loader, "server", raw.get("server"),
                               {"hostname", "domains", "spool_dir", "mynetworks", "postmaster"}))
     smtp = _smtp(_Section(loader, "smtp", raw.get("smtp"), {"listen", "max_message_size", "tls_cert", "tls_key",
-                                                            "max_connections", "min_free_space"}))
+                                                            "max_connections", "min_free_space",
+                                                            "max_auth_failures", "auth_lockout"}))
     pop3 = _pop3(_Section(loader, "pop3", raw.get("pop3"), {"listen", "tls_cert", "tls_key", "allow_plaintext_lan",
                                                             "max_failures", "lockout"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
@@ -522,7 +525,9 @@ def _smtp(s: _Section) -> SMTPConfig:
                       max_message_size=s.convert("max_message_size", parse_size, 50 * 1000**2),
                       tls_cert=cert, tls_key=key,
                       max_connections=s.positive("max_connections", 50),
-                      min_free_space=s.convert("min_free_space", parse_size, 20 * 1000**2))
+                      min_free_space=s.convert("min_free_space", parse_size, 20 * 1000**2),
+                      max_auth_failures=s.positive("max_auth_failures", 5),
+                      auth_lockout=s.convert("auth_lockout", parse_duration, 900))
 
 
 def _pop3(s: _Section) -> POP3Config:

@@ -15,4 +15,5 @@ class Reply:
     VIRUS = "554 5.7.1 Message rejected: virus found ({name})"
     SCAN_FAILED = "451 4.7.1 Message could not be scanned for viruses, try again later"
     MEMBERS_ONLY = "550 5.7.1 Only members of this group may send to it"
+    AUTH_LOCKED = "454 4.7.0 Too many failed logins from your address, try again later"
     CONTENT_BLOCKED = "550 5.7.1 Message rejected: From address blocked by local policy"

@@ -5,7 +5,8 @@ Relay rules (what keeps this from being an open relay):
     else ``550 5.1.1``;
   * any other recipient only from ``[server] mynetworks`` or after AUTH, else
     ``554 5.7.1 relay access denied``.
-AUTH is offered only under TLS, except to loopback clients.
+AUTH is offered only under TLS, except to loopback clients; failed AUTH attempts are
+answered slowly and then locked out per client address (``[smtp] max_auth_failures``).
 
 A message is answered 250 only after ``spool.queue`` has it on disk (see its order of
 operations); a spool write failure answers 452 and keeps nothing.
@@ -27,6 +28,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from gateway import address
 from gateway.config import Config
 from gateway.directory import Directory
+from gateway.pop3.throttle import LoginThrottle
 from gateway.replies import Reply
 from spool.fsio import free_bytes, is_disk_full
 from spool.queue import LOCAL, RELAY, Queue
@@ -67,6 +69,7 @@ class SubmissionHandler:
         self.on_queued = on_queued or (lambda accepted: None)
         self.policy = policy  # optional gateway.policy hooks (block lists, virus scan)
         self.hostname = config.server.hostname
+        self.auth_throttle = LoginThrottle(config.smtp.max_auth_failures, config.smtp.auth_lockout)
 
     # ------------------------------------------------------------ AUTH
 
@@ -219,6 +222,22 @@ class SubmissionProtocol(SMTPProtocol):
     def connection_lost(self, error) -> None:
         SubmissionProtocol.live.discard(self)
         super().connection_lost(error)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # Password guessing: a locked-out address is refused before any password is
+        # looked at; each recent failure from the address slows the next answer.
+        throttle: LoginThrottle = self.event_handler.auth_throttle
+        ip = peer_ip(self.session)
+        if throttle.locked_out(ip):
+            log.warning("auth refused from=%s: too many failed logins", ip)
+            await self.push(Reply.AUTH_LOCKED)
+            return
+        await asyncio.sleep(throttle.delay(ip))
+        await super().smtp_AUTH(arg)
+        if self.session.authenticated:
+            throttle.succeeded(ip)
+        elif arg:
+            throttle.failed(ip)
 
 
 def tls_context(cert, key) -> ssl.SSLContext | None:

@@ -111,7 +111,8 @@ class Report:
 
     def format(self) -> str:
         window = self.smtp_cuts.get("window", 0)
-        rate = f"{self.dup_out_window / self.drops:.2%} of drops" if self.drops else "n/a"
+        cuts = self.drops + self.kills
+        rate = f"{self.dup_out_window / cuts:.2%} of interruptions" if cuts else "n/a"
         per_msg = f"{self.dup_out_window / self.submitted_out:.2%} of messages" if self.submitted_out else "n/a"
         lines = [
             "torture report",

@@ -25,7 +25,7 @@ async def one_session(rig: Rig, spool: Spool, drop: int | None, mode: str = "bot
     return await Session(SessionContext(cfg, spool), "manual", mode).run()
 
 
-def test_carrier_drops_lose_and_duplicate_nothing(site, smtp_sink, dovecot, torture_long):
+def test_carrier_drops_lose_and_duplicate_nothing(site, smtp_sink, dovecot, torture_long, torture_report):
     target = 500 if torture_long else 50
     seed = int(time.time())
     rnd = random.Random(seed)
@@ -69,6 +69,7 @@ def test_carrier_drops_lose_and_duplicate_nothing(site, smtp_sink, dovecot, tort
         spool.close()
         rig.close()
     print(f"\ncarrier drops: seed {seed}, {sessions} sessions, {time.monotonic() - started:.0f}s\n" + report.format())
+    torture_report(f"carrier drops (seed {seed})", report)
     assert report.problems() == [], report.format()
     assert report.submitted_out > 0 and report.expected_local > 0
     assert ledger.drops >= target
