@@ -284,7 +284,9 @@ class AccountFetcher:
                 self.state.mark_for_deletion(self.name, folder, expired)
             self.delete(client, folder, self.state.pending_deletion(self.name, folder))
         taken = self.state.taken(self.name, folder)
-        new = [uid for uid in on_server if uid not in taken]
+        # Mail someone deleted at the ISP (webmail) but not yet expunged is not fetched.
+        undeleted = client.search(["UNDELETED"]) if on_server else []
+        new = [uid for uid in undeleted if uid not in taken]
         self.uidvalidity = uidvalidity
         self.clean_partials(folder, set(new))
         try:
@@ -471,6 +473,15 @@ class AccountFetcher:
                     self.report(self.progress(folder, uid, size, partial=True, done_bytes=offset))
                 if len(piece) < chunk:
                     break
+        except OSError as exc:
+            if is_disk_full(exc):
+                # Kept, the pieces would keep the spool full: no mail could come in (452), none
+                # be delivered, the catalogue not be written.  The next session starts afresh.
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
         finally:
             os.close(fd)
         return path

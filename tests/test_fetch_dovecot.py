@@ -643,3 +643,12 @@ def test_partial_download_of_a_message_gone_from_the_server_is_dropped(fs, isp):
         assert list(partial_dir.iterdir()) == []
     finally:
         proxy.close()
+
+
+def test_mail_deleted_at_the_isp_but_not_expunged_is_not_fetched(fs, isp):
+    msgs = [message(i) for i in range(3)]
+    fill(isp, "office", msgs)
+    isp.set_flags("office", [isp.list_uids("office")[1]], ["\\Deleted"])
+    fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice", keep=True))
+    assert fs.fetch().fetched == 2
+    assert sorted(fs.mail("alice")) == sorted([msgs[0], msgs[2]])
