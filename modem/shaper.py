@@ -47,9 +47,14 @@ class _Direction:
         self.free_at = 0.0
         self.bytes = 0
 
+    #: A sender that comes back this late to a busy line still continues from where the
+    #: line became free: timers wake a little late, and without this every chunk would
+    #: lose that much time and the line would run slower than its rate.
+    SLACK = 0.05
+
     def book(self, nbytes: int, now: float) -> float:
         """Reserve the line for ``nbytes``; return when their last bit has left."""
-        start = max(now, self.free_at)
+        start = self.free_at if 0 <= now - self.free_at < self.SLACK else max(now, self.free_at)
         self.free_at = start + nbytes * 8 / self.rate
         return self.free_at
 
