@@ -74,6 +74,7 @@ class HayesModem:
         self._read_idle = threading.Event()
         self._released = False
         self._watcher: threading.Thread | None = None
+        self._idle_task: asyncio.Task[None] | None = None
         self._cd_supported: bool | None = None
         self._last_cd: bool | None = None
         self.online = False
@@ -306,9 +307,8 @@ class HayesModem:
         self._idle_task = asyncio.get_running_loop().create_task(watch())
 
     def _stop_idle_watch(self) -> None:
-        task = getattr(self, "_idle_task", None)
-        if task is not None:
-            task.cancel()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
             self._idle_task = None
 
     # -- hanging up ------------------------------------------------------------------
