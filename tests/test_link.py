@@ -4,7 +4,9 @@ settings that choose them.
 pppd cannot run on a kernel without PPP (no /dev/ppp here), so the ``modem`` backend is
 tested end to end with the real driver dialling the simulated modem on a pty and a
 stand-in pppd script that records its arguments and behaves like ``pppd nodetach``.
-A real-pppd test runs only where /dev/ppp exists.
+The real pppd is still started once: on this kernel it must fail with exit status 4,
+and the backend must say so in words and hang up.  A real-pppd negotiation test runs
+only where /dev/ppp exists.
 """
 from __future__ import annotations
 
@@ -285,6 +287,24 @@ def test_pppd_failing_before_the_interface_comes_up_says_why(tmp_path, stand_in_
     message, carrier = asyncio.run(scenario())
     assert message == "the kernel has no PPP support (no /dev/ppp) (pppd exit status 4): Modem hangup"
     assert not carrier
+
+
+@pytest.mark.skipif(os.path.exists("/dev/ppp") or shutil.which("pppd") is None,
+                    reason="needs the real pppd on a kernel without PPP support")
+@pytest.mark.timeout(30)
+def test_real_pppd_without_kernel_ppp_is_reported_in_words_and_the_line_hung_up():
+    """The real pppd from Debian, started by the modem backend on the simulated line."""
+    async def scenario():
+        async with PtyModemServer(SimKnobs(dial_delay=0.1, guard_time=0.25)) as server:
+            settings = LinkSettings.from_options("modem", {
+                "device": server.path, "numbers": ["5550100"], "up_timeout": 10, **FAST_DIALER})
+            with pytest.raises(LinkUpFailed) as failed:
+                async with open_link(settings).up():
+                    pass
+            return str(failed.value), server.carrier, server.modem.connects
+    message, carrier, connects = asyncio.run(scenario())
+    assert message.startswith("the kernel has no PPP support (no /dev/ppp) (pppd exit status 4)")
+    assert connects == 1 and not carrier
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/ppp") or shutil.which("pppd") is None or os.geteuid() != 0,
