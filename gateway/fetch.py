@@ -159,10 +159,6 @@ class _Stopped(Exception):
     """stop_event was set: leave the rest for the next session."""
 
 
-class _Capped(Exception):
-    """The session caps are reached: leave the rest for the next session."""
-
-
 def in_window(window: tuple[int, int] | None, now: float) -> bool:
     """Is local time ``now`` inside ``(start, end)`` minutes (wrapping past midnight)?"""
     if window is None:
@@ -196,6 +192,8 @@ class AccountFetcher:
         self.uidplus = False
         self.expunge_later: list[int] = []
         self.capped = False
+        self.uidvalidity = 0
+        self.planned = (0, 0)  # messages, bytes of the current folder's plan
 
     # ------------------------------------------------------------ session
 
@@ -569,9 +567,8 @@ class AccountFetcher:
         self.result.duplicates += 1
 
     def progress(self, folder, uid, size, partial=False, done_bytes=0) -> FetchProgress:
-        planned = getattr(self, "planned", (0, 0))
         return FetchProgress(self.name, folder, uid, size, self.result.fetched, self.result.bytes,
-                             planned[0], planned[1], partial, done_bytes)
+                             self.planned[0], self.planned[1], partial, done_bytes)
 
     def delete(self, client: IMAPClient, folder: str, uids: list[int]) -> None:
         """Remove ISP copies that are safely spooled (their rows say pending_delete)."""
