@@ -89,6 +89,7 @@ class SmarthostConfig:
     timeout: float
     route: str  # smarthost | mx
     rewrite: tuple[tuple[str, str], ...]  # local address or @domain -> outside address
+    connections: int = 1  # SMTP connections a flush uses at once
 
     def password(self) -> str | None:
         return read_secret(self.password_file, "smarthost.password_file") if self.password_file else None
@@ -439,7 +440,7 @@ def loads(text: str, path: Path | None = None) -> Config:
                                                             "max_failures", "lockout"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
                                     {"host", "port", "starttls", "username", "password_file", "ca_file",
-                                     "timeout", "route", "rewrite"}))
+                                     "timeout", "route", "rewrite", "connections"}))
     queue = _queue(_Section(loader, "queue", raw.get("queue"),
                             {"queue_lifetime", "delay_warning", "retry_min", "retry_max"}))
     fetch_raw = raw.get("fetch", [])
@@ -556,7 +557,8 @@ def _smarthost(s: _Section) -> SmarthostConfig:
     return SmarthostConfig(host=host, port=s.port("port", 25),
                            starttls=s.choice("starttls", ("required", "opportunistic", "off"), "opportunistic"),
                            username=user, password_file=pw, ca_file=s.path("ca_file"),
-                           timeout=s.get("timeout", float, 120.0), route=route, rewrite=tuple(rewrite))
+                           timeout=s.get("timeout", float, 120.0), route=route, rewrite=tuple(rewrite),
+                           connections=s.positive("connections", 1))
 
 
 def _queue(s: _Section) -> QueueConfig:

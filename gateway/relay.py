@@ -31,6 +31,7 @@ import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -437,7 +438,15 @@ async def _flush_smarthost(ctx: _Context, jobs: list[_Job]) -> None:
 
 
 async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
-    """Send ``jobs`` over one connection to ``peer``; False if the connection could not be made."""
+    """Send ``jobs`` to ``peer`` over ``[smarthost] connections`` connections, each taking
+    the next waiting message; False if not even the first connection could be made.
+
+    Every message waits for the server's replies to MAIL, RCPT, DATA and the final dot
+    (about four round trips); with a second connection the line carries that one's
+    message meanwhile instead of idling.  Each connection still settles its message in
+    the spool before it takes the next, so a drop leaves at most one message in flight
+    per connection.
+    """
     conn = Connection(peer, ctx.config.server.hostname, ctx.config.smarthost.timeout)
     try:
         await _abortable(ctx, conn.open())
@@ -445,21 +454,41 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         ctx.result.error = stop.why
         await ctx.record_all(jobs, stop.why, unsent=True)
         return False
-    try:
-        for job in jobs:
-            if ctx.stopped():
-                ctx.result.error = outcome.lost_connection("(link went down)")
-                break
-            if not conn.alive:  # the server said 421 and hung up: the rest waits, untouched
-                ctx.result.error = outcome.lost_connection(f"{peer.host}:{peer.port} (the server closed it)")
-                break
-            try:
-                await _send_job(ctx, conn, job)
-            except _Stop as stop:
-                ctx.result.error = stop.why
-                break
-    finally:
-        await conn.close(polite=not ctx.stopped())
+    waiting = deque(jobs)
+    halted: list[Outcome] = []
+
+    async def send_over(conn: Connection) -> None:
+        try:
+            while waiting and not halted:
+                if ctx.stopped():
+                    ctx.result.error = outcome.lost_connection("(link went down)")
+                    break
+                if not conn.alive:  # the server said 421 and hung up: the rest waits, untouched
+                    ctx.result.error = outcome.lost_connection(f"{peer.host}:{peer.port} (the server closed it)")
+                    break
+                try:
+                    await _send_job(ctx, conn, waiting.popleft())
+                except _Stop as stop:
+                    ctx.result.error = stop.why
+                    halted.append(stop.why)
+                    break
+        finally:
+            await conn.close(polite=not ctx.stopped())
+
+    async def open_and_send() -> None:
+        extra = Connection(peer, ctx.config.server.hostname, ctx.config.smarthost.timeout)
+        try:
+            await _abortable(ctx, extra.open())
+        except _Stop as stop:  # e.g. the server's per-client limit: the first one carries on alone
+            log.info("relay: no extra connection to %s:%d: %s", peer.host, peer.port, stop.why.reply)
+            return
+        await send_over(extra)
+
+    extras = min(ctx.config.smarthost.connections, len(jobs)) - 1
+    async with asyncio.TaskGroup() as group:
+        group.create_task(send_over(conn))
+        for _ in range(extras):
+            group.create_task(open_and_send())
     return True
 
 
