@@ -153,5 +153,13 @@ def message_digest(block: bytes, size: int) -> str:
     return h.hexdigest()
 
 
-def message_id_digest(msgid: str) -> str:
-    return hashlib.sha256(msgid.strip().encode("utf-8", "surrogateescape")).hexdigest()[:32]
+def message_id_digest(msgid: str, block: bytes = b"") -> str:
+    """Key for "this recipient already has this message": the Message-ID plus the headers
+    an author sets once (From, Date, Subject).
+
+    The same message reaching us twice (list mail via two accounts, a re-sent copy)
+    agrees on all four; a different message that merely reuses a Message-ID (broken
+    senders do) differs in one of them and is delivered rather than taken for a copy.
+    """
+    parts = [msgid.strip()] + [(first(block, h) or "").strip() for h in ("from", "date", "subject")]
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]

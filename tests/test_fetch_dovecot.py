@@ -257,6 +257,19 @@ def test_same_recipient_and_message_id_is_never_delivered_twice_across_sessions(
     assert isp.message_count("office") == 0
 
 
+def test_a_different_message_reusing_a_message_id_is_still_delivered(fs, isp):
+    """Broken senders reuse Message-IDs: only a copy that also agrees on From, Date and Subject is a duplicate."""
+    fs.configure(fs.account("isp", isp.imap_port, "office", mode="multidrop", envelope_header="X-Original-To"))
+    fill(isp, "office", [message(1, headers="X-Original-To: alice@office.test\r\n", msgid="<reused@x.test>",
+                                 subject="first")])
+    assert fs.fetch().fetched == 1
+    fill(isp, "office", [message(2, headers="X-Original-To: alice@office.test\r\n", msgid="<reused@x.test>",
+                                 subject="second, a different message")])
+    result = fs.fetch()
+    assert result.fetched == 1 and result.duplicates == 0
+    assert len(fs.mail("alice")) == 2
+
+
 def test_multidrop_received_for_clause_with_skip(fs, isp):
     own = "Received: from mx.isp.test by store.isp.test with LMTP for <bob@office.test>; Wed, 25 Nov 2026\r\n"
     filt = "Received: from filter by store.isp.test; Wed, 25 Nov 2026\r\n"
