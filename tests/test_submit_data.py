@@ -1,0 +1,74 @@
+"""The DATA phase on the wire: what goes in the spool byte for byte, and the refusals
+that come only after the whole message (raw socket against a real `dialmail run`)."""
+import socket
+
+import pytest
+
+from tests.harness import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Client:
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.buf = b""
+        assert self.reply().startswith(b"220")
+
+    def reply(self) -> bytes:
+        while True:
+            lines = self.buf.split(b"\r\n")
+            for i, line in enumerate(lines[:-1]):
+                if line[3:4] == b" ":
+                    self.buf = b"\r\n".join(lines[i + 1:])
+                    return b"\r\n".join(lines[:i + 1])
+            data = self.sock.recv(65536)
+            assert data, "connection closed"
+            self.buf += data
+
+    def command(self, text: bytes) -> bytes:
+        self.sock.sendall(text + b"\r\n")
+        return self.reply()
+
+    def transaction(self, body: bytes) -> bytes:
+        assert self.command(b"MAIL FROM:<x@outside.test>").startswith(b"250")
+        assert self.command(b"RCPT TO:<alice@office.test>").startswith(b"250")
+        assert self.command(b"DATA").startswith(b"354")
+        self.sock.sendall(body)
+        return self.reply()
+
+
+def test_dot_stuffed_lines_are_unstuffed_and_the_rest_kept_byte_for_byte(running):
+    c = Client(running.smtp_port)
+    c.command(b"EHLO client.test")
+    body = b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\nmid.dle\r\n.\r\n"
+    assert c.transaction(body).startswith(b"250")
+    mail = wait_for(lambda: running.mail_of("alice"), what="alice's mail")
+    assert mail[0].endswith(b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\nmid.dle\r\n")
+
+
+def test_empty_message_and_a_second_transaction_on_the_same_connection(running):
+    c = Client(running.smtp_port)
+    c.command(b"EHLO client.test")
+    assert c.transaction(b".\r\n").startswith(b"250")
+    assert c.transaction(b"Subject: second\r\n\r\nbody\r\n.\r\n").startswith(b"250")
+    wait_for(lambda: len(running.mail_of("alice")) == 2, what="both messages")
+
+
+def test_overlong_line_is_refused_after_the_message_and_the_session_goes_on(running):
+    c = Client(running.smtp_port)
+    c.command(b"EHLO client.test")
+    long_line = b"x" * 200_000 + b"\r\n"  # longer than the reader's buffer limit too
+    assert c.transaction(b"Subject: long\r\n\r\n" + long_line + b".\r\n").startswith(b"500")
+    assert c.transaction(b"Subject: fine\r\n\r\nshort\r\n.\r\n").startswith(b"250")
+    mail = wait_for(lambda: running.mail_of("alice"), what="the second message")
+    assert len(mail) == 1 and b"Subject: fine" in mail[0]
+
+
+def test_too_much_data_is_refused_with_552_after_the_final_dot(running):
+    c = Client(running.smtp_port)
+    c.command(b"EHLO client.test")
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 31_000 + b".\r\n"  # over 30 MB
+    assert c.transaction(big).startswith(b"552")
+    assert c.command(b"NOOP").startswith(b"250")
+    assert running.mail_of("alice") == []
