@@ -7,7 +7,6 @@ progress finish within a grace period, then close).  Signal handlers only set th
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ from gateway.directory import Directory
 from gateway.errors import OperationalError
 from gateway.policy.smtp import SubmissionPolicy
 from gateway.submit import SubmissionHandler, SubmissionProtocol, start_servers
+from spool.locks import LockBusy, PidLock
 from spool.queue import Catalogue, Queue
 from spool.users import Users
 
@@ -43,48 +43,18 @@ class Spool:
         self.catalogue.close()
 
 
-class DaemonLock:
+class DaemonLock(PidLock):
     """Only one daemon per spool: an exclusive flock on ``<spool>/daemon.pid``."""
 
     def __init__(self, spool_dir: Path):
-        self.path = Path(spool_dir) / "daemon.pid"
-        self.fd: int | None = None
+        super().__init__(Path(spool_dir) / "daemon.pid")
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            other = self.path.read_text().strip() or "?"
-            raise OperationalError(f"another dialmail daemon (pid {other}) is already running on "
+            super().acquire()
+        except LockBusy as exc:
+            raise OperationalError(f"another dialmail daemon (pid {exc.holder}) is already running on "
                                    f"{self.path.parent}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    @staticmethod
-    def running_pid(spool_dir: Path) -> int | None:
-        """The pid of the daemon holding the lock, or None when no daemon runs."""
-        path = Path(spool_dir) / "daemon.pid"
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = path.read_text().strip()
-            return int(text) if text.isdigit() else -1
-        finally:
-            os.close(fd)
-        return None
 
 
 # A service is started after the core and stopped before it: ``start(daemon)`` returns

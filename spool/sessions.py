@@ -7,13 +7,13 @@ so even a session cut short by a kill leaves a trace.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from spool.locks import LockBusy, PidLock
 from spool.queue import Catalogue
 
 SCHEMA = """
@@ -95,29 +95,17 @@ class SessionBusy(Exception):
     """Another session (maybe in another process) holds the link."""
 
 
-class SessionLock:
+class SessionLock(PidLock):
+    """One dial session at a time per spool, across processes."""
+
     def __init__(self, spool_dir: Path):
-        self.path = Path(spool_dir) / "locks" / "session"
-        self.fd: int | None = None
+        super().__init__(Path(spool_dir) / "locks" / "session")
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = self.path.read_text().strip() or "?"
-            raise SessionBusy(f"a dial session is already running (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = None
+            super().acquire()
+        except LockBusy as exc:
+            raise SessionBusy(f"a dial session is already running (pid {exc.holder})") from None
 
     def __enter__(self) -> "SessionLock":
         self.acquire()

@@ -1,0 +1,56 @@
+"""One-holder locks that also say who holds them: an flock plus the holder's pid in the file.
+
+flock is released by the kernel when the holder dies, so a kill -9 never leaves a stale
+lock behind; the pid in the file only serves the message for the one who is refused.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class LockBusy(Exception):
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+class PidLock:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise LockBusy with the holder's pid (as text, "?" if unknown)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockBusy(self.path.read_text().strip() or "?") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+    def holder(self) -> int | None:
+        """The pid holding the lock now, or None when nobody does."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = self.path.read_text().strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None
