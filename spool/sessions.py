@@ -8,7 +8,6 @@ so even a session cut short by a kill leaves a trace.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
