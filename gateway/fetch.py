@@ -193,6 +193,7 @@ class AccountFetcher:
         self.expunge_later: list[int] = []
         self.capped = False
         self.uidvalidity = 0
+        self.renumbered = False
         self.planned = (0, 0)  # messages, bytes of the current folder's plan
 
     # ------------------------------------------------------------ session
@@ -286,6 +287,7 @@ class AccountFetcher:
         undeleted = client.search(["UNDELETED"]) if on_server else []
         new = [uid for uid in undeleted if uid not in taken]
         self.uidvalidity = uidvalidity
+        self.renumbered = renumbered
         self.clean_partials(folder, set(new))
         try:
             if new:
@@ -506,7 +508,11 @@ class AccountFetcher:
         digest = message_digest(block, size)
         now = self.clock()
         delete = not self.account.keep
-        if self.state.known_copies(self.name, [digest]):
+        # Within one UIDVALIDITY a new UID is a new copy, however alike its headers and size
+        # (mail without Message-ID or Received lines can be): the digest recognises copies
+        # again after a renumbering, or a copy moved between the account's folders.
+        recognise = self.renumbered or len(self.account.folders) > 1
+        if recognise and self.state.known_copies(self.name, [digest]):
             log.info("fetch %s/%s uid %d: a copy taken before (same headers and size)", self.name, folder, uid)
             self.record_only(folder, uid, size, digest, now)
             return True

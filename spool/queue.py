@@ -105,6 +105,17 @@ class Message:
         return tuple(r for r in self.recipients if r.status not in FINAL)
 
 
+def _storable(text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def new_queue_id(now: float | None = None) -> str:
     """Unique and sortable by arrival time: microseconds in hex plus random bits."""
     us = int((time.time() if now is None else now) * 1_000_000)
@@ -225,6 +236,9 @@ class Queue:
                 in_txn, orcpts) -> str:
         final = self.msg / qid
         size = tmp.stat().st_size
+        # Header values parsed from raw 8-bit mail carry surrogate escapes that SQLite cannot
+        # store; they are only for display, so undecodable bytes become U+FFFD.
+        message_id, subject = _storable(message_id), _storable(subject)
         os.rename(tmp, final)
         try:
             fsync_dir(self.msg)

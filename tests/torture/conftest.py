@@ -1,9 +1,15 @@
 import pytest
 
+from tests.torture import budget
+
 
 def pytest_addoption(parser):
     parser.addoption("--torture-long", action="store_true", default=False,
                      help="run the long torture (at least 500 carrier drops and 200 kill -9s) and print the report")
+
+
+def pytest_configure(config):
+    budget.LONG = bool(config.getoption("--torture-long", default=False))
 
 
 @pytest.fixture
