@@ -207,15 +207,20 @@ class Connection:
         self.streaming = True
         try:
             encoder = MessageEncoder(action.body_lines)
-            self.writer.write(action.head)
+            # Status line, text and terminator leave in one write (one send() for a
+            # message that fits in a chunk, instead of three).
+            out = [action.head]
             while True:
-                self.writer.write(encoder.encode(chunk))
+                out.append(encoder.encode(chunk))
                 # A buffered read returns less than asked only at the end of the file.
                 if encoder.done or len(chunk) < CHUNK:
                     break
+                self.writer.write(b"".join(out))
+                out = []
                 await self.writer.drain()
                 chunk = await asyncio.to_thread(f.read, CHUNK)
-            self.writer.write(encoder.end())
+            out.append(encoder.end())
+            self.writer.write(b"".join(out))
             await self.writer.drain()
             self.streaming = False
         finally:
