@@ -16,11 +16,11 @@ repeated at delivery; for everything else, above all mail fetched from the ISP, 
 here, and what fails them is quarantined (gateway.policy.quarantine), never dropped, or
 deferred when clamd cannot be reached and ``[virus] on_error = "reject"``.
 
-Each recipient is marked done only after stages 5 and 6 have both finished; both are
-idempotent (the forwarded copy is remembered, Maildir names are fixed), so a crash at any
-point leads to a retry that neither loses nor duplicates.  Stage 7 runs after the mark:
-a reply lost to a crash in between is lost, a duplicate reply is prevented by the
-persisted "answered" record.
+Each recipient is marked done only after stages 5 to 7 have all finished, and each is
+idempotent (the forwarded copy is remembered, Maildir names are fixed, a reply is queued
+in the same transaction that records the sender as answered), so a crash at any point
+leads to a retry that neither loses nor duplicates.  It also means a message's replies
+are in the queue before the message counts as delivered.
 """
 from __future__ import annotations
 
@@ -137,11 +137,11 @@ class Pipeline:
             self.queue.record(msg.id, rcpt, DEFERRED, 451, f"4.3.0 local delivery failed: {reason}",
                               next_retry=time.time() + DISK_FULL_RETRY)
             return
-        self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
         try:
             self.responder.answer(msg, rcpt, resolution, headers)
         except Exception:  # a reply that cannot be built must not undo a delivery
             log.exception("%s: to=<%s>: automatic reply failed", msg.id, rcpt)
+        self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
 
     def _quarantine(self, msg: Message, rcpts: list[str], verdict: Verdict, retry: bool) -> None:
         try:
