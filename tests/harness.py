@@ -15,6 +15,9 @@ from spool.users import Users
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: Every password a test gave a Site user, for the final scan of the logs (tests/torture/test_zz_secrets.py).
+PASSWORDS: set[str] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -88,6 +91,7 @@ class Site:
         return Users(self.spool)
 
     def add_user(self, name: str, password: str = "secret") -> None:
+        PASSWORDS.add(password)
         self.users.add(name, password)
 
     def maildir(self, user: str) -> Maildir:
