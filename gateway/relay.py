@@ -30,8 +30,8 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway import address
 from gateway.config import Config
