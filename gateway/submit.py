@@ -114,7 +114,9 @@ class SubmissionHandler:
             refusal = await self.policy.check_sender(sender, peer_ip(session))
             if refusal:
                 return refusal
-        envelope.mail_from = sender
+        # aiosmtpd takes an empty mail_from for "no MAIL yet" and would answer RCPT with
+        # 503; the null sender (bounces, auto-replies) is kept as "<>" until DATA.
+        envelope.mail_from = sender or NULL_SENDER
         envelope.mail_options.extend(mail_options)
         return Reply.OK
 
@@ -132,7 +134,7 @@ class SubmissionHandler:
         elif not address.is_plain(rcpt) and not address.needs_smtputf8(rcpt):
             return Reply.BAD_ADDRESS
         if self.policy is not None:
-            refusal = await self.policy.check_recipient(envelope.mail_from, rcpt, peer_ip(session))
+            refusal = await self.policy.check_recipient(_sender(envelope), rcpt, peer_ip(session))
             if refusal:
                 return refusal
         envelope.rcpt_tos.append(rcpt)
@@ -145,7 +147,7 @@ class SubmissionHandler:
             return Reply.TOO_BIG.format(limit=self.config.smtp.max_message_size)
         peer = peer_ip(session)
         if self.policy is not None:
-            refusal = await self.policy.check_content(envelope.mail_from, envelope.rcpt_tos, data, peer)
+            refusal = await self.policy.check_content(_sender(envelope), envelope.rcpt_tos, data, peer)
             if refusal:
                 return refusal
         received = self._received(session, envelope)
@@ -153,16 +155,16 @@ class SubmissionHandler:
         routes = [(r, LOCAL if self.directory.is_local(r) else RELAY) for r in envelope.rcpt_tos]
         try:
             qid = await asyncio.to_thread(
-                self.queue.enqueue, envelope.mail_from, routes, [received, data], origin="smtp", client=peer,
+                self.queue.enqueue, _sender(envelope), routes, [received, data], origin="smtp", client=peer,
                 message_id=headers.get("Message-ID"), subject=headers.get("Subject"),
                 urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8))
         except OSError as exc:
             reason = "disk full" if is_disk_full(exc) else (exc.strerror or str(exc))
             log.error("spool write failed from=<%s> client=%s: %s; answered 452, nothing kept",
-                      envelope.mail_from, peer, reason)
+                      _sender(envelope), peer, reason)
             return Reply.NO_SPACE if is_disk_full(exc) else Reply.LOCAL_ERROR
         local = sum(1 for _, route in routes if route == LOCAL)
-        log.info("%s: from=<%s> size=%d nrcpt=%d (local %d, remote %d) client=%s%s", qid, envelope.mail_from,
+        log.info("%s: from=<%s> size=%d nrcpt=%d (local %d, remote %d) client=%s%s", qid, _sender(envelope),
                  len(data), len(routes), local, len(routes) - local, peer,
                  f" user={session.auth_data}" if session.authenticated else "")
         self.on_queued(Accepted(qid, local, len(routes) - local))
@@ -179,6 +181,13 @@ class SubmissionHandler:
         line = (f"Received: from {helo} ([{peer_ip(session)}])\r\n\tby {self.hostname} (dialmail) with {proto}"
                 f"{for_part};\r\n\t{email.utils.formatdate(time.time(), localtime=True)}\r\n")
         return line.encode("utf-8", "replace")
+
+
+NULL_SENDER = "<>"
+
+
+def _sender(envelope: Envelope) -> str:
+    return "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
 
 
 def _size_option(options: list[str]) -> int | None:

@@ -161,3 +161,18 @@ def test_second_daemon_on_same_spool_is_refused(running):
     r = running.cli("run", timeout=20)
     assert r.returncode == 75
     assert b"already running" in r.stderr
+
+
+def test_null_sender_is_accepted_for_local_recipients(running):
+    """Bounces and auto-replies come from <>: MAIL FROM:<> must be followed by a working RCPT."""
+    async def go():
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=running.smtp_port) as c:
+            await c.ehlo()
+            await c.mail("")
+            code, _ = await c.rcpt("alice@office.test")
+            assert code == 250
+            code, reply = await c.data(b"Subject: a bounce\r\n\r\nreturned mail\r\n")
+            return code
+    assert asyncio.run(go()) == 250
+    mail = wait_for(lambda: running.mail_of("alice"), what="the null-sender message")
+    assert mail[0].startswith(b"Return-Path: <>\r\n")
