@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from gateway.session import Session, SessionContext, run_with_retries
+from gateway.session import SessionContext, run_with_retries
 
 log = logging.getLogger("dialmail.control")
 
@@ -198,5 +198,3 @@ async def request(spool_dir: Path, obj: dict) -> AsyncIterator[dict]:
     finally:
         writer.close()
 
-
-__all__ = ["service", "SessionRunner", "request", "NoDaemon", "status", "socket_path", "Session"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -105,5 +104,3 @@ class SimulatedISP:
                 self.imap_proc.kill()
                 self.imap_proc.wait()
 
-
-__all__ = ["SimulatedISP", "free_port", "os"]
