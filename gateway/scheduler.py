@@ -73,9 +73,12 @@ class Scheduler:
                                  minutes_today=sum(r.connected_seconds for r in today) / 60)
         return queue, history
 
-    def check_demand(self) -> demand.Decision:
+    def decide(self) -> demand.Decision:
+        """The demand decision now (reads the spool: call it from a worker thread)."""
         queue, history = self.snapshot()
-        decision = demand.decide(self.config.demand, queue, history, self.clock())
+        return demand.decide(self.config.demand, queue, history, self.clock())
+
+    def act(self, decision: demand.Decision) -> None:
         if decision.dial:
             log.info("dial on demand: %s", decision.reason)
             self.daemon.sessions.start("demand")
@@ -83,7 +86,6 @@ class Scheduler:
         elif decision.refused and decision.reason != self._last_refusal:
             log.warning("not dialling: %s", decision.reason)
             self._last_refusal = decision.reason
-        return decision
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,8 +98,9 @@ class Scheduler:
                 next_demand = now + DEMAND_EVERY
                 if not self.daemon.sessions.busy and _demand_configured(self.config.demand):
                     try:
-                        await asyncio.to_thread(self.snapshot)  # warm, off the loop
-                        self.check_demand()
+                        decision = await asyncio.to_thread(self.decide)
+                        if not self.daemon.sessions.busy:
+                            self.act(decision)
                     except Exception:
                         log.exception("demand check failed")
             if now >= next_expire:
