@@ -32,6 +32,7 @@ class Tap:
         self.lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self.port = 0
+        self._trigger: tuple[bytes, int, object] | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"tap->{target_port}")
 
@@ -51,6 +52,31 @@ class Tap:
         self._ready.set()
         self.loop.run_forever()
         server.close()
+
+    def arm(self, pattern: bytes, nth: int, action) -> None:
+        """Call ``action()`` (on the tap's thread) right after the ``nth`` occurrence of
+        ``pattern`` in our side's bytes has been passed on to the peer: e.g. cut the line
+        while the ISP's answer to that command is on its way back."""
+        with self.lock:
+            self._trigger = (pattern, nth, action)
+
+    def disarm(self) -> None:
+        with self.lock:
+            self._trigger = None
+
+    def _check_trigger(self, buf: bytearray, added: int) -> None:
+        with self.lock:
+            if self._trigger is None:
+                return
+            pattern, nth, action = self._trigger
+            new = buf.count(pattern) - buf[:max(0, len(buf) - added)].count(pattern)
+            if new <= 0:
+                return
+            if nth > new:
+                self._trigger = (pattern, nth - new, action)
+                return
+            self._trigger = None
+        action()
 
     def snapshot(self) -> list[Conversation]:
         with self.lock:
@@ -82,6 +108,8 @@ class Tap:
                     with self.lock:
                         buf.extend(data)
                     await writer.drain()
+                    if side == "client":
+                        self._check_trigger(buf, len(data))
             except (ConnectionError, OSError):
                 return side, "reset"
 

@@ -19,6 +19,22 @@ from tests.torture.rig import Rig
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(1800)]
 
 
+# Commands whose answer is cut off on its way back: the moments a byte offset seldom hits
+# (a few bytes each) and the ones that matter most (STORE \Deleted, EXPUNGE, the final dot).
+TRIGGERS = [("imap", rb" UID STORE ")] * 3 + [("imap", rb" UID EXPUNGE")] * 3 + [("smtp", b"\r\n.\r\n")] * 3 + [
+    ("imap", rb" UID FETCH "), ("imap", rb" EXPUNGE\r\n"), ("smtp", b"\r\nDATA\r\n"), ("smtp", b"RCPT TO:")]
+
+
+def cut_every_line() -> None:
+    # The test's own sessions run the simulated modems; dropping carrier on them is what a
+    # line fault does (SimLine methods are thread-safe).
+    from modem import simulator
+    with simulator._lines_lock:
+        lines = list(simulator._lines.values())
+    for line in lines:
+        line.drop_carrier("torture: line cut after a chosen command")
+
+
 async def one_session(rig: Rig, spool: Spool, drop: int | None, mode: str = "both"):
     rig.write(drop)
     cfg = load(rig.site.config_path)
@@ -47,9 +63,19 @@ def test_carrier_drops_lose_and_duplicate_nothing(site, smtp_sink, dovecot, tort
                 ledger.outbound.add(mid)
                 traffic += len(data)
             traffic += await asyncio.to_thread(rig.place_at_isp, rnd, rnd.randint(0, 3), ledger)
-            # Offsets across the whole conversation, now and then past its end (no drop).
-            drop = rnd.randint(200, int(traffic * 1.15) + 3000)
+            if rnd.random() < 0.4:
+                # Right after a chosen command reached the ISP, before its answer is back.
+                which, pattern = rnd.choice(TRIGGERS)
+                tap = rig.imap_tap if which == "imap" else rig.smtp_tap
+                tap.arm(pattern, rnd.randint(1, 2), cut_every_line)
+                drop = None
+            else:
+                # Offsets across the whole conversation, now and then past its end (no drop).
+                tap = None
+                drop = rnd.randint(200, int(traffic * 1.15) + 3000)
             rec = await one_session(rig, spool, drop, rnd.choice(("both", "both", "send", "fetch")))
+            if tap is not None:
+                tap.disarm()
             if any(e.startswith("carrier lost") for e in rec.errors):
                 ledger.drops += 1
         # A clean line until everything has gone both ways.
