@@ -109,6 +109,10 @@ def test_kill_9_loses_and_duplicates_nothing(site, smtp_sink, dovecot, torture_l
                              timeout=30, what="the session to reach the ISP")
                     time.sleep(rnd.uniform(0.0, 0.6))
                 finally:
+                    # Which side of the session was moving mail at the kill: flush, fetch, both.
+                    busy = [name for name, tap in (("flush", rig.smtp_tap), ("fetch", rig.imap_tap))
+                            if not tap.idle()]
+                    phase = "+".join(busy) or "session (between)"
                     kill(site, ledger, phase)
                     cli.wait(30)
             start(site)
