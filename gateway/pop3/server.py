@@ -166,7 +166,7 @@ class Connection:
             await asyncio.sleep(server.throttle.delay(self.ip))
             self.session.login_refused(Response.LOCKED_OUT)
             return
-        if not await asyncio.to_thread(server.users.verify, user, action.password):
+        if not await server.users.check(user, action.password):
             delay = server.throttle.failed(self.ip)
             locked = server.throttle.locked_out(self.ip)
             log.warning("POP3 login failed user=%s from=%s %s%s", user, self.ip, how,
