@@ -125,7 +125,8 @@ def test_smtp_auth_guessing_is_slowed_then_locked_out(site):
         code, _ = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0alice\0" + guess.encode()).decode())
         took.append(time.monotonic() - t)
         assert code == 535
-    assert took[0] < took[1] < took[2] and took[2] >= 0.4, took    # each failure answers more slowly
+    # Each failure answers more slowly (0.25 s more per recent failure, verification aside).
+    assert took[1] >= 0.25 and took[2] >= 0.5 and took[2] > took[0] + 0.3, took
     # Locked out now: even the right password is refused, before it is looked at.
     code, msg = c.docmd("AUTH", "PLAIN AGFsaWNlAGFsaWNlLXB3")  # \0alice\0alice-pw
     assert (code, msg.decode()) == (454, Reply.AUTH_LOCKED.split(" ", 1)[1])
