@@ -110,7 +110,9 @@ class Connection:
                 action = self.session.next_action()
                 if action is None:
                     try:
-                        data = await asyncio.wait_for(self.reader.read(CHUNK), IDLE_TIMEOUT)
+                        # asyncio.timeout, not wait_for: no extra task per command
+                        async with asyncio.timeout(IDLE_TIMEOUT):
+                            data = await self.reader.read(CHUNK)
                     except TimeoutError:
                         self.session.idle_timeout()
                         self.ending = "idle timeout"
