@@ -4,6 +4,8 @@ gateway run`` on a config of our own) and Postfix as an office MTA for a dial-up
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ class DialmailSite:
     """A dialmail installation in a temp dir running the real daemon."""
 
     def __init__(self, directory: Path | None = None, *, max_message_size: str = "100MB"):
+        self._own_dir = directory is None
         self.dir = Path(directory) if directory else peer_tmpdir("dialmail")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.spool = self.dir / "spool"
@@ -84,6 +87,8 @@ class DialmailSite:
 
     def __exit__(self, *exc):
         self.stop()
+        if self._own_dir and not os.environ.get("DIALMAIL_KEEP_PEER_DIRS"):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class OfficePostfix(PostfixSmarthost):
