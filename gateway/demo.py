@@ -134,10 +134,10 @@ async def _run_demo(keep: bool, rate: int) -> int:
 
         console.rule("LAN users send mail (the link is down)")
         lan = [
-            ("alice", f"bob@{DOMAIN}", "Lunch on Friday?", "mailbox:bob", "LAN → local mailbox"),
+            ("alice", f"bob@{DOMAIN}", "Lunch on Friday?", "mailbox:bob", "LAN → mailbox"),
             ("bob", "orders@supplier.example", "Order 4711: 20 boxes of paper", "smarthost", "LAN → queue → ISP"),
             ("carol", "client@customer.example", "Quote attached", "smarthost", "LAN → queue → ISP"),
-            ("alice", f"carol@{DOMAIN}", "Minutes of Monday's meeting", "mailbox:carol", "LAN → local mailbox"),
+            ("alice", f"carol@{DOMAIN}", "Minutes of Monday's meeting", "mailbox:carol", "LAN → mailbox"),
         ]
         for user, to, subject, where, how in lan:
             sender = f"{user}@{DOMAIN}"
@@ -160,7 +160,7 @@ async def _run_demo(keep: bool, rate: int) -> int:
             to = f"{user}@{DOMAIN}"
             isp.deliver_to_mailbox(_msg(sender, to, subject, f"Hi {user},\r\n\r\n{subject}.",
                                         extra=f"Delivered-To: {to}\r\n"))
-            expects.append(Expect(subject, sender, to, f"mailbox:{user}", "ISP IMAP → fetch → local mailbox"))
+            expects.append(Expect(subject, sender, to, f"mailbox:{user}", "ISP → fetch → mailbox"))
             console.print(f"  {sender} → {to}: “{subject}” waiting in the ISP mailbox")
 
         console.rule("dialmail connect-now")
@@ -190,21 +190,22 @@ async def _run_demo(keep: bool, rate: int) -> int:
             if e.where == "smarthost":
                 hits = [env for env, m in at_isp if m["Subject"] == e.subject and e.to in env["rcpt_tos"]]
                 e.ok = len(hits) == 1
-                e.arrived = f"ISP smarthost ({len(hits)}x)" if hits else "not at the ISP"
+                e.arrived = f"ISP smarthost, {len(hits)}x" if hits else "not at the ISP"
             else:
                 user = e.where.split(":")[1]
                 n = got.get(user, []).count(e.subject)
                 e.ok = n == 1
-                e.arrived = f"{user}'s POP3 mailbox ({n}x)" if n else "missing"
+                e.arrived = f"{user} by POP3, {n}x" if n else "missing"
         left = isp.mailbox_count()
 
         console.rule("dialmail log")
         console.file.write(cli("log", "--last", "5").stdout.decode())
         table = Table(title="Where every message went")
-        for col in ("subject", "from", "to", "path", "arrived", "ok"):
-            table.add_column(col, no_wrap=col in ("subject", "from", "to", "ok"))
+        for col in ("subject", "from -> to", "path", "arrived", "ok"):
+            table.add_column(col, no_wrap=col != "from -> to")
         for e in expects:
-            table.add_row(e.subject, e.sender, e.to, e.how, e.arrived, "[green]yes[/green]" if e.ok else "[red]NO[/red]")
+            table.add_row(e.subject, f"{e.sender} -> {e.to}", e.how, e.arrived,
+                          "[green]yes[/green]" if e.ok else "[red]NO[/red]")
         console.print(table)
         all_ok = all(e.ok for e in expects) and left == 0
         console.print(f"ISP mailbox after the session: {left} message(s) left (fetched mail is deleted there)")
