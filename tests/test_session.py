@@ -133,3 +133,25 @@ def test_demand_dials_when_enough_mail_waits_and_the_lock_refuses_a_second_sessi
     assert len(got) == 3
     wait_for(lambda: "demand" in site.cli("log").stdout.decode(), timeout=30, what="the demand session in the log")
     assert "dial on demand: 3 messages queued" in site.log()
+
+
+def test_hooks_run_and_max_time_hangs_up_leaving_the_rest_queued(site, smtp_sink):
+    """before/after commands run around the session; at max_time the line is hung up and mail waits."""
+    route = free_port()
+    marker = site.dir / "hooks.txt"
+    site.write_config(sim_link(route, smtp_sink.port).replace("rate = 115200", "rate = 9600")
+                      .replace("[session]", f'[session]\nmax_time = "4s"\nbefore = "echo before >> {marker}"\n'
+                                            f'after = "echo after >> {marker}"'))
+    site.start()
+    submit(site.smtp_port, 6, size=12000)   # 72 kB at 9600 bit/s: about a minute of line time
+    r = site.cli("connect-now", "--send-only", timeout=120)
+    out = r.stdout.decode()
+    assert r.returncode == 75, out
+    assert "maximum session time of 4s reached" in out
+    assert marker.read_text().split() == ["before", "after"]
+    left = site.cli("queue", "list").stdout.decode()
+    assert "partner@elsewhere.test" in left
+    # A capture cut short by the hang-up is not a delivery: count only whole messages.
+    whole = [m for m in smtp_sink.messages() if m.data.count(b"line of text") == 12000 // 39]
+    assert len(whole) < 6
+    assert left.count("<alice@office.test>") == 6 - len(whole)

@@ -176,3 +176,35 @@ def test_null_sender_is_accepted_for_local_recipients(running):
     assert asyncio.run(go()) == 250
     mail = wait_for(lambda: running.mail_of("alice"), what="the null-sender message")
     assert mail[0].startswith(b"Return-Path: <>\r\n")
+
+
+def test_sigterm_lets_a_transaction_in_progress_finish(running):
+    """SIGTERM during DATA: the client still gets its 250 and the message is kept; then the daemon exits."""
+    import signal
+    async def go():
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=running.smtp_port)
+        await c.connect()
+        await c.ehlo()
+        await c.mail("x@outside.test")
+        await c.rcpt("alice@office.test")
+        running.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # the daemon is shutting down while our transaction is open
+        code, _ = await c.data(b"Subject: sent during shutdown\r\n\r\nstill accepted\r\n")
+        c.close()
+        return code
+    assert asyncio.run(go()) == 250
+    assert running.proc.wait(30) == 0
+    running.start()
+    mail = wait_for(lambda: running.mail_of("alice"), what="the message accepted during shutdown")
+    assert b"sent during shutdown" in mail[0]
+
+
+def test_sendmail_t_takes_recipients_from_headers_and_removes_bcc(running):
+    msg = (b"From: alice@office.test\nTo: bob@office.test\nBcc: friend@elsewhere.test\n"
+           b"Subject: from a script\n\nbody\n.\nafter a lone dot\n")
+    r = running.cli("sendmail", "-t", "-i", input=msg)
+    assert r.returncode == 0, r.stderr
+    mail = wait_for(lambda: running.mail_of("bob"), what="bob's mail")
+    assert b"Bcc:" not in mail[0] and b"after a lone dot" in mail[0]
+    assert b"Message-ID:" in mail[0] and b"Date:" in mail[0]
+    assert "friend@elsewhere.test" in running.cli("queue", "list").stdout.decode()
