@@ -500,6 +500,11 @@ async def _abortable(ctx: _Context, coro: Awaitable):
     stopper = asyncio.ensure_future(ctx.stop_event.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # Cancelled from outside: the transfer must not go on as an orphan and finish a
+        # message whose reply nobody would record.
+        task.cancel()
+        raise
     finally:
         stopper.cancel()
     if not task.done():

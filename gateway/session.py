@@ -31,6 +31,7 @@ Event = dict[str, Any]
 Emit = Callable[[Event], None]
 
 MODES = ("both", "send", "fetch")
+STOP_GRACE = 15.0  # seconds the two sides get to stop cleanly after max_time
 
 
 @dataclass
@@ -141,13 +142,18 @@ class Session:
         dialogue.propagate = False
         try:
             await self._hook("before", cfg.session.before)
+            deadline = asyncio.create_task(self._deadline(cfg.session.max_time))
             try:
-                async with asyncio.timeout(cfg.session.max_time):
+                # At max_time both sides are asked to stop at the next safe point (the
+                # relay abandons the message in flight, which stays queued); only if they
+                # do not within the grace period is the session cut off outright.
+                async with asyncio.timeout(cfg.session.max_time + STOP_GRACE):
                     await self._online()
             except TimeoutError:
-                rec.errors.append(f"maximum session time of {cfg.session.max_time}s reached; the rest waits "
-                                  f"for the next session")
+                rec.errors.append(f"the session did not stop within {STOP_GRACE}s of max_time; cut off")
                 self.emit("error", message=rec.errors[-1])
+            finally:
+                deadline.cancel()
             await self._hook("after", cfg.session.after)
             await self._deliver_fetched()
         except Exception as exc:  # the record must be completed whatever happened
@@ -167,6 +173,13 @@ class Session:
             self.transcript.close()
             lock.release()
         return rec
+
+    async def _deadline(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.record.errors.append(f"maximum session time of {seconds}s reached; the rest waits for the next "
+                                  f"session")
+        self.emit("error", message=self.record.errors[-1])
+        self.halt("maximum session time reached")
 
     def _outcome(self) -> str:
         rec = self.record
