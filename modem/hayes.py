@@ -171,8 +171,9 @@ class ResultParser:
             events.append(event)
             if isinstance(event, Result) and event.code is ResultCode.CONNECT:
                 self.online = True
-                # An LF completing the CONNECT line's CR LF is framing, not data.
-                if self._buffer[:1] == LF:
+                # An LF completing the CONNECT line's CR LF is framing, not data (after a
+                # line ended by LF alone, an LF is the remote's first byte).
+                if ended_with_cr and self._buffer[:1] == LF:
                     del self._buffer[:1]
                 elif not self._buffer and ended_with_cr:
                     self._lf_may_follow = True

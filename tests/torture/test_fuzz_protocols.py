@@ -10,7 +10,7 @@ import socket
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.pop3.protocol import Close, Response, Session, State, Update
@@ -101,6 +101,7 @@ def parse_in_pieces(data: bytes, cuts: list[int]):
 
 @settings(max_examples=budget.examples(500, 5000), deadline=None)
 @given(hayes_stream, st.lists(st.integers(0, 12), max_size=40))
+@example(b"CONNECT 33600\n\n", [2, 12])  # an LF after CONNECT's LF was eaten as framing when read at once
 def test_hayes_stream_in_any_pieces_parses_the_same(data, cuts):
     whole = parse_in_pieces(data, [])
     pieces = parse_in_pieces(data, cuts)
@@ -185,11 +186,15 @@ def test_smtp_any_command_sequence_gets_well_formed_replies_and_no_internal_erro
     queued = 0
     s = socket.create_connection(("127.0.0.1", smtp_server.port), timeout=10)
     f = s.makefile("rb")
+    last = b""
 
     def reply() -> list[bytes]:
         lines = []
         while True:
-            line = f.readline()
+            try:
+                line = f.readline()
+            except ConnectionResetError:
+                line = b""
             if not line:
                 return lines
             assert REPLY.match(line), line
@@ -200,15 +205,25 @@ def test_smtp_any_command_sequence_gets_well_formed_replies_and_no_internal_erro
     try:
         assert reply()[0].startswith(b"220")
         for cmd, body in steps:
-            s.sendall(cmd.encode("utf-8", "surrogateescape") + b"\r\n")
-            lines = reply()
-            if not lines or lines[-1][:3] in (b"221", b"421"):
+            try:
+                s.sendall(cmd.encode("utf-8", "surrogateescape") + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                lines = []
+            else:
+                lines = reply()
+            if lines:
+                last = lines[-1]
+            # The server may hang up only after saying so (QUIT, too many errors or calls).
+            closing = last[:3] in (b"221", b"421") or last.startswith(b"502 5.5.1 Too many")
+            if not lines or closing:
+                assert closing, (cmd, last)
                 break
-            if lines[-1].startswith(b"354"):
+            if last.startswith(b"354"):
                 s.sendall(body + b"\r\n.\r\n")
                 lines = reply()
-                if lines and lines[-1].startswith(b"250"):
-                    queued += 1
+                if lines:
+                    last = lines[-1]
+                    queued += last.startswith(b"250")
         else:
             s.sendall(b"NOOP\r\n")
             assert reply()[-1].startswith(b"250")
