@@ -193,7 +193,10 @@ def test_sigterm_lets_a_transaction_in_progress_finish(running):
         c.close()
         return code
     assert asyncio.run(go()) == 250
-    assert running.proc.wait(30) == 0
+    try:
+        assert running.proc.wait(30) == 0
+    except subprocess.TimeoutExpired:
+        raise AssertionError("daemon still running 30 s after SIGTERM:\n" + running.log()) from None
     running.start()
     mail = wait_for(lambda: running.mail_of("alice"), what="the message accepted during shutdown")
     assert b"sent during shutdown" in mail[0]
