@@ -26,6 +26,22 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, 
 _DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as the policy sees it: zone dropped, IPv4-mapped IPv6 as IPv4."""
+    try:
+        addr = ipaddress.ip_address(str(ip).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def is_loopback(ip: str) -> bool:
+    addr = client_address(ip)
+    return addr is not None and addr.is_loopback
+
+
 @dataclass(frozen=True)
 class Listen:
     host: str
@@ -47,13 +63,8 @@ class ServerConfig:
         return domain.lower() in self.domains
 
     def in_mynetworks(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.mynetworks)
+        addr = client_address(ip)
+        return addr is not None and any(addr in net for net in self.mynetworks)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session,
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway import address
-from gateway.config import Config
+from gateway.config import Config, is_loopback
 from gateway.directory import Directory
 from gateway.pop3.throttle import LoginThrottle
 from gateway.replies import Reply
@@ -40,9 +40,8 @@ log = logging.getLogger("dialmail.submit")
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
-def is_loopback(peer) -> bool:
-    host = peer[0] if isinstance(peer, tuple) else str(peer)
-    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")
+def peer_is_loopback(peer) -> bool:
+    return is_loopback(peer[0] if isinstance(peer, tuple) else str(peer))
 
 
 def peer_ip(session: Session) -> str:
@@ -225,7 +224,7 @@ class SubmissionProtocol(SMTPProtocol):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            self._auth_require_tls = not is_loopback(self.session.peer)
+            self._auth_require_tls = not peer_is_loopback(self.session.peer)
             SubmissionProtocol.live.add(self)
 
     def connection_lost(self, error) -> None:

@@ -8,11 +8,10 @@ Messages are read in chunks in a worker thread and written with flow control
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 
-from gateway.config import Config
+from gateway.config import Config, is_loopback
 from gateway.deliver import mailbox_path
 from gateway.errors import ConfigError
 from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts
@@ -71,15 +70,9 @@ class POP3Server:
 
     def plaintext_allowed(self, ip: str) -> bool:
         """Passwords in the clear: from loopback, or from mynetworks when the config says so."""
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        if addr.is_loopback:
+        if is_loopback(ip):
             return True
-        return self.config.pop3.allow_plaintext_lan and self.config.server.in_mynetworks(str(addr))
+        return self.config.pop3.allow_plaintext_lan and self.config.server.in_mynetworks(ip)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
