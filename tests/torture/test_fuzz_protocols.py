@@ -225,6 +225,10 @@ def test_smtp_any_command_sequence_gets_well_formed_replies_and_no_internal_erro
                     last = lines[-1]
                     queued += last.startswith(b"250")
         else:
+            if steps and lines and last.startswith(b"334"):
+                # The server waits for AUTH data: "*" cancels the exchange (RFC 4954).
+                s.sendall(b"*\r\n")
+                reply()
             s.sendall(b"NOOP\r\n")
             assert reply()[-1].startswith(b"250")
     finally:
