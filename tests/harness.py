@@ -86,6 +86,19 @@ class Site:
             """)
         self.config_path.write_text(text + textwrap.dedent(extra))
 
+    def fetch_account(self, port: int, user: str, password: str, *, name: str = "isp", tls: str = "off",
+                      **keys: str) -> str:
+        """A ``[[fetch]]`` table for an ISP mailbox on 127.0.0.1, its password file written (0600).
+
+        Extra ``keys`` are TOML values written as given, e.g. ``mode='"multidrop"'``.
+        """
+        pw = self.dir / f"{name}.password"
+        pw.write_text(password + "\n")
+        os.chmod(pw, 0o600)
+        lines = [f'name = "{name}"', 'host = "127.0.0.1"', f"port = {port}", f'tls = "{tls}"',
+                 f'username = "{user}"', f'password_file = "{pw}"', *(f"{k} = {v}" for k, v in keys.items())]
+        return "\n[[fetch]]\n" + "\n".join(lines) + "\n"
+
     @property
     def users(self) -> Users:
         return Users(self.spool)

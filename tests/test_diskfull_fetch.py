@@ -36,26 +36,14 @@ def test_disk_full_during_fetch_stops_cleanly_and_resumes(site, dovecot):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     dovecot.add_user(ISP_USER, ISP_PASS)
-    pw = site.dir / "isp.password"
-    pw.write_text(ISP_PASS + "\n")
-    os.chmod(pw, 0o600)
     # Small mail first, then one bigger than the whole spool disk, then more small mail.
     sizes = [2000, 3000, 1500, 6_000_000, 2500, 1800]
     mids = [f"<full-{i}@outside.test>" for i in range(len(sizes))]
     msgs = [make_message(mid, "alice@office.test", size, sender="x@outside.test", delivered_to=True)
             for mid, size in zip(mids, sizes)]
     dovecot.save_many(ISP_USER, msgs)
-    site.write_config(f"""
-[[fetch]]
-name = "isp"
-host = "127.0.0.1"
-port = {dovecot.imap_port}
-tls = "off"
-username = "{ISP_USER}"
-password_file = "{pw}"
-mode = "multidrop"
-envelope_header = "Delivered-To"
-""")
+    site.write_config(site.fetch_account(dovecot.imap_port, ISP_USER, ISP_PASS, mode='"multidrop"',
+                                         envelope_header='"Delivered-To"'))
     site.spool.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(site.spool)], check=True)
     try:

@@ -4,16 +4,14 @@ server, Postfix's smtp-sink as smarthost, POP3 retrieval by a real client afterw
 import asyncio
 import email
 import email.policy
-import os
 import poplib
 import subprocess
 import sys
-import time
 
 import aiosmtplib
 import pytest
 
-from tests.harness import ROOT, free_port, wait_for, wait_port
+from tests.harness import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,34 +52,18 @@ def pop3_subjects(site, user, password):
     return sorted(subjects)
 
 
-def fetch_table(port: int, dovecot) -> str:
-    return f"""
-[[fetch]]
-name = "isp"
-host = "127.0.0.1"
-port = {port}
-tls = "starttls"
-ca_file = "{dovecot.cert}"
-username = "{ISP_USER}"
-password_file = "isp.password"
-mode = "multidrop"
-envelope_header = "Delivered-To"
-"""
+def fetch_table(site, port: int, dovecot) -> str:
+    return site.fetch_account(port, ISP_USER, ISP_PASS, tls="starttls", ca_file=f'"{dovecot.cert}"',
+                              mode='"multidrop"', envelope_header='"Delivered-To"')
 
 
-def write_password(site):
-    pw = site.dir / "isp.password"
-    pw.write_text(ISP_PASS + "\n")
-    os.chmod(pw, 0o600)
-
-
-def sim_config(relay: int, imap: int, sink, dovecot, rate: int = 115200, latency: int = 20) -> str:
+def sim_config(site, relay: int, imap: int, sink, dovecot, rate: int = 115200, latency: int = 20) -> str:
     return f"""
 [smarthost]
 host = "127.0.0.1"
 port = {relay}
 starttls = "off"
-{fetch_table(imap, dovecot)}
+{fetch_table(site, imap, dovecot)}
 [link]
 type = "sim"
 rate = {rate}
@@ -109,8 +91,7 @@ def test_sim_url_modem_dovecot_smtp_sink_and_pop3(site, smtp_sink, dovecot):
     for m in inbound(4, 3000, "url"):
         dovecot.save(ISP_USER, m)
     relay, imap = free_port(), free_port()
-    write_password(site)
-    site.write_config(sim_config(relay, imap, smtp_sink, dovecot))
+    site.write_config(sim_config(site, relay, imap, smtp_sink, dovecot))
     site.start()
     submit(site.smtp_port, 3, 3000, "url")
     r = site.cli("connect-now", timeout=120)
@@ -146,13 +127,12 @@ def test_pty_modem_with_the_real_driver_dovecot_smtp_sink_and_pop3(site, smtp_si
         pppd = site.dir / "pppd"
         pppd.write_text(STAND_IN_PPPD)
         pppd.chmod(0o755)
-        write_password(site)
         site.write_config(f"""
 [smarthost]
 host = "127.0.0.1"
 port = {relay}
 starttls = "off"
-{fetch_table(imap, dovecot)}
+{fetch_table(site, imap, dovecot)}
 [link]
 type = "modem"
 device = "{pty}"
@@ -189,8 +169,7 @@ def test_send_and_fetch_overlap(site, smtp_sink, dovecot):
     """The same work done concurrently takes measurably less line time than one after the other."""
     dovecot.add_user(ISP_USER, ISP_PASS)
     relay, imap = free_port(), free_port()
-    write_password(site)
-    site.write_config(sim_config(relay, imap, smtp_sink, dovecot, rate=57600, latency=40))
+    site.write_config(sim_config(site, relay, imap, smtp_sink, dovecot, rate=57600, latency=40))
     site.start()
     n, size = 5, 12000
     for m in inbound(n, size, "a"):

@@ -65,20 +65,8 @@ def where_is(spool_dir, token: str) -> list[str]:
 @pytest.fixture
 def isp_site(site, dovecot):
     dovecot.add_user(ISP_USER, ISP_PASS)
-    pw = site.dir / "isp.password"
-    pw.write_text(ISP_PASS + "\n")
-    os.chmod(pw, 0o600)
-    site.write_config(f"""
-[[fetch]]
-name = "isp"
-host = "127.0.0.1"
-port = {dovecot.imap_port}
-tls = "off"
-username = "{ISP_USER}"
-password_file = "{pw}"
-mode = "multidrop"
-envelope_header = "Delivered-To"
-""")
+    site.write_config(site.fetch_account(dovecot.imap_port, ISP_USER, ISP_PASS, mode='"multidrop"',
+                                         envelope_header='"Delivered-To"'))
     return site, dovecot
 
 
