@@ -124,7 +124,11 @@ def test_kill_9_loses_and_duplicates_nothing(site, smtp_sink, dovecot, torture_l
             assert site.cli("connect-now", timeout=120).returncode in (0, 1)
             if queue_empty(site) and rig.left_at_isp() == 0:
                 break
-        wait_for(lambda: queue_empty(site), timeout=60, what="an empty queue")
+        try:
+            wait_for(lambda: queue_empty(site), timeout=60, what="an empty queue")
+        except TimeoutError:
+            raise AssertionError("the queue did not drain:\n" + site.cli("queue", "list").stdout.decode()
+                                 + "\n--- daemon log (tail) ---\n" + site.log()[-6000:]) from None
         wait_for(lambda: rig.smtp_tap.idle() and rig.imap_tap.idle(), timeout=20, what="the taps to settle")
         report = check(ledger, smtp_sink.messages(), site.spool, rig.smtp_tap.snapshot(),
                        rig.imap_tap.snapshot(), left_at_isp=rig.left_at_isp())
