@@ -124,7 +124,9 @@ class Site:
                                      stdout=log, stderr=log, cwd=ROOT)
         log.close()
         if wait:
+            # The POP3 service starts after SMTP: a test may talk to either at once.
             wait_port("127.0.0.1", self.smtp_port, proc=self.proc)
+            wait_port("127.0.0.1", self.pop3_port, proc=self.proc)
         return self.proc
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
