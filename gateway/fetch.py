@@ -33,6 +33,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
+from itertools import chain
 from pathlib import Path
 from typing import Callable
 
@@ -42,11 +43,18 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 from gateway import address
 from gateway.config import Config, FetchConfig
 from gateway.directory import Directory
-from gateway.envelope import (envelope_recipients, first, header_block, message_digest, message_id,
-                              message_id_digest, return_path)
+from gateway.envelope import (
+    envelope_recipients,
+    first,
+    header_block,
+    message_digest,
+    message_id,
+    message_id_digest,
+    return_path,
+)
 from gateway.errors import ConfigError
 from spool.fetchstate import AccountLock, AlreadyFetching, FetchState
-from spool.fsio import is_disk_full
+from spool.fsio import is_disk_full, write_file
 from spool.queue import LOCAL, RELAY, Catalogue, Queue
 
 log = logging.getLogger("dialmail.fetch")
@@ -713,26 +721,7 @@ def _item(item: dict, prefix: bytes) -> bytes | None:
 
 def _write_durably(path, prefix: bytes, data: bytes | None, pieces) -> None:
     """Create ``path``, write prefix + data (or the pieces as they arrive), fsync; remove on failure."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            if prefix:
-                f.write(prefix)
-            if data is not None:
-                f.write(data)
-            else:
-                for piece in pieces:
-                    f.write(piece)
-            f.flush()
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
+    write_file(path, chain([prefix], [data] if data is not None else pieces))
 
 
 def _close(client: IMAPClient) -> None:
