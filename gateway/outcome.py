@@ -108,6 +108,42 @@ def administrator_bounce() -> Outcome:
     return Outcome(BOUNCED, 554, "5.0.0", "deleted by the administrator")
 
 
+# Refusals that are about this office as a client (its HELO name, its missing AUTH, its
+# envelope sender, its address) rather than about a recipient: the same refusal would
+# meet every message, so they defer with the reason instead of bouncing mail that a
+# fixed configuration would deliver.  The texts are Postfix's, Exim's, Microsoft's and
+# Google's wording for HELO/EHLO, AUTH required, relay access and sender restrictions.
+_CLIENT_TEXT = re.compile(
+    r"\b(?:helo|ehlo)\b|relay(?:ing)?\s+(?:access\s+)?(?:denied|not\s+permitted|prohibited|not\s+allowed)"
+    r"|authenticat|\bauth\b|client\s+host\s+rejected|sender\s+address\s+rejected|not\s+owned\s+by"
+    r"|send\s+as\b|send\s+mail\s+as|starttls\s+command\s+first|must\s+issue\s+a\s+starttls",
+    re.IGNORECASE)
+_CLIENT_DSN = ("5.7.0", "5.7.8", "5.7.57", "5.7.60")
+MAIL_STAGE = "mail"
+RCPT_STAGE = "rcpt"
+
+
+def refuses_client(o: Outcome, stage: str) -> bool:
+    """A permanent refusal at MAIL or RCPT that is about us, not about the recipient.
+
+    At MAIL FROM nothing is known of the recipients yet, so every refusal there is about
+    the sender or the client, except one for the message's size.
+    """
+    if o.status != BOUNCED:
+        return False
+    if stage == MAIL_STAGE:
+        return not (o.code == 552 or o.dsn == "5.3.4")
+    return o.code == 530 or o.dsn in _CLIENT_DSN or bool(_CLIENT_TEXT.search(o.reason))
+
+
+def client_refused(o: Outcome, where: str) -> Outcome:
+    """Defer a refusal of this office as a client, keeping the server's words as the reason."""
+    return Outcome(DEFERRED, o.code, "4" + o.dsn[1:],
+                   f"{where} refused this office, not the recipient: {o.code} {o.reason} "
+                   "(check [server] hostname, [smarthost] username/password and [smarthost.rewrite]; "
+                   "the mail stays queued)")
+
+
 def next_retry(o: Outcome, previous_reply: str | None, attempts: int, now: float, retry_min: int,
                retry_max: int) -> float:
     """When a deferred recipient is due again.

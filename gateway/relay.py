@@ -86,7 +86,8 @@ class FlushResult:
 
 
 class _Stop(Exception):
-    """The connection is gone: record what is in flight and end the flush."""
+    """The flush cannot go on (the connection is gone, or the server refuses this office as a
+    client): record what is in flight and end the flush."""
 
     def __init__(self, why: Outcome):
         super().__init__(why.reply)
@@ -364,6 +365,9 @@ class Connection:
                 await smtp.mail(sender, options=opts, encoding=enc)
             except aiosmtplib.SMTPSenderRefused as exc:
                 o = outcome.from_reply(exc.code, exc.message)
+                if outcome.refuses_client(o, outcome.MAIL_STAGE):
+                    await self._reset()
+                    raise _Stop(outcome.client_refused(o, where)) from None
                 outcomes.update({r: o for r in rcpts})
                 await self._reset()
                 return False
@@ -374,9 +378,16 @@ class Connection:
                     await smtp.rcpt(rcpt, encoding=enc)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
-                    outcomes[rcpt] = outcome.from_reply(exc.code, exc.message)
+                    o = outcome.from_reply(exc.code, exc.message)
                     if not smtp.is_connected:
+                        outcomes[rcpt] = o
                         raise _Stop(outcome.lost_connection(f"{where} {stage} ({exc.code} {exc.message})"))
+                    if outcome.refuses_client(o, outcome.RCPT_STAGE):
+                        # Every recipient of every message would meet it: stop the flush,
+                        # keep them all queued, and say why.
+                        await self._reset()
+                        raise _Stop(outcome.client_refused(o, where))
+                    outcomes[rcpt] = o
             if not accepted:
                 await self._reset()
                 return False

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import email.policy
 import socket
@@ -33,7 +34,7 @@ class Office:
     """Config, queue, users and local delivery of one office, driven directly."""
 
     def __init__(self, tmp: Path, port: int = 25, *, starttls: str = "off", smarthost: str = "",
-                 extra: str = "", route: str = "smarthost", timeout: float = 20):
+                 extra: str = "", route: str = "smarthost", timeout: float = 20, server: str = ""):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.path = self.tmp / "dialmail.toml"
@@ -42,6 +43,7 @@ class Office:
 hostname = "mail.office.test"
 domains = ["office.test"]
 spool_dir = "{self.tmp / 'spool'}"
+{server}
 
 [smarthost]
 host = "127.0.0.1"
@@ -403,6 +405,77 @@ def test_postfix_without_smtputf8_bounces_utf8_recipient_with_reason(office, pos
     [dsn] = o.mailbox("alice")
     assert "does not support it" in dsn.get_body(("plain",)).get_content()
     assert [d.original_to for d in postfix_smarthost.wait_delivered(1)] == ["plain@example.com"]
+
+
+# ---------------------------------------------------------------- refusals of the office, not of a recipient
+
+
+def _assert_kept_queued_with_reason(o: Office, qids: list[str], result, words: str) -> None:
+    # the message that met the refusal waits with the server's words; the flush stopped
+    # there, so the others were not even tried and wait as they were
+    first, *rest = qids
+    assert set(o.status(first).values()) == {DEFERRED}, o.status(first)
+    assert all(words in (r.last_reply or "") and r.last_reply.startswith("4.")
+               for r in o.queue.get(first).recipients)
+    for qid in rest:
+        assert all(r.status not in (BOUNCED, DELIVERED) and r.attempts == 0 for r in o.queue.get(qid).recipients)
+    assert result.error is not None and words in result.error.reply
+    o.deliver_local()
+    assert o.mailbox("alice") == []  # nobody was told their mail failed
+
+
+def test_postfix_non_fqdn_helo_refused_at_rcpt_defers_instead_of_bouncing(office, postfix_smarthost):
+    """A default hostname of "localhost": Postfix's reject_non_fqdn_helo_hostname answers at
+    RCPT (504 5.5.2 <localhost>: Helo command rejected).  That is about the office, so the
+    mail waits with the reason instead of bouncing, earlier-deferred mail included."""
+    pf = postfix_smarthost
+    pf.set_params(smtpd_recipient_restrictions="reject_non_fqdn_helo_hostname, "
+                  f"check_recipient_access regexp:{pf.etc}/recipient_access, permit_mynetworks, reject")
+    o = office(pf.port)
+    o.cfg = dataclasses.replace(o.cfg, server=dataclasses.replace(o.cfg.server, hostname="localhost"))
+    first = o.send("alice@office.test", ["friend@example.com"], message("one"))
+    second = o.send("alice@office.test", ["other@example.com", "third@example.com"], message("two"))
+    result = o.flush()
+    _assert_kept_queued_with_reason(o, [first, second], result, "Helo command rejected")
+    assert "504" in result.error.reply and "[server] hostname" in result.error.reply
+    assert pf.delivered() == []
+
+
+@pytest.mark.parametrize("restriction,rule,words,at_mail", [
+    ("smtpd_recipient_restrictions", "/./ 554 5.7.1 Relay access denied", "Relay access denied", False),
+    ("smtpd_recipient_restrictions", "/./ 530 5.7.0 Authentication required", "Authentication required", False),
+    # Postfix delays sender restrictions to RCPT by default; smtpd_delay_reject = no answers at MAIL
+    ("smtpd_sender_restrictions", "/./ 553 5.7.1 not owned by user", "not owned by user", False),
+    ("smtpd_sender_restrictions", "/./ 553 5.7.1 not owned by user", "not owned by user", True),
+])
+def test_postfix_refusing_the_office_defers_every_message(office, postfix_smarthost, restriction, rule, words,
+                                                          at_mail):
+    pf = postfix_smarthost
+    table = pf.etc / "office_access"
+    table.write_text(rule + "\n")
+    check = "check_sender_access" if restriction == "smtpd_sender_restrictions" else "check_recipient_access"
+    pf.set_params(**{restriction: f"{check} regexp:{table}, permit_mynetworks, reject"},
+                  smtpd_delay_reject="no" if at_mail else "yes")
+    o = office(pf.port)
+    qids = [o.send("alice@office.test", [f"friend{i}@example.com"], message(f"m{i}")) for i in range(3)]
+    result = o.flush()
+    _assert_kept_queued_with_reason(o, qids, result, words)
+    assert f"refused this office, not the recipient: {rule.split()[1]}" in result.error.reply
+    pf.set_params(**{restriction: "permit_mynetworks, reject"})
+    result = o.flush(clock=lambda: time.time() + 301)
+    assert len(pf.wait_delivered(3)) == 3 and all(o.queue.get(q) is None for q in qids)
+
+
+def test_recipient_refusals_still_bounce_with_client_words_nowhere_near():
+    for code, text in ((550, "5.1.1 <x@example.com>: Recipient address rejected: User unknown"),
+                       (504, "5.5.2 <x>: Recipient address rejected: need fully-qualified address"),
+                       (550, "5.7.1 <x@example.com>: Recipient address rejected: Access denied"),
+                       (552, "5.3.4 Message size exceeds fixed limit")):
+        o = outcome.from_reply(code, text)
+        assert not outcome.refuses_client(o, outcome.RCPT_STAGE), text
+    assert not outcome.refuses_client(outcome.from_reply(552, "5.3.4 too big"), outcome.MAIL_STAGE)
+    assert outcome.refuses_client(outcome.from_reply(550, "5.1.8 <x@y>: Sender address rejected: Domain not found"),
+                                  outcome.MAIL_STAGE)
 
 
 # ---------------------------------------------------------------- outcomes, without sockets
