@@ -11,10 +11,12 @@ place where a message whose recipients are all final leaves the queue.
 * the bounce goes from the null sender to the envelope sender: on the ``local`` route
   when the sender lives here (the caller kicks local delivery), else out via the relay.
 
-Never a bounce of a bounce: a message from the null sender that fails is logged and
-dropped, as Postfix does with double bounces by default (``notify_classes`` without
-``2bounce``).  Sending it to the postmaster instead would let one broken remote address
-fill the postmaster's mailbox with no sender left to fix anything.
+Never a bounce of a bounce, and never a message lost: a message from the null sender
+(a bounce, an automatic reply, a notice) that fails cannot go back to anyone, so the
+report goes to the postmaster instead, with the whole message attached
+(``message/rfc822``), queued as a ``double-bounce`` that local delivery only ever puts
+into local Maildirs (gateway.policy.review): it can neither leave nor fail again.
+Postfix drops double bounces by default; here the postmaster reads them.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from itertools import chain
 
 from gateway import address
 from gateway.config import Config
@@ -38,6 +41,7 @@ FAILED = "failed"
 DELAYED = "delayed"
 MAX_HEADER_BYTES = 64 * 1024  # of the original, returned as text/rfc822-headers
 ORIGIN = "bounce"
+DOUBLE_BOUNCE = "double-bounce"  # a failed null-sender message, whole, for the postmaster
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
@@ -65,12 +69,19 @@ class _Raced(Exception):
 
 
 def build_dsn(*, hostname: str, sender: str, qid: str, arrival: float, action: str, entries: list[Entry],
-              original_headers: bytes, now: float | None = None, retry_until: float | None = None) -> bytes:
-    """An RFC 3464 ``multipart/report; report-type=delivery-status`` as CRLF bytes."""
+              original_headers: bytes, now: float | None = None, retry_until: float | None = None,
+              whole_message: bool = False) -> bytes:
+    """An RFC 3464 ``multipart/report; report-type=delivery-status`` as CRLF bytes.
+
+    With ``whole_message`` the report is for the postmaster about a null-sender message:
+    it ends with an open ``message/rfc822`` part, which the caller fills with the whole
+    original and closes with ``_closing(report)``.
+    """
     now = time.time() if now is None else now
     boundary = f"{qid}.{secrets.token_hex(6)}/{hostname}"
     mailer_daemon = f"{address.MAILER_DAEMON}@{hostname}"
-    subject = ("Undelivered Mail Returned to Sender" if action == FAILED
+    subject = ("Undelivered Mail Returned to Postmaster" if whole_message
+               else "Undelivered Mail Returned to Sender" if action == FAILED
                else "Delayed Mail (still being retried)")
     head = [
         f"From: Mail Delivery System <{mailer_daemon}>",
@@ -83,7 +94,7 @@ def build_dsn(*, hostname: str, sender: str, qid: str, arrival: float, action: s
         f"Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"",
         "Content-Transfer-Encoding: 8bit",
     ]
-    text = _explanation(hostname, action, entries, retry_until)
+    text = _explanation(hostname, action, entries, retry_until, to_postmaster=whole_message)
     status = [f"Reporting-MTA: dns; {hostname}", f"X-Dialmail-Queue-ID: {qid}",
               f"Arrival-Date: {email.utils.formatdate(arrival, localtime=True)}"]
     for e in entries:
@@ -108,15 +119,33 @@ def build_dsn(*, hostname: str, sender: str, qid: str, arrival: float, action: s
         f"Content-Type: text/rfc822-headers\r\n\r\n".encode() + headers,
         f"--{boundary}--\r\n".encode(),
     ]
-    return b"\r\n".join(p.rstrip(b"\r\n") if i else p for i, p in enumerate(parts)) + b"\r\n"
+    if whole_message:
+        parts = parts[:3]
+    out = b"\r\n".join(p.rstrip(b"\r\n") if i else p for i, p in enumerate(parts)) + b"\r\n"
+    if whole_message:
+        out += (f"--{boundary}\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n"
+                f"Content-Transfer-Encoding: 8bit\r\n\r\n").encode()
+    return out
+
+
+def _closing(report: bytes) -> bytes:
+    """The closing boundary line of a report built with ``whole_message``."""
+    m = re.search(rb'boundary="([^"]+)"', report)
+    return b"--" + m.group(1) + b"--\r\n"
 
 
 def _addr_type(addr: str) -> str:
     return "rfc822" if addr.isascii() else "utf-8"
 
 
-def _explanation(hostname: str, action: str, entries: list[Entry], retry_until: float | None) -> str:
-    if action == FAILED:
+def _explanation(hostname: str, action: str, entries: list[Entry], retry_until: float | None,
+                 to_postmaster: bool = False) -> str:
+    if to_postmaster:
+        lines = [f"This is the mail system at {hostname}.", "",
+                 "A message from the null sender (a bounce, an automatic reply or a notice)",
+                 "could not be delivered to the recipients below, and there is nobody to",
+                 "return it to. It is attached in full, so nothing is lost.", ""]
+    elif action == FAILED:
         lines = [f"This is the mail system at {hostname}.", "",
                  "I'm sorry to have to inform you that your message could not",
                  "be delivered to one or more recipients. It's attached below.", "",
@@ -230,14 +259,7 @@ def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> S
 
     state = {"removed": False}
     if not msg.sender:
-        for r in fresh:
-            log.warning("%s: to=<%s> bounce of a bounce discarded (null sender): %s %s", qid, r.rcpt,
-                        r.last_code or "", r.last_reply or "")
-        with queue.cat.transaction() as conn:
-            commit(conn, "discarded")
-        if state["removed"]:
-            unlink_body(queue, qid)
-        return Settled(removed=state["removed"])
+        return _double_bounce(config, queue, msg, fresh, expect, commit, state, now)
     data = build_dsn(hostname=config.server.hostname, sender=msg.sender, qid=qid, arrival=msg.arrival,
                      action=FAILED, entries=[entry(r) for r in fresh], original_headers=read_headers(queue, qid),
                      now=now)
@@ -250,6 +272,26 @@ def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> S
     log.info("%s: sender non-delivery notification: %s (to <%s> for %s)", qid, notice_id, msg.sender,
              ", ".join(expect))
     return Settled(removed=state["removed"], bounce_id=notice_id, local=route == LOCAL)
+
+
+def _double_bounce(config: Config, queue: Queue, msg: Message, fresh: list[Recipient], expect: list[str],
+                   commit, state: dict, now: float | None) -> Settled:
+    """A null-sender message failed: the postmaster gets the report with the whole message."""
+    postmaster = f"postmaster@{config.server.domains[0]}"
+    head = build_dsn(hostname=config.server.hostname, sender=postmaster, qid=msg.id, arrival=msg.arrival,
+                     action=FAILED, entries=[entry(r) for r in fresh], original_headers=b"", now=now,
+                     whole_message=True)
+    with queue.open_body(msg.id) as body:
+        data = chain([head], iter(lambda: body.read(256 * 1024), b""), [b"\r\n" + _closing(head)])
+        notice_id = queue.enqueue("", [(postmaster, LOCAL)], data, origin=DOUBLE_BOUNCE, client=msg.id,
+                                  subject="Undelivered Mail Returned to Postmaster", in_txn=commit,
+                                  smtputf8=False)
+    if state["removed"]:
+        unlink_body(queue, msg.id)
+    for r in fresh:
+        log.warning("%s: to=<%s> failed and the sender is the null one: kept for the postmaster as %s (%s %s)",
+                    msg.id, r.rcpt, notice_id, r.last_code or "", r.last_reply or "")
+    return Settled(removed=state["removed"], bounce_id=notice_id, local=True)
 
 
 def bounce_now(config: Config, queue: Queue, qid: str, outcome: Outcome, now: float | None = None) -> Settled:

@@ -62,6 +62,7 @@ class Site:
         self.domains = tuple(domains)
         self.config_path = self.dir / "dialmail.toml"
         self.mynetworks = tuple(mynetworks)
+        self.server_extra = ""  # more [server] keys, e.g. 'postmaster = "admin@office.test"'
         self.write_config(extra)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / "dialmail.log"
@@ -75,6 +76,7 @@ class Site:
             domains = [{domains}]
             spool_dir = "{self.spool}"
             mynetworks = [{nets}]
+            {self.server_extra}
 
             [smtp]
             listen = ["127.0.0.1:{self.smtp_port}", "127.0.0.2:{self.smtp_port}"]

@@ -64,13 +64,19 @@ def test_dsn_is_a_valid_multipart_report():
     assert scan_message(msg) == {b"x@example.com", b"list@office.test"}
 
 
-def test_bounce_of_a_bounce_is_dropped(office):
+def test_bounce_of_a_bounce_is_never_sent_but_kept_whole_for_the_postmaster(office):
     qid = office.send("", ["gone@example.com"], message("a bounce", sender="MAILER-DAEMON@mail.office.test"))
     office.queue.record(qid, "gone@example.com", BOUNCED, 550, "5.1.1 no such user")
     settled = bounce.settle(office.cfg, office.queue, qid)
-    assert settled.removed and settled.bounce_id is None
-    assert office.queue.messages() == []
+    assert settled.removed and settled.bounce_id and settled.local
     assert not office.queue.body_path(qid).exists()
+    [report] = office.queue.messages()
+    assert (report.sender, report.origin) == ("", bounce.DOUBLE_BOUNCE)
+    assert [(r.rcpt, r.route) for r in report.recipients] == [("postmaster@office.test", LOCAL)]
+    with office.queue.open_body(report.id) as f:
+        data = f.read()
+    assert b"Content-Type: message/rfc822" in data and b"Subject: a bounce" in data
+    assert data.rstrip().endswith(b"--")
 
 
 def test_bounced_recipients_reported_once_while_others_wait(office):

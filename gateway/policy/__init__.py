@@ -32,7 +32,7 @@ from email.policy import compat32
 
 from gateway.config import Config
 from gateway.directory import Directory
-from gateway.policy import autoreply, blocklist, expand, forward, mailbox, notice, quarantine, size, virus
+from gateway.policy import autoreply, blocklist, expand, forward, mailbox, notice, quarantine, review, size, virus
 from gateway.policy.verdict import ACCEPT, DEFER_ACTION, Verdict, quarantine as quarantined
 from spool.fsio import is_disk_full
 from spool.policystate import PolicyState
@@ -40,8 +40,11 @@ from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue
 
 log = logging.getLogger("dialmail.deliver")
 
+FETCHED = "fetch"  # gateway.fetch.ORIGIN
+DOUBLE_BOUNCE = "double-bounce"  # gateway.bounce.DOUBLE_BOUNCE: a failed null-sender message, for review
+
 # Origins whose admission stages already ran at SMTP time, or that we wrote ourselves.
-SCREENED = ("smtp", autoreply.ORIGIN, notice.ORIGIN)
+SCREENED = ("smtp", autoreply.ORIGIN, notice.ORIGIN, DOUBLE_BOUNCE)
 DISK_FULL_RETRY = 60
 HEADER_LIMIT = 256 * 1024
 
@@ -112,12 +115,22 @@ class Pipeline:
             self._deliver(msg, rcpt, by_rcpt[rcpt].attempts > 0, headers)
 
     def _deliver(self, msg: Message, rcpt: str, retry: bool, headers: EmailHeaders) -> None:
+        if msg.origin == DOUBLE_BOUNCE:  # already the last resort: local Maildirs only, never out
+            self._review(msg, rcpt, retry, None)
+            return
         resolution = expand.resolve(self.directory, self.state, msg, rcpt)
         if resolution is None:
+            if self._unreturnable(msg):
+                self._review(msg, rcpt, retry, f"no local user or alias {rcpt}")
+                return
             log.info("%s: to=<%s> status=bounced (no such local user)", msg.id, rcpt)
             self.queue.record(msg.id, rcpt, BOUNCED, 550, "5.1.1 no such user here")
             return
         if resolution.refused_by:
+            if self._unreturnable(msg):
+                self._review(msg, rcpt, retry, f"<{msg.sender}> is not a member of {resolution.refused_by}, "
+                                               f"which takes mail from its members only")
+                return
             log.info("%s: to=<%s> status=bounced (<%s> is not a member of %s)", msg.id, rcpt, msg.sender,
                      resolution.refused_by)
             self.queue.record(msg.id, rcpt, BOUNCED, 550, f"5.7.1 only members may post to {resolution.refused_by}")
@@ -142,6 +155,31 @@ class Pipeline:
         except Exception:  # a reply that cannot be built must not undo a delivery
             log.exception("%s: to=<%s>: automatic reply failed", msg.id, rcpt)
         self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
+
+    @staticmethod
+    def _unreturnable(msg: Message) -> bool:
+        """Fetched mail (the ISP's copy is gone) and null-sender mail: a failure has nobody
+        to go back to, so it is kept for review instead of bounced (gateway.policy.review)."""
+        return msg.origin == FETCHED or not msg.sender
+
+    def _review(self, msg: Message, rcpt: str, retry: bool, reason: str | None) -> None:
+        try:
+            paths = review.keep(self.config, self.directory, self.queue, msg, rcpt, reason, retry)
+        except OSError as exc:
+            why = "disk full" if is_disk_full(exc) else exc.strerror or str(exc)
+            log.warning("%s: to=<%s> status=deferred (keeping it for review failed: %s)", msg.id, rcpt, why)
+            self.queue.record(msg.id, rcpt, DEFERRED, 451, f"4.3.0 local delivery failed: {why}",
+                              next_retry=time.time() + DISK_FULL_RETRY)
+            return
+        where = ", ".join(p.parent.parent.name for p in paths)
+        if reason:
+            log.warning("%s: from=<%s> to=<%s> status=kept for review in %s (%s)", msg.id, msg.sender, rcpt,
+                        where, reason)
+        else:
+            log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, where,
+                     ", ".join(p.name for p in paths))
+        self.queue.record(msg.id, rcpt, DELIVERED, 250,
+                          f"2.0.0 kept for review in {where}: {reason}" if reason else f"2.0.0 delivered to {where}")
 
     def _quarantine(self, msg: Message, rcpts: list[str], verdict: Verdict, retry: bool) -> None:
         try:
