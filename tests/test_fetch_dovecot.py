@@ -89,11 +89,19 @@ class FetchSite:
             cat.close()
 
     def mail(self, user: str) -> list[bytes]:
-        """Messages in the user's Maildir without the two trace lines local delivery adds."""
+        """Messages in the user's Maildir without the trace lines local delivery adds.
+
+        Fetched mail already has the ISP's Return-Path (every message() here has one), so
+        only a Delivered-To is added, and not even that when the ISP wrote the same one;
+        our own notices get both lines.
+        """
         out = []
         for raw in self.site.mail_of(user):
-            assert raw.startswith(b"Return-Path:")
-            out.append(raw.split(b"\r\n", 2)[2])
+            if raw.startswith(b"Delivered-To:"):
+                raw = raw.split(b"\r\n", 1)[1]
+            elif raw.startswith(b"Return-Path: <>\r\nDelivered-To:"):
+                raw = raw.split(b"\r\n", 2)[2]
+            out.append(raw)
         return out
 
     def queued(self) -> int:

@@ -132,3 +132,38 @@ def _queued(site):
         return q.messages()
     finally:
         q.cat.close()
+
+
+def test_fetched_mail_forwarded_out_keeps_a_sender_and_delivered_to_is_written_once(site, dovecot, smtp_sink):
+    """Dovecot stores no Return-Path for saved mail, so the fetched copy's sender is unknown:
+    the forwarded copy used to leave with MAIL FROM:<>, which nobody can bounce to, and the
+    local copy carried the ISP's Delivered-To and ours."""
+    fetching_site(site, dovecot, f"""
+mode = "multidrop"
+envelope_header = "Delivered-To"
+
+[smarthost]
+host = "127.0.0.1"
+port = {smtp_sink.port}
+starttls = "off"
+
+[forward]
+alice = {{ to = ["alice@home.test"], keep = true }}
+""")
+    dovecot.save("office", b"Delivered-To: alice@office.test\r\n" +
+                 message("someone@outside.test", "alice@office.test", "forward me"))
+    dovecot.save("office", b"Delivered-To: alice@office.test\r\nReturn-Path: <>\r\n" +
+                 message("MAILER-DAEMON@outside.test", "alice@office.test", "a bounce",
+                         headers={"Auto-Submitted": "auto-replied"}))
+    collect(site)
+    kept = site.mail_of("alice")
+    assert len(kept) == 2
+    for raw in kept:
+        head = raw.split(b"\r\n\r\n")[0]
+        assert head.lower().count(b"delivered-to: alice@office.test") == 1, head
+        assert head.count(b"Return-Path:") <= 1, head
+    r = site.cli("connect-now", "--send-only", timeout=90)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    got = {m.message["Subject"]: m for m in smtp_sink.wait_messages(2)}
+    assert (got["forward me"].mail_from, got["forward me"].rcpts) == ("alice@office.test", ["alice@home.test"])
+    assert got["a bounce"].mail_from == ""  # a bounce stays unanswerable when forwarded

@@ -40,7 +40,7 @@ from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue
 
 log = logging.getLogger("dialmail.deliver")
 
-FETCHED = "fetch"  # gateway.fetch.ORIGIN
+FETCHED = forward.FETCHED
 DOUBLE_BOUNCE = "double-bounce"  # gateway.bounce.DOUBLE_BOUNCE: a failed null-sender message, for review
 
 # Origins whose admission stages already ran at SMTP time, or that we wrote ourselves.
@@ -138,9 +138,9 @@ class Pipeline:
         done = []
         try:
             if resolution.remote:
-                done.append(f"forwarded as {forward.forward(self.queue, self.state, msg, rcpt, resolution.remote)}")
+                done.append(f"forwarded as {forward.forward(self.queue, self.state, msg, rcpt, resolution.remote, headers)}")
             for user in resolution.mailboxes:
-                path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry)
+                path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers)
                 log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, user, path.name)
             if resolution.mailboxes:
                 done.insert(0, "delivered to mailbox")
