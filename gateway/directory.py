@@ -12,7 +12,8 @@ resolves, in this order, to:
    or where ``[forward]`` sends that user's mail (plus the user's own mailbox with
    ``keep = true``);
 4. ``postmaster`` and ``abuse``, which always exist and fall back to ``[server] postmaster``
-   or, failing that, a mailbox of their own;
+   or, failing that, a mailbox of their own; ``root`` (what cron and scripts write to)
+   goes to the postmaster;
 5. the domain's catch-all, ``"@domain" = [targets]`` in ``[aliases]``;
 6. an autoresponder address from ``[autoreply]``, which exists even when nobody reads it.
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # the users file module hashes a dummy password at import: no
     from spool.users import Users
 
 ALWAYS = ("postmaster", "abuse")
+TO_POSTMASTER = ("root",)  # unless a user or alias of that name exists
 MAX_DEPTH = 10
 
 
@@ -153,6 +155,8 @@ class Directory:
         if user:
             self._user(user, domain, out, seen, depth, ctx)
             return True
+        if local in TO_POSTMASTER:  # cron and scripts mail root, as /etc/aliases has it
+            return self._expand(f"postmaster@{domain}", out, seen, depth + 1, ctx)
         if local in ALWAYS:
             pm = address.normalise(self.config.server.postmaster)
             if pm.lower() != key and self.is_local(pm) and self._expand(pm, out, seen, depth + 1, ctx):

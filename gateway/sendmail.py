@@ -8,6 +8,7 @@ The message is queued directly in the spool; local recipients are delivered at o
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -74,18 +75,50 @@ def _read(stream: BinaryIO, ignore_dots: bool) -> bytes:
     return b"".join(lines)
 
 
+_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 ftext, then the colon
+
+
+def split_message(data: bytes) -> tuple[bytes, bytes]:
+    """(header block ending in CRLF, body) as Postfix's sendmail reads its input: the
+    headers end at the first empty line, or at the first line that is neither a header
+    nor a continuation -- that line starts the body (``echo "disk full" | sendmail root``)."""
+    pos = 0
+    in_header = False
+    while pos < len(data):
+        end = data.find(b"\r\n", pos)
+        end = len(data) if end < 0 else end
+        line = data[pos:end]
+        if line == b"":
+            return data[:pos], data[end + 2:]
+        if line[:1] in (b" ", b"\t") and in_header:
+            pass
+        elif _FIELD_NAME.match(line):
+            in_header = True
+        else:
+            return data[:pos], data[pos:]
+        pos = end + 2
+    return data, b""
+
+
+def qualify(addr: str, domain: str) -> str:
+    """A bare name becomes name@<first local domain>, as Postfix's append_at_myorigin does."""
+    addr = address.normalise(addr)
+    return f"{addr}@{domain}" if addr and "@" not in addr else addr
+
+
 def submit(config: Config, opts: Options, stream: BinaryIO, login: str) -> str:
     data = _read(stream, opts.ignore_dots)
-    head_end = data.find(b"\r\n\r\n")
-    head, body = (data, b"") if head_end < 0 else (data[:head_end + 2], data[head_end + 2:])
+    if data.startswith(b"From "):  # an mbox separator line, as mail(1) and some scripts write
+        data = data.split(b"\r\n", 1)[1] if b"\r\n" in data else b""
+    head, body = split_message(data)
     headers = BytesHeaderParser(policy=compat32).parsebytes(head)
     domain = config.server.domains[0]
-    sender = opts.sender if opts.sender is not None else f"{login}@{domain}"
-    sender = address.normalise(sender) if sender else ""
-    rcpts = [address.normalise(r) for r in opts.recipients]
+    sender = opts.sender if opts.sender is not None else login
+    sender = qualify(sender, domain) if sender else ""
+    rcpts = [qualify(r, domain) for r in opts.recipients]
     if opts.from_headers:
         for name in ("To", "Cc", "Bcc"):
-            rcpts.extend(address.normalise(a) for _, a in email.utils.getaddresses(headers.get_all(name, []))
+            rcpts.extend(qualify(a, domain) for _, a in email.utils.getaddresses(headers.get_all(name, []))
                          if a)
         head = b"".join(line + b"\r\n" for line in _drop_header(head, b"bcc"))
     rcpts = list(dict.fromkeys(r for r in rcpts if r))
@@ -101,7 +134,8 @@ def submit(config: Config, opts: Options, stream: BinaryIO, login: str) -> str:
         added.append(f"Message-ID: {email.utils.make_msgid(domain=config.server.hostname)}")
     received = (f"Received: by {config.server.hostname} (dialmail sendmail, from userid {login});\r\n"
                 f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n")
-    message = received.encode() + head + "".join(h + "\r\n" for h in added).encode() + body
+    # the header block always ends with an empty line, also when the input had none
+    message = received.encode() + head + "".join(h + "\r\n" for h in added).encode() + b"\r\n" + body
     cat = Catalogue(config.spool_dir)
     try:
         queue = Queue(cat)

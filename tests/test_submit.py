@@ -211,3 +211,34 @@ def test_sendmail_t_takes_recipients_from_headers_and_removes_bcc(running):
     assert b"Bcc:" not in mail[0] and b"after a lone dot" in mail[0]
     assert b"Message-ID:" in mail[0] and b"Date:" in mail[0]
     assert "friend@elsewhere.test" in running.cli("queue", "list").stdout.decode()
+
+
+def test_sendmail_headerless_input_from_cron_keeps_its_text_in_the_body(running):
+    """``echo "disk is full" | sendmail bob``: the added From/Date/Message-ID used to follow
+    the first body line with no empty line between, so they became body text."""
+    r = running.cli("sendmail", "bob", input=b"disk is full\non /var\n")
+    assert r.returncode == 0, r.stderr
+    [raw] = wait_for(lambda: running.mail_of("bob"), what="bob's mail")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert body == b"disk is full\r\non /var\r\n"
+    for name in (b"From:", b"Date:", b"Message-ID:", b"Received:"):
+        assert name in head
+    # a header block cut short by a line that is no header ends there too
+    r = running.cli("sendmail", "bob", input=b"Subject: report\nthis line is no header\nX: y\n")
+    assert r.returncode == 0, r.stderr
+    raws = wait_for(lambda: [m for m in running.mail_of("bob") if b"Subject: report" in m], what="second mail")
+    head, _, body = raws[0].partition(b"\r\n\r\n")
+    assert b"Subject: report\r\n" in head and body == b"this line is no header\r\nX: y\r\n"
+
+
+@pytest.mark.parametrize("name,user", [("bob", "bob"), ("root", "postmaster")])
+def test_sendmail_bare_names_are_local_users_not_the_smarthost(running, name, user):
+    """``sendmail alice`` and ``sendmail root`` (cron) used to queue the bare name for the
+    smarthost; they are qualified with the first local domain, as Postfix's myorigin."""
+    r = running.cli("sendmail", name, input=b"Subject: from cron\n\ncron output\n")
+    assert r.returncode == 0, r.stderr
+    [raw] = wait_for(lambda: running.mail_of(user), what=f"{user}'s mail")
+    assert f"Delivered-To: {name}@office.test\r\n".encode() in raw
+    assert b"[relay]" not in running.cli("queue", "list").stdout
+    # the sender is qualified too: a reply goes back to a local user
+    assert re.search(rb"Return-Path: <[^@>]+@office\.test>", raw)
