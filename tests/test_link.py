@@ -289,6 +289,7 @@ def test_pppd_failing_before_the_interface_comes_up_says_why(tmp_path, stand_in_
     assert not carrier
 
 
+@pytest.mark.needs_kernel
 @pytest.mark.skipif(os.path.exists("/dev/ppp") or shutil.which("pppd") is None,
                     reason="needs the real pppd on a kernel without PPP support")
 @pytest.mark.timeout(30)
@@ -307,6 +308,7 @@ def test_real_pppd_without_kernel_ppp_is_reported_in_words_and_the_line_hung_up(
     assert connects == 1 and not carrier
 
 
+@pytest.mark.needs_kernel
 @pytest.mark.skipif(not os.path.exists("/dev/ppp") or shutil.which("pppd") is None or os.geteuid() != 0,
                     reason="real pppd needs /dev/ppp (this kernel has no PPP support) and root")
 @pytest.mark.timeout(60)
