@@ -422,5 +422,14 @@ for _module in ("gateway.cli_session", "gateway.cli_policy", "gateway.demo"):
             raise
 
 
+# Linked as /usr/sbin/sendmail or /usr/bin/mailq, dialmail is that command (as Postfix's
+# sendmail is): cron and scripts run it by those names, with sendmail's options.
+INVOKED_AS = {"sendmail": "sendmail", "mailq": "mailq"}
+
+
 def main() -> None:
-    app()
+    command = INVOKED_AS.get(os.path.basename(sys.argv[0]))
+    if command is None:
+        app()
+    else:
+        app(args=[command, *sys.argv[1:]], prog_name="dialmail")
