@@ -63,8 +63,8 @@ def test_group_help_shows_each_command_summary_whole(path):
 
 def _run(*args: str, stdin: bytes = b""):
     env = {**os.environ, "DIALMAIL_CONFIG": "/nonexistent/dialmail.toml"}
-    return subprocess.run([sys.executable, "-m", "gateway", *args], input=stdin, capture_output=True, env=env, check=False,
-                          cwd=ROOT, timeout=60)
+    return subprocess.run([sys.executable, "-m", "gateway", *args], input=stdin, capture_output=True, env=env,
+                          cwd=ROOT, timeout=60, check=False)
 
 
 def test_sendmail_help_prints_sendmail_usage_without_a_config():
