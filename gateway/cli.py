@@ -135,16 +135,21 @@ def default_services():
 # ---------------------------------------------------------------- sendmail
 
 
+# sendmail's own options (-t, -i, -f ...) are not click options: they reach parse_args as they
+# came, and so does --help, which prints sendmail's usage rather than click's.
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                "help_option_names": []})
 @explained
 def sendmail(ctx: typer.Context):
-    """sendmail-compatible: read a message on stdin and queue it ([-t] [-i] [-f sender] [rcpt ...])."""
-    from gateway.sendmail import parse_args, submit
+    """sendmail-compatible: queue a message read from stdin (options: dialmail sendmail --help)."""
+    from gateway.sendmail import USAGE, parse_args, submit
     try:
         opts = parse_args(ctx.args)
     except ValueError as exc:
-        fail(f"sendmail: {exc}", EX_USAGE)
+        fail(f"sendmail: {exc} (sendmail --help lists the options)", EX_USAGE)
+    if opts.help:
+        typer.echo(USAGE, nl=False)
+        return
     cfg = state(ctx).config()
     qid = submit(cfg, opts, sys.stdin.buffer, login=_login_name())
     if opts.verbose:
@@ -417,5 +422,14 @@ for _module in ("gateway.cli_session", "gateway.cli_policy", "gateway.demo"):
             raise
 
 
+# Linked as /usr/sbin/sendmail or /usr/bin/mailq, dialmail is that command (as Postfix's
+# sendmail is): cron and scripts run it by those names, with sendmail's options.
+INVOKED_AS = {"sendmail": "sendmail", "mailq": "mailq"}
+
+
 def main() -> None:
-    app()
+    command = INVOKED_AS.get(os.path.basename(sys.argv[0]))
+    if command is None:
+        app()
+    else:
+        app(args=[command, *sys.argv[1:]], prog_name="dialmail")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import importlib.util
 import poplib
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gateway.cli import app
+from gateway.cli import EX_SOFTWARE, EX_UNAVAILABLE, app
 from gateway.simisp import SimulatedISP, free_port
 
 console = Console(highlight=False, width=118)
@@ -103,31 +104,32 @@ def _config(tmp: Path, isp: SimulatedISP, smtp_port: int, pop3_port: int, relay_
         """)
 
 
-async def _run_demo(keep: bool, rate: int) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="dialmail-demo-"))
+async def _run_demo(tmp: Path, rate: int) -> int:
     console.print(f"[bold]dialmail demo[/bold] in {tmp}")
-    isp = await SimulatedISP(tmp / "isp").start()
-    console.print(f"simulated ISP: smarthost 127.0.0.1:{isp.smtp_port}, IMAP (pymap) 127.0.0.1:{isp.imap_port}; "
-                  f"reachable only through the simulated modem at {rate} bit/s")
-    smtp_port, pop3_port, relay_port, imap_port = free_port(), free_port(), free_port(), free_port()
-    pw = tmp / "isp.password"
-    pw.write_text(isp.password + "\n")
-    pw.chmod(0o600)
-    cfg_path = tmp / "dialmail.toml"
-    cfg_path.write_text(_config(tmp, isp, smtp_port, pop3_port, relay_port, imap_port, rate))
-
-    def cli(*args, input=None):
-        return subprocess.run([sys.executable, "-m", "gateway", "-c", str(cfg_path), *args], input=input,
-                              capture_output=True, timeout=120)
-
-    for user, password in USERS.items():
-        cli("users", "add", user, "--password-stdin", input=f"{password}\n".encode())
-    log = open(tmp / "dialmail.log", "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(cfg_path), "run"], stdout=log,
-                              stderr=log)
-    log.close()
-    expects: list[Expect] = []
+    isp = SimulatedISP(tmp / "isp")
+    daemon: subprocess.Popen | None = None
     try:
+        await isp.start()
+        console.print(f"simulated ISP: smarthost 127.0.0.1:{isp.smtp_port}, IMAP (pymap) 127.0.0.1:{isp.imap_port}; "
+                      f"reachable only through the simulated modem at {rate} bit/s")
+        smtp_port, pop3_port, relay_port, imap_port = free_port(), free_port(), free_port(), free_port()
+        pw = tmp / "isp.password"
+        pw.write_text(isp.password + "\n")
+        pw.chmod(0o600)
+        cfg_path = tmp / "dialmail.toml"
+        cfg_path.write_text(_config(tmp, isp, smtp_port, pop3_port, relay_port, imap_port, rate))
+
+        def cli(*args, input=None):
+            return subprocess.run([sys.executable, "-m", "gateway", "-c", str(cfg_path), *args], input=input,
+                                  capture_output=True, timeout=120, check=False)
+
+        for user, password in USERS.items():
+            cli("users", "add", user, "--password-stdin", input=f"{password}\n".encode())
+        log = open(tmp / "dialmail.log", "wb")
+        daemon = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(cfg_path), "run"], stdout=log,
+                                  stderr=log)
+        log.close()
+        expects: list[Expect] = []
         await _wait_port(smtp_port, daemon)
         console.print(f"gateway daemon running (pid {daemon.pid}): SMTP 127.0.0.1:{smtp_port}, "
                       f"POP3 127.0.0.1:{pop3_port}")
@@ -213,17 +215,14 @@ async def _run_demo(keep: bool, rate: int) -> int:
                       else "[bold red]some messages did not arrive where they should[/bold red]")
         return 0 if all_ok else 1
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        if daemon is not None:
+            daemon.terminate()
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
         await isp.stop()
-        if keep:
-            console.print(f"kept {tmp} (logs: dialmail.log, spool/sessions/)")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pop3_subjects(port: int, user: str, password: str) -> list[str]:
@@ -268,4 +267,35 @@ async def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> 
 def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary directory.")] = False,
          rate: Annotated[int, typer.Option("--rate", help="Simulated modem speed, bit/s.")] = 33600):
     """Run the whole system on a simulated modem and ISP, printed as it goes (what `make demo` runs)."""
-    raise typer.Exit(asyncio.run(_run_demo(keep, rate)))
+    if importlib.util.find_spec("pymap") is None:
+        typer.echo("dialmail: demo: the simulated ISP needs pymap (a pure-Python IMAP server), which is not "
+                   f"installed; run: {sys.executable} -m pip install pymap", err=True)
+        raise typer.Exit(EX_UNAVAILABLE)
+    tmp = Path(tempfile.mkdtemp(prefix="dialmail-demo-"))
+    # The directory goes whatever happens (success, failure, Ctrl-C) unless --keep says otherwise;
+    # a failure's explanation is taken from its logs first.
+    try:
+        code = asyncio.run(_run_demo(tmp, rate))
+    except (RuntimeError, OSError) as exc:
+        typer.echo(f"dialmail: demo failed: {exc}", err=True)
+        for log in (tmp / "isp" / "imap.log", tmp / "dialmail.log"):
+            tail = _last_line(log)
+            if tail:
+                typer.echo(f"dialmail: demo: {log.name}: {tail}", err=True)
+        if not keep:
+            typer.echo("dialmail: demo: its directory is removed; 'dialmail demo --keep' keeps it", err=True)
+        code = EX_SOFTWARE
+    finally:
+        if keep:
+            console.print(f"kept {tmp} (logs: dialmail.log, isp/imap.log, spool/sessions/)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise typer.Exit(code)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""

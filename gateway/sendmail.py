@@ -33,6 +33,22 @@ class Options:
     sender: str | None = None
     full_name: str | None = None
     verbose: bool = False
+    help: bool = False
+
+
+USAGE = """\
+usage: sendmail [-t] [-i] [-f sender] [-F name] [-v] [rcpt ...]
+Queue the message read from standard input for the recipients (dialmail's sendmail).
+  -t         take recipients from the To:, Cc: and Bcc: headers too (Bcc: is removed)
+  -i         a line with a lone dot does not end the message (also -oi)
+  -f sender  the envelope sender (also -fsender, -r sender); default: your login name
+             at the first local domain
+  -F name    the full name for a From: header that dialmail adds
+  -v         print the queue id of the message
+  rcpt       recipient addresses
+Other sendmail options (-o..., -B..., -N ..., -h N, ...) are accepted and ignored.
+Exit codes: 0 queued, 64 usage error, 69 permanent failure, 75 try again, 78 bad configuration.
+"""
 
 
 def parse_args(args: list[str]) -> Options:
@@ -42,7 +58,9 @@ def parse_args(args: list[str]) -> Options:
         if arg == "--":
             opts.recipients.extend(it)
             break
-        if not arg.startswith("-") or arg == "-":
+        if arg == "--help":
+            opts.help = True
+        elif not arg.startswith("-") or arg == "-":
             opts.recipients.append(arg)
         elif arg == "-t":
             opts.from_headers = True
@@ -176,4 +194,4 @@ def _drop_header(head: bytes, name: bytes):
             yield line
 
 
-__all__ = ["Options", "parse_args", "submit"]
+__all__ = ["USAGE", "Options", "parse_args", "submit"]
