@@ -55,8 +55,13 @@ def check(config: Config, users=None, probe_clamd: bool = True) -> list[Finding]
     directory = Directory(config, users)
     out: list[Finding] = []
     out += _hostname(config)
-    out += _recipients(config, directory)
-    out += _users(config, users)
+    try:
+        users.names()
+    except OSError as exc:  # e.g. run as another user than the spool's owner
+        out.append(Finding(ERROR, str(users.path), f"cannot read the users file: {exc.strerror or exc}"))
+    else:
+        out += _recipients(config, directory)
+        out += _users(config, users)
     out += _tls(config)
     out += _smarthost(config)
     out += _fetch(config, directory)
@@ -68,9 +73,10 @@ def check(config: Config, users=None, probe_clamd: bool = True) -> list[Finding]
 def at_start(config: Config) -> list[Finding]:
     """For the daemon: log every finding once, and refuse to start when mail would be lost."""
     findings = check(config)
-    for f in findings:
-        (log.error if f.level == ERROR else log.warning)("%s", f)
     fatal = [f for f in findings if f.refuse_start]
+    for f in findings:
+        if not f.refuse_start:  # those are the ConfigError below, said once
+            (log.error if f.level == ERROR else log.warning)("%s", f)
     if fatal:
         raise ConfigError(f"{fatal[0]} (not starting: mail would be lost)")
     return findings
