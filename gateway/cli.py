@@ -85,10 +85,23 @@ def main_options(ctx: typer.Context,
 @app.command()
 @explained
 def check(ctx: typer.Context):
-    """Validate the configuration and print a summary."""
+    """Validate the configuration against this machine (users, files, clamd) and print a summary.
+
+    Exits 78 when anything would fail once the daemon runs or the link is up; warnings only tell.
+    """
+    from gateway import preflight
     cfg = state(ctx).config()
+    findings = preflight.check(cfg)
+    errors = [f for f in findings if f.level == preflight.ERROR]
+    for f in findings:
+        typer.echo(f"dialmail: {'configuration error' if f.level == preflight.ERROR else 'warning'}: {f}",
+                   err=True)
+    if errors:
+        fail(f"{cfg.path}: {len(errors)} problem{'s' if len(errors) > 1 else ''} to fix before dialmail runs",
+             EX_CONFIG)
     s = cfg.server
-    typer.echo(f"configuration {cfg.path}: OK")
+    warned = len(findings)
+    typer.echo(f"configuration {cfg.path}: OK" + (f" ({warned} warning{'s' if warned > 1 else ''})" if warned else ""))
     typer.echo(f"  hostname      {s.hostname}")
     typer.echo(f"  domains       {', '.join(s.domains)}")
     typer.echo(f"  spool         {s.spool_dir}")
@@ -112,10 +125,12 @@ def check(ctx: typer.Context):
 @explained
 def run(ctx: typer.Context):
     """Run the daemon in the foreground (SMTP, POP3, local delivery, scheduler, control socket)."""
+    from gateway import preflight
     from gateway.daemon import Daemon
     st = state(ctx)
     cfg = st.config()
     setup_logging(st.verbose)
+    preflight.at_start(cfg)  # logs what `dialmail check` would say; refuses a postmaster that loses mail
     asyncio.run(Daemon(cfg, services=default_services()).serve())
 
 
@@ -187,6 +202,12 @@ def users_add(ctx: typer.Context, name: str,
                                                                                       "the first line of stdin.")] = False):
     """Add a local user (a mailbox in every local domain, or only in DOMAIN for NAME@DOMAIN)."""
     from spool.users import UserError
+    server = state(ctx).config().server
+    domain = name.rpartition("@")[2].strip().lower() if "@" in name else None
+    if domain is not None and not server.is_local_domain(domain):
+        # Mail to such a user would be relayed out to that domain, never into this mailbox.
+        fail(f"{domain} is not a local domain (have: {', '.join(server.domains)}); add it to [server] domains "
+             f"first, or give the bare name to have a mailbox in every local domain", EX_USAGE)
     try:
         _users(ctx).add(name, _read_password(password_stdin))
     except UserError as exc:

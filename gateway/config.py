@@ -199,10 +199,15 @@ class Config:
     aliases: dict[str, tuple[str, ...]]
     raw: dict[str, Any] = field(repr=False, compare=False)
     policy: Any = None  # gateway.policy.settings.PolicySettings: block lists, virus scan, groups, replies
+    source: str = field(default="", repr=False, compare=False)  # the file's text, for line numbers
 
     @property
     def spool_dir(self) -> Path:
         return self.server.spool_dir
+
+    def where(self, section: str, key: str | None = None, index: int = 0) -> str:
+        """``file:LINE: section.key`` for a problem found after loading (see gateway.preflight)."""
+        return _Loader(self.path, self.source).where(section, key, index)
 
 
 # ---------------------------------------------------------------- value parsers
@@ -295,7 +300,10 @@ class _Section:
             for key in data:
                 if key not in known:
                     hint = _closest(key, known)
-                    loader.fail(name, key, "unknown key" + (f" (did you mean {hint!r}?)" if hint else ""), index)
+                    what = "unknown key"
+                    if not name:  # the top level holds only sections
+                        what = "unknown section" if isinstance(data[key], dict) else "unknown key"
+                    loader.fail(name, key, what + (f" (did you mean {hint!r}?)" if hint else ""), index)
 
     def fail(self, key: str | None, msg: str):
         self.loader.fail(self.name, key, msg, self.index)
@@ -379,10 +387,13 @@ class _Loader:
     def __init__(self, path: Path | None, text: str):
         self.path, self.text = path, text
         self.base = path.parent if path else None
+        self._lines: dict[str, int] | None = None
 
     def where(self, section: str, key: str | None, index: int = 0) -> str:
-        name = f"{section}.{key}" if key else section
-        line = _find_line(self.text, section, key, index)
+        name = ".".join(part for part in (section, key) if part)
+        if self._lines is None:
+            self._lines = key_lines(self.text)
+        line = find_line(self._lines, section, key, index)
         loc = str(self.path) if self.path else "<config>"
         return f"{loc}:{line}: {name}" if line else f"{loc}: {name}"
 
@@ -390,26 +401,62 @@ class _Loader:
         raise ConfigError(f"{self.where(section, key, index)}: {msg}")
 
 
-def _find_line(text: str, section: str, key: str | None, index: int = 0) -> int | None:
-    """Best-effort line number of ``key`` inside ``[section]`` (tomllib keeps none).
+# tomllib keeps no line numbers, so the lines are found again in the text: every table
+# header and every key, by its full dotted path ("groups.support.mode"; the n-th [[fetch]]
+# is "fetch[n]").  Good enough for pointing an admin at a line; not a TOML parser.
+_KEY_PART = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_DOTTED = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_HEADER = re.compile(rf"\s*(\[\[?)\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?$")
+_ASSIGN = re.compile(rf"\s*({_DOTTED})\s*=")
 
-    ``index`` picks the n-th ``[[section]]`` of an array of tables.
-    """
-    table = re.sub(r"\[.*\]$", "", section.split(".")[0])
-    current, seen, header_line = "", -1, None
+
+def _key_path(dotted: str) -> list[str]:
+    return [p[1:-1] if p[:1] in "\"'" else p for p in re.findall(_KEY_PART, dotted)]
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Line number of every table header and key in ``text``, by full dotted path."""
+    lines: dict[str, int] = {}
+    table: list[str] = []
+    arrays: dict[str, int] = {}
+    in_string = None  # the quote of a multi-line string being skipped
     for no, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        m = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", stripped)
-        if m:
-            current = m.group(1)
-            if current == table:
-                seen += 1
-                if seen == index:
-                    header_line = no
+        if in_string:
+            if line.count(in_string) % 2:
+                in_string = None
             continue
-        if key and current == table and seen == index and re.match(rf"^{re.escape(key)}\s*=", stripped):
-            return no
-    return header_line
+        m = _HEADER.match(line)
+        if m:
+            path = _key_path(m.group(2))
+            if m.group(1) == "[[":
+                joined = ".".join(path)
+                arrays[joined] = arrays.get(joined, -1) + 1
+                path = path[:-1] + [f"{path[-1]}[{arrays[joined]}]"]
+            table = path
+            lines.setdefault(".".join(table), no)
+            continue
+        m = _ASSIGN.match(line)
+        if m:
+            lines.setdefault(".".join(table + _key_path(m.group(1))), no)
+            rest = line[m.end():]
+            for quote in ('"""', "'''"):
+                if rest.count(quote) % 2:
+                    in_string = quote
+    return lines
+
+
+def find_line(lines: dict[str, int], section: str, key: str | None, index: int = 0) -> int | None:
+    """The line of ``key`` in ``section``; else of the nearest enclosing table or inline table;
+    else of the first line inside it.  ``index`` picks the n-th ``[[section]]``."""
+    section = re.sub(r"^([^.\[]+)\[[^\]]*\]", rf"\g<1>[{index}]", section)
+    target = ".".join(part for part in (section, key) if part)
+    if target in lines:
+        return lines[target]
+    enclosing = [p for p in lines if target.startswith(p + ".")]
+    if enclosing:
+        return lines[max(enclosing, key=len)]
+    inside = [no for p, no in lines.items() if p.startswith((target + ".", target + "["))]
+    return min(inside) if inside else None
 
 
 def find_config_path(explicit: str | os.PathLike | None, environ: dict[str, str] | None = None) -> Path:
@@ -432,13 +479,26 @@ def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None =
     return loads(text, p.resolve())
 
 
+def _syntax_error(path: Path | None, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """tomllib's message ends in "(at line L, column C)": put the line where every other error has it."""
+    loc = str(path) if path else "<config>"
+    msg = str(exc)
+    m = re.fullmatch(r"(.*?)\s*\(at line (\d+), column (\d+)\)", msg, re.DOTALL)
+    if m:
+        return f"{loc}:{m.group(2)}: TOML syntax error: {m.group(1)} (column {m.group(3)})"
+    m = re.fullmatch(r"(.*?)\s*\(at end of document\)", msg, re.DOTALL)
+    if m:
+        return f"{loc}:{max(1, len(text.splitlines()))}: TOML syntax error: {m.group(1)} (at the end of the file)"
+    return f"{loc}: TOML syntax error: {msg}"
+
+
 def loads(text: str, path: Path | None = None) -> Config:
     loader = _Loader(path, text)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path or '<config>'}: TOML syntax error: {exc}") from None
-    top = _Section(loader, "(top level)", raw, {"server", "smtp", "pop3", "smarthost", "queue", "fetch", "link",
+        raise ConfigError(_syntax_error(path, text, exc)) from None
+    top = _Section(loader, "", raw, {"server", "smtp", "pop3", "smarthost", "queue", "fetch", "link",
                                                 "schedule", "demand", "session", "aliases", "policy",
                                                 "groups", "forward", "autoreply", "vacation", "blocklist",
                                                 "virus", "users"})
@@ -459,9 +519,9 @@ def loads(text: str, path: Path | None = None) -> Config:
         loader.fail("fetch", None, "must be an array of tables: write [[fetch]]")
     fetch = tuple(_fetch(loader, i, item, server) for i, item in enumerate(fetch_raw))
     names = [f.name for f in fetch]
-    for n in names:
-        if names.count(n) > 1:
-            loader.fail("fetch", "name", f"two [[fetch]] accounts are called {n!r}")
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            loader.fail(f"fetch[{n}]", "name", f"two [[fetch]] accounts are called {n!r}", i)
     link_sec = _Section(loader, "link", raw.get("link"))
     link = _link(link_sec)
     sched = _Section(loader, "schedule", raw.get("schedule"), {"dial"})
@@ -484,7 +544,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     policy = _policy(loader, raw, server, smtp)
     return Config(path=path, server=server, smtp=smtp, pop3=pop3, smarthost=smarthost, queue=queue,
                   fetch=fetch, link=link, schedule=schedule, demand=demand, session=session,
-                  aliases=aliases, raw=raw, policy=policy)
+                  aliases=aliases, raw=raw, policy=policy, source=text)
 
 
 def _server(s: _Section) -> ServerConfig:

@@ -39,6 +39,19 @@ def test_config_found_via_environment(tmp_path):
      "fetch[isp].envelope_header", 4),
     (MINIMAL + "[[fetch]]\nhost = \"h\"\nusername = \"u\"\n", "fetch[u].deliver_to", 4),
     (MINIMAL.replace('"/tmp/x"', '"/tmp/x"\nmynetworks = ["10.0.0.0/33"]'), "server.mynetworks", 4),
+    # unknown sections, keys of sub-tables, dotted keys, inline tables, the n-th [[fetch]]
+    (MINIMAL + "\n[smpt]\nlisten = []\n", "smpt", 5),
+    (MINIMAL + "[groups.support]\nmembers = [\"a\"]\nmdoe = \"all\"\n", "groups.support.mdoe", 6),
+    (MINIMAL + "[groups.support]\nmembers = [\"a\"]\nmode = \"rr\"\n", "groups.support.mode", 6),
+    (MINIMAL + "[groups]\nsupport.members = [\"a\"]\nsupport.mode = \"rr\"\n", "groups.support.mode", 6),
+    (MINIMAL + "[groups.\"board@office.test\"]\nmembers = []\n", "groups.board@office.test.members", 5),
+    (MINIMAL + "[forward]\nalice = { to = [\"bob\"] }\nbob = { to = [] }\n", "forward.bob.to", 6),
+    (MINIMAL + "[smarthost.rewrite]\n\"@office.test\" = \"nobody\"\n", "smarthost.rewrite.@office.test", 5),
+    (MINIMAL + '[[fetch]]\nname = "a"\nhost = "h"\nusername = "u"\ndeliver_to = "x"\n'
+     '[[fetch]]\nname = "b"\nhost = "h"\nusername = "u"\ndeliver_to = "x"\nport = 0\n', "fetch[b].port", 14),
+    (MINIMAL + '[[fetch]]\nname = "a"\nhost = "h"\nusername = "u"\ndeliver_to = "x"\n'
+     '[[fetch]]\nname = "a"\nhost = "h"\nusername = "u"\ndeliver_to = "x"\n', "fetch[a].name", 10),
+    (MINIMAL + '[autoreply."info@office.test"]\nfile = "missing.eml"\n', "autoreply.info@office.test.file", 5),
 ])
 def test_config_errors_name_key_and_line(text, key, line, tmp_path):
     p = tmp_path / "dialmail.toml"
@@ -47,6 +60,20 @@ def test_config_errors_name_key_and_line(text, key, line, tmp_path):
         config.load(p)
     msg = str(exc.value)
     assert f"{p}:{line}: {key}:" in msg, msg
+
+
+@pytest.mark.parametrize("text, line", [
+    ("[server\ndomains = []\n", 1),
+    (MINIMAL + "[smtp]\nmax_message_size = \"50MB\n", 5),
+    (MINIMAL + "[server]\n", 4),
+    (MINIMAL + "listen = [1,\n", 4),
+])
+def test_toml_syntax_errors_name_the_line(text, line, tmp_path):
+    p = tmp_path / "dialmail.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        config.load(p)
+    assert str(exc.value).startswith(f"{p}:{line}: TOML syntax error: "), exc.value
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
