@@ -157,3 +157,16 @@ def test_ctrl_c_detaches_from_the_daemon_and_hangup_ends_the_session(site, smtp_
     assert "link: idle" in status and "manual interrupted" in status, status
     assert_nothing_lost_or_repeated(site, smtp_sink, subjects)
     assert "no dial session is running" in site.cli("hangup").stdout.decode()
+
+
+def test_ctrl_c_while_dialing_cuts_the_dial_short(site, smtp_sink):
+    """Nothing moves yet while the modem dials: Ctrl-C ends the dial at once, no waiting for it."""
+    site.write_config(sim_link(free_port(), smtp_sink.port).replace('dial_delay = "1s"', 'dial_delay = "60s"'))
+    live = Live(site, "connect-now", "--send-only")
+    live.wait_line("bringing the link up")
+    live.proc.send_signal(signal.SIGINT)
+    rc = live.finish(timeout=30)
+    assert rc == 130, live.output
+    assert "session 1 interrupted" in live.output, live.output
+    log, _ = log_and_status(site)
+    assert "interrupted by Ctrl-C while dialing" in log, log
