@@ -1,70 +1,113 @@
-"""``connect-now``, ``log`` and ``status``: the session commands, with live progress."""
+"""``connect-now``, ``hangup``, ``log`` and ``status``: the session commands, with live progress."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import signal
+import textwrap
 import time
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from gateway.cli import EX_TEMPFAIL, app, explained, state
+from gateway.cli import EX_TEMPFAIL, EX_UNAVAILABLE, app, explained, state
 
-console = Console(stderr=False, highlight=False)
+# soft_wrap: a long reason stays one line (the terminal folds it; cron mail and grep keep it whole).
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+
+WIDE_LOG = 120  # terminal columns from which `dialmail log` shows the bit rate and byte counts
 
 
 class ProgressView:
-    """Turns session events into lines and per-direction byte counters."""
+    """Turns session events into lines and per-direction byte counters.
 
-    def __init__(self, out: Console):
+    ``quiet`` (for cron, which mails any output): nothing is printed as it happens; the
+    lines that explain a failure are kept and printed by ``explain`` when it failed.
+    """
+
+    def __init__(self, out: Console, quiet: bool = False):
         self.out = out
+        self.quiet = quiet
         self.started = time.monotonic()
         self.sent_bytes = 0
         self.fetched_bytes = 0
         self.outcome: str | None = None
         self.record: dict | None = None
+        self.reasons: list[str] = []  # the lines that say what went wrong, for --quiet
+        self.summary: str | None = None
+
+    def say(self, text: str, reason: bool = False) -> None:
+        """One line of progress; ``text`` is rich markup, so outside text must be escaped."""
+        if reason:
+            self.reasons.append(text)
+        if not self.quiet:
+            self.out.print(text)
 
     def __call__(self, event: dict) -> None:
         kind = event.get("type")
         t = f"[dim]{time.monotonic() - self.started:6.1f}s[/dim]"
         if kind == "session":
-            self.out.print(f"{t} session {event['id']} ({event['trigger']}, {event['mode']})")
+            self.say(f"{t} session {event['id']} ({event['trigger']}, {event['mode']})")
         elif kind == "dialing":
-            self.out.print(f"{t} bringing the link up ({event.get('backend')})")
+            self.say(f"{t} bringing the link up ({event.get('backend')})")
         elif kind == "modem":
-            self.out.print(f"{t} [cyan]modem[/cyan] {event.get('text')}")
+            self.say(f"{t} [cyan]modem[/cyan] {escape(str(event.get('text')))}")
         elif kind == "connected":
-            self.out.print(f"{t} [green]CONNECTED[/green] {event.get('description') or ''}")
+            self.say(f"{t} [green]CONNECTED[/green] {escape(event.get('description') or '')}")
         elif kind == "send":
             self._transfer(t, "send", event)
         elif kind == "fetch":
             self._transfer(t, "fetch", event)
         elif kind == "send-done":
-            self.out.print(f"{t} sending done: {event['sent']} sent, {event['deferred']} deferred, "
-                           f"{event['bounced']} bounced")
+            why = event.get("error")
+            self.say(f"{t} sending done: {event['sent']} sent, {event['deferred']} deferred, "
+                     f"{event['bounced']} bounced" + (f" [red]({escape(why)})[/red]" if why else ""), reason=bool(why))
         elif kind == "fetch-done":
-            self.out.print(f"{t} fetching done: {event['fetched']} fetched")
+            whys = event.get("errors") or []
+            self.say(f"{t} fetching done: {event['fetched']} fetched"
+                     + (f" [red]({escape('; '.join(whys))})[/red]" if whys else ""), reason=bool(whys))
         elif kind == "hangup":
-            self.out.print(f"{t} hanging up")
+            self.say(f"{t} hanging up")
         elif kind in ("error", "stopping", "refused"):
-            self.out.print(f"{t} [red]{kind}[/red]: {event.get('message') or event.get('reason')}")
+            text = str(event.get("message") or event.get("reason"))
+            self.say(f"{t} [red]{kind}[/red]: {escape(text)}", reason=True)
         elif kind == "retry":
-            self.out.print(f"{t} line dropped: trying again in {event['in']}s "
-                           f"(retry {event['attempt']} of {event['of']})")
+            self.say(f"{t} line dropped: trying again in {event['in']}s "
+                     f"(retry {event['attempt']} of {event['of']})", reason=True)
         elif kind == "info":
-            self.out.print(f"{t} {event.get('message')}")
+            self.say(f"{t} {escape(str(event.get('message')))}")
         elif kind == "done":
             self.record = event.get("record")
             self.outcome = event.get("outcome")
             r = self.record or {}
-            self.out.print(f"{t} session {event['id']} {self.outcome}: sent {r.get('sent', 0)}, "
-                           f"deferred {r.get('deferred', 0)}, bounced {r.get('bounced', 0)}, "
-                           f"fetched {r.get('fetched', 0)}; connected {r.get('connected_seconds', 0)}s"
-                           f"{', cost ' + str(r.get('cost')) if r.get('cost') else ''}")
+            errors = r.get("errors") or []
+            self.say(f"{t} session {event['id']} {self.outcome}: sent {r.get('sent', 0)}, "
+                     f"deferred {r.get('deferred', 0)}, bounced {r.get('bounced', 0)}, "
+                     f"fetched {r.get('fetched', 0)}; connected {r.get('connected_seconds', 0)}s"
+                     f"{', cost ' + str(r.get('cost')) if r.get('cost') else ''}"
+                     + (f" [red]— {escape('; '.join(errors))}[/red]" if errors else ""))
+            self.summary = f"session {event['id']} {self.outcome}"
         elif kind == "end":
             self.outcome = event.get("outcome")
+
+    def explain(self) -> None:
+        """For --quiet after a failure: what failed and why, in the lines shown live."""
+        if not self.quiet:
+            return
+        r = self.record or {}
+        head = self.summary or f"session {self.outcome or 'failed'}"
+        self.out.print(f"dialmail connect-now: {head}: sent {r.get('sent', 0)}, deferred {r.get('deferred', 0)}, "
+                       f"bounced {r.get('bounced', 0)}, fetched {r.get('fetched', 0)}")
+        for line in self.reasons:
+            self.out.print(line)
+        for err in r.get("errors") or []:
+            if not any(escape(err) in line for line in self.reasons):
+                self.out.print(f"  {escape(err)}")
 
     def _transfer(self, t: str, way: str, ev: dict) -> None:
         what = ev.get("qid") or ev.get("uid") or ev.get("message_id") or ""
@@ -73,7 +116,13 @@ class ProgressView:
         size = f" {int(ev['size']) / 1024:.1f} KiB" if ev.get("size") is not None else ""
         count = f" [{ev['done']}/{ev['done'] + ev['left']}]" if ev.get("left") is not None else ""
         arrow = "→ sent" if way == "send" else "← fetched"
-        self.out.print(f"{t} {arrow}{count} {what}{size}{rate}".rstrip())
+        self.say(f"{t} {arrow}{escape(count)} {escape(str(what))}{size}{rate}".rstrip())
+
+
+# Exit codes of connect-now besides 0 (the session went through) and 1 (it failed):
+# 75 (EX_TEMPFAIL) when part of the work is left for the next session, and the shell's
+# 128 + signal when this command itself was interrupted.
+EX_INTERRUPTED = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 
 @app.command("connect-now")
@@ -82,41 +131,123 @@ def connect_now(ctx: typer.Context,
                 send_only: Annotated[bool, typer.Option("--send-only", help="Only send the queue.")] = False,
                 fetch_only: Annotated[bool, typer.Option("--fetch-only", help="Only fetch new mail.")] = False,
                 wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the session until it ends "
-                                                   "(default).")] = True):
+                                                   "(default).")] = True,
+                quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing unless the session "
+                                                    "failed; then say what failed and why (for cron).")] = False):
     """Bring the link up now, send and fetch, hang up; shows live progress.
 
-    Asks the running daemon if there is one, else runs the session itself.
-    Exits non-zero when the session failed, so cron can mail the admin.
+    Asks the running daemon if there is one, else runs the session itself.  Ctrl-C
+    then ends the session at a safe point and hangs up (a second Ctrl-C cuts it off);
+    with the daemon, Ctrl-C only stops following: `dialmail hangup` ends the session.
+    Exits non-zero when the session failed or was interrupted, so cron can mail the admin.
     """
     if send_only and fetch_only:
         typer.echo("dialmail: --send-only and --fetch-only exclude each other", err=True)
         raise typer.Exit(64)
     mode = "send" if send_only else "fetch" if fetch_only else "both"
     cfg = state(ctx).config()
-    view = ProgressView(console)
-    outcome = asyncio.run(_connect(cfg, mode, view, wait))
-    if outcome not in ("ok", "started"):
-        raise typer.Exit(EX_TEMPFAIL if outcome in ("partial", "refused") else 1)
+    view = ProgressView(console, quiet=quiet)
+    outcome, signalled = asyncio.run(_connect(cfg, mode, view, wait))
+    if outcome in ("ok", "started"):
+        return
+    if outcome != "detached":
+        view.explain()
+    if signalled:
+        raise typer.Exit(EX_INTERRUPTED[signalled])
+    raise typer.Exit(EX_TEMPFAIL if outcome in ("partial", "refused", "interrupted") else 1)
 
 
-async def _connect(cfg, mode: str, view: ProgressView, wait: bool) -> str:
+async def _connect(cfg, mode: str, view: ProgressView, wait: bool) -> tuple[str, str | None]:
+    """The session's outcome (or "started", "detached") and the signal that interrupted it here."""
     from gateway.control import NoDaemon, request
+    loop = asyncio.get_running_loop()
+    follower = asyncio.current_task()
+    loop.add_signal_handler(signal.SIGINT, follower.cancel)
     try:
-        async for event in request(cfg.spool_dir, {"cmd": "connect", "mode": mode}):
-            view(event)
-            if not wait and event.get("type") in ("session", "info"):
-                return "started"
-        return view.outcome or "failed"
+        async with contextlib.aclosing(request(cfg.spool_dir, {"cmd": "connect", "mode": mode})) as events:
+            async for event in events:
+                view(event)
+                if not wait and event.get("type") in ("session", "info"):
+                    return "started", None
+        return view.outcome or "failed", None
     except NoDaemon:
         pass
+    except asyncio.CancelledError:
+        follower.uncancel()
+        # Ctrl-C stops the viewer only; the daemon's session is not ours to end.
+        view.out.print("\nstopped following: the session goes on in the daemon; "
+                       "`dialmail hangup` ends it", highlight=False)
+        return "detached", "Ctrl-C"
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    return await _run_here(cfg, mode, view)
+
+
+async def _run_here(cfg, mode: str, view: ProgressView) -> tuple[str, str | None]:
+    """No daemon: run the session in this process; Ctrl-C or SIGTERM interrupt it at a safe point."""
     from gateway.daemon import Spool
-    from gateway.session import SessionContext, run_with_retries
+    from gateway.session import SessionContext, SessionControl, run_with_retries
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    control = SessionControl()
+
+    def interrupted(by: str) -> None:
+        if control.interrupted_by is None:
+            if control.interrupt(by):
+                view.say(f"{by}: ending the session at a safe point and hanging up (Ctrl-C again cuts it off)")
+        else:  # asked twice: stop now; the session log still gets its record
+            main.cancel()
+
+    for sig, name in ((signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")):
+        loop.add_signal_handler(sig, interrupted, name)
     spool = Spool(cfg)
     try:
-        rec = await run_with_retries(SessionContext(cfg, spool), "manual", mode, emit=view)
-        return rec.outcome
+        rec = await run_with_retries(SessionContext(cfg, spool), "manual", mode, emit=view, control=control)
+        return rec.outcome, control.interrupted_by
+    except asyncio.CancelledError:
+        main.uncancel()
+        return "interrupted", control.interrupted_by or "Ctrl-C"
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         spool.close()
+
+
+@app.command("hangup")
+@explained
+def hangup(ctx: typer.Context):
+    """End the running dial session at a safe point and hang up the line.
+
+    Mail in flight stays queued for the next session, as at the session's max_time.
+    """
+    from gateway.control import NoDaemon, request
+    from spool.sessions import SessionLock
+    cfg = state(ctx).config()
+    view = ProgressView(console)
+
+    async def ask() -> str | None:
+        async for event in request(cfg.spool_dir, {"cmd": "hangup"}):
+            kind = event.get("type")
+            if kind == "no-session":
+                return None
+            if kind == "hangup-asked":
+                typer.echo("asked the daemon to end the session at a safe point and hang up")
+            elif kind in ("stopping", "hangup", "hungup", "done", "error"):
+                view(event)
+        return view.outcome or "ended"
+
+    try:
+        outcome = asyncio.run(ask())
+    except NoDaemon:
+        holder = SessionLock(cfg.spool_dir).holder()
+        if holder:
+            # A connect-now running the session itself: its own Ctrl-C or SIGTERM ends it.
+            typer.echo(f"no daemon is running; a session runs in process {holder} (connect-now): press Ctrl-C "
+                       f"there, or `kill -TERM {holder}`, to end it at a safe point")
+            raise typer.Exit(EX_UNAVAILABLE) from None
+        outcome = None
+    if outcome is None:
+        typer.echo("no dial session is running; nothing to hang up")
 
 
 @app.command("log")
@@ -130,18 +261,36 @@ def session_log(ctx: typer.Context,
     cat = Catalogue(cfg.spool_dir)
     rows = SessionLog(cat).last(last)
     cat.close()
-    table = Table(title=f"last {len(rows)} session(s)")
-    for col in ("#", "started", "trigger", "outcome", "bit/s", "online", "bytes up/down", "sent/defer/bounce",
-                "fetched", "cost", "errors"):
-        table.add_column(col, justify="left" if col in ("started", "trigger", "outcome", "errors") else "right",
-                         no_wrap=col != "errors")
+    width = console.width
+    # Errors are printed under the table, one wrapped paragraph per session: a column of
+    # their own would be a few characters wide on a terminal and wrap word by word.
+    wide = width >= WIDE_LOG
+    table = Table(title=f"last {len(rows)} session(s)", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  collapse_padding=not wide)
+    columns = ("#", "started", "trigger", "outcome", "bit/s", "online", "bytes up/down", "sent/defer/bounce",
+               "fetched", "cost") if wide else ("#", "started", "trigger", "outcome", "online", "sent/def/bnc",
+                                                "fetched", "cost")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("started", "trigger", "outcome") else "right", no_wrap=True)
     cur = cfg.session.currency
     for sid, r in rows:
-        table.add_row(str(sid), dt.datetime.fromtimestamp(r.started).strftime("%m-%d %H:%M:%S"), r.trigger,
-                      r.outcome, str(r.connect_rate or "-"), f"{r.connected_seconds:.0f}s",
-                      f"{r.bytes_up}/{r.bytes_down}", f"{r.sent}/{r.deferred}/{r.bounced}", str(r.fetched),
-                      f"{r.cost:.2f}{(' ' + cur) if cur else ''}", "; ".join(r.errors) or "-")
-    Console(width=max(console.width, 132)).print(table)
+        cells = {"#": str(sid), "started": dt.datetime.fromtimestamp(r.started).strftime("%m-%d %H:%M:%S" if wide else "%m-%d %H:%M"),
+                 "trigger": r.trigger, "outcome": r.outcome + ("*" if r.errors else ""),
+                 "bit/s": str(r.connect_rate or "-"), "online": f"{r.connected_seconds:.0f}s",
+                 "bytes up/down": f"{r.bytes_up}/{r.bytes_down}",
+                 "sent/defer/bounce": f"{r.sent}/{r.deferred}/{r.bounced}",
+                 "sent/def/bnc": f"{r.sent}/{r.deferred}/{r.bounced}", "fetched": str(r.fetched),
+                 "cost": f"{r.cost:.2f}{(' ' + cur) if cur and wide else ''}"}
+        table.add_row(*(escape(cells[c]) for c in columns))
+    Console(width=width, highlight=False).print(table)
+    with_errors = [(sid, r) for sid, r in rows if r.errors]
+    if with_errors:
+        typer.echo("* errors:")
+    for sid, r in with_errors:
+        lead = f"  #{sid} "
+        for n, err in enumerate(r.errors):
+            typer.echo(textwrap.fill(err, width=max(width - 1, 40), initial_indent=lead if n == 0 else " " * len(lead),
+                                     subsequent_indent=" " * (len(lead) + 2), break_on_hyphens=False))
 
 
 @app.command("status")

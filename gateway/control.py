@@ -1,11 +1,14 @@
-"""The daemon's control socket: ``connect-now`` and ``status`` from the command line.
+"""The daemon's control socket: ``connect-now``, ``hangup`` and ``status`` from the command line.
 
 A unix socket ``<spool>/control.sock`` (mode 0600: only the spool's owner may talk to
 it).  One JSON object per line.  Requests:
 
     {"cmd": "status"}                         -> one status object
     {"cmd": "connect", "mode": "both"}        -> the session's events, one per line,
-                                                 ending with {"type": "done", ...}
+                                                 ending with {"type": "end", ...}
+    {"cmd": "hangup"}                         -> {"type": "hangup-asked", ...} and the
+                                                 session's events to its "end", or
+                                                 {"type": "no-session", ...}
 
 A connect while a session runs follows that session instead of starting another.
 """
@@ -20,9 +23,13 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from gateway.session import SessionContext, run_with_retries
+from gateway.session import SessionContext, SessionControl, run_with_retries
 
 log = logging.getLogger("dialmail.control")
+
+# How long a stopping daemon lets the session in progress stop at a safe point and hang
+# up before it cuts it off (systemd's TimeoutStopSec default is 90 s).
+SESSION_STOP_GRACE = 30.0
 
 
 def socket_path(spool_dir: Path) -> Path:
@@ -38,6 +45,8 @@ class SessionRunner:
         self.subscribers: set[asyncio.Queue] = set()
         self.state = "idle"
         self.current: dict[str, Any] | None = None
+        self.control = SessionControl()
+        self.closing = False  # the daemon is stopping: no new session
 
     @property
     def busy(self) -> bool:
@@ -45,23 +54,44 @@ class SessionRunner:
 
     def start(self, trigger: str, mode: str = "both") -> bool:
         """Start a session unless one runs; True if this call started it."""
-        if self.busy:
+        if self.busy or self.closing:
             return False
         ctx = SessionContext(self.daemon.config, self.daemon.spool,
                              kick_delivery=self.daemon.worker.kick if self.daemon.worker else None)
         self.current = {"trigger": trigger, "mode": mode, "started": time.time()}
+        self.control = SessionControl()
         self.task = self.daemon.spawn(self._run(ctx, trigger, mode), f"session-{trigger}")
         return True
 
     async def _run(self, ctx: SessionContext, trigger: str, mode: str) -> None:
         outcome = "failed"
         try:
-            rec = await run_with_retries(ctx, trigger, mode, emit=self._publish)
+            rec = await run_with_retries(ctx, trigger, mode, emit=self._publish, control=self.control)
             outcome = rec.outcome
+        except asyncio.CancelledError:
+            outcome = "interrupted"
+            raise
         finally:
             self.current = None
             self.state = "idle"
             self._publish({"type": "end", "outcome": outcome})
+
+    def hangup(self, by: str) -> bool:
+        """End the running session at a safe point and hang up; False when none runs."""
+        return self.busy and self.control.interrupt(by)
+
+    async def stop(self, by: str, grace: float = SESSION_STOP_GRACE) -> None:
+        """The daemon is stopping: end the session as ``dialmail hangup`` would, then wait."""
+        self.closing = True
+        if not self.busy:
+            return
+        self.hangup(by)
+        done, _ = await asyncio.wait({self.task}, timeout=grace)
+        if not done:
+            log.warning("the session did not stop within %ss of %s; cutting it off", grace, by)
+            self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
 
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
@@ -103,10 +133,7 @@ async def service(daemon):
         server.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        if runner.busy:
-            runner.task.cancel()
-            with contextlib.suppress(BaseException):
-                await runner.task
+        await runner.stop(daemon.stop_reason or "the daemon stopping")
 
     return stop
 
@@ -121,6 +148,8 @@ async def _client(daemon, runner: SessionRunner, reader: asyncio.StreamReader, w
         cmd = req.get("cmd")
         if cmd == "status":
             await _send(writer, await status(daemon, runner))
+        elif cmd == "hangup":
+            await _hangup(runner, writer)
         elif cmd == "connect":
             mode = req.get("mode", "both")
             if mode not in ("both", "send", "fetch"):
@@ -146,6 +175,22 @@ async def _client(daemon, runner: SessionRunner, reader: asyncio.StreamReader, w
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+async def _hangup(runner: SessionRunner, writer: asyncio.StreamWriter) -> None:
+    q = runner.subscribe()
+    try:
+        if not runner.hangup("dialmail hangup"):
+            await _send(writer, {"type": "no-session", "message": "no dial session is running"})
+            return
+        await _send(writer, {"type": "hangup-asked", "session": runner.current})
+        while True:  # follow to the end, so the caller knows when the line is down
+            event = await q.get()
+            await _send(writer, event)
+            if event.get("type") == "end":
+                break
+    finally:
+        runner.unsubscribe(q)
 
 
 async def _send(writer: asyncio.StreamWriter, obj: dict) -> None:

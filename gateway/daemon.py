@@ -67,6 +67,7 @@ class Daemon:
         self.config = config
         self.services = list(services or [])
         self.should_exit = asyncio.Event()
+        self.stop_reason: str | None = None  # "SIGTERM" ...: what the session in progress is told
         self.started = asyncio.Event()
         self.spool: Spool | None = None
         self.lock = DaemonLock(config.spool_dir)
@@ -125,10 +126,7 @@ class Daemon:
         self._stops.clear()
         if self.smtp_servers:
             await _drain(self.smtp_servers, GRACE)
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await _cancel_all(self.tasks)
         if self.spool is not None:
             self.spool.close()
         self.lock.release()
@@ -138,9 +136,32 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                loop.add_signal_handler(sig, self.should_exit.set)
+                loop.add_signal_handler(sig, self._signalled, sig)
             except (NotImplementedError, RuntimeError):
                 pass
+
+    def _signalled(self, sig: int) -> None:
+        self.stop_reason = self.stop_reason or signal.Signals(sig).name
+        self.should_exit.set()
+
+
+async def _cancel_all(tasks: set[asyncio.Task], tries: int = 20) -> None:
+    """Cancel ``tasks`` and wait for them to end.
+
+    Python 3.11's ``asyncio.wait_for`` swallows a cancel that arrives just as what it
+    waits for completes (the delivery worker kicked by a session ending at shutdown): a
+    task still running a moment later is cancelled again.
+    """
+    everyone = list(tasks)
+    for _ in range(tries):
+        pending = [t for t in everyone if not t.done()]
+        if not pending:
+            await asyncio.gather(*everyone, return_exceptions=True)  # collects their errors
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+    log.error("%d task(s) did not stop when cancelled: %s", len(pending), ", ".join(t.get_name() for t in pending))
 
 
 async def _drain(servers, grace: float) -> None:

@@ -25,6 +25,7 @@ the daemon never send the same recipient at the same time.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -300,7 +301,7 @@ class Connection:
             raise _Stop(_deferral(outcome.from_reply(exc.code, exc.message))) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
-            raise _Stop(outcome.cannot_connect(f"{where}: {_why(exc)}")) from None
+            raise _Stop(outcome.cannot_connect(f"{where}: {_connect_why(exc)}")) from None
         if p.starttls != "off":
             if smtp.supports_extension("starttls"):
                 try:
@@ -425,6 +426,16 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
 
 def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _connect_why(exc: BaseException) -> str:
+    """Why no connection could be made, in plain words where the cause is a known one."""
+    cause = exc.__cause__ or exc  # aiosmtplib wraps the socket's error
+    if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+        return "connection refused (nothing listens there, or a firewall refuses it)"
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError) or isinstance(cause, TimeoutError):
+        return "no answer (connection timed out)"
+    return _why(exc)
 
 
 def _deferral(o: Outcome) -> Outcome:

@@ -5,6 +5,11 @@
          -> hang up when both are drained, or idle, or at max_time, or on carrier loss
          -> after hook -> local delivery of what was fetched -> session record
 
+An interrupt (Ctrl-C or SIGTERM to the process running the session, ``dialmail
+hangup``) ends the session as max_time does: online, both sides stop at the next safe
+point and the line is hung up; before that (hook, dialing) the step is cut short.  The
+session is then logged "interrupted", with what it was doing and who interrupted it.
+
 Being offline is not a failure: nothing here runs unless a session was asked for, and
 a refused or failed dial never counts against a message (only wall-clock queue lifetime
 does, see gateway.relay).  A carrier drop stops both sides at a message boundary the
@@ -97,6 +102,11 @@ class Session:
         self.last_activity = time.monotonic()
         self.transcript: Transcript | None = None
         self.carrier_lost = False
+        self.phase = "starting"
+        self.interrupted_by: str | None = None
+        self.interrupted_while: str | None = None
+        self._task: asyncio.Task | None = None
+        self._cut = False  # interrupt() cancelled this session's own task
 
     # ------------------------------------------------------------ events
 
@@ -116,11 +126,29 @@ class Session:
             self.stop.set()
             self.emit("stopping", reason=reason)
 
+    def interrupt(self, by: str) -> None:
+        """End the session early because ``by`` asked (Ctrl-C, SIGTERM, dialmail hangup).
+
+        Online, both sides stop at the next safe point, as at max_time: the relay
+        abandons the message in flight (it stays queued) and the fetch stops between
+        messages; then the line is hung up.  A before-session command or a dial still
+        in progress has nothing to keep, so it is cut short at once.
+        """
+        if self.interrupted_by is not None:
+            return
+        self.interrupted_by = by
+        self.interrupted_while = self.phase
+        self.halt(f"interrupted by {by} while {self.phase}")
+        if self.phase in ("running the before-session command", "dialing") and self._task is not None:
+            self._cut = True
+            self._task.cancel()
+
     # ------------------------------------------------------------ the session
 
     async def run(self) -> SessionRecord:
         cfg = self.config
         rec = self.record
+        self._task = asyncio.current_task()
         lock = SessionLock(cfg.spool_dir)
         try:
             lock.acquire()
@@ -141,6 +169,7 @@ class Session:
         dialogue.setLevel(logging.DEBUG)
         dialogue.propagate = False
         try:
+            self.phase = "running the before-session command"
             await self._hook("before", cfg.session.before)
             deadline = asyncio.create_task(self._deadline(cfg.session.max_time))
             try:
@@ -154,12 +183,28 @@ class Session:
                 self.emit("error", message=rec.errors[-1])
             finally:
                 deadline.cancel()
+            self.phase = "running the after-session command"
             await self._hook("after", cfg.session.after)
+            self.phase = "delivering the fetched mail"
             await self._deliver_fetched()
+        except asyncio.CancelledError:
+            # Either interrupt() cut a dial or hook short (then the session ends here as
+            # usual), or the process is stopping the session outright (a second Ctrl-C, a
+            # shutdown past its grace period): the record is completed all the same.
+            if self._cut and self._task.uncancel() == 0:
+                self._cut = False
+            else:
+                if self.interrupted_by is None:
+                    self.interrupted_by, self.interrupted_while = "the process stopping", self.phase
+                rec.errors.append(f"cut off while {self.phase}")
+                raise
         except Exception as exc:  # the record must be completed whatever happened
             log.exception("session %d failed", sid)
             rec.errors.append(f"internal error: {exc}")
         finally:
+            if self.interrupted_by is not None:
+                rec.errors.insert(0, f"interrupted by {self.interrupted_by} while {self.interrupted_while}; "
+                                     f"what was not sent or fetched waits for the next session")
             rec.ended = self.clock()
             if rec.hung_up_at is None and rec.connected_at is not None:
                 rec.hung_up_at = rec.ended
@@ -183,6 +228,8 @@ class Session:
 
     def _outcome(self) -> str:
         rec = self.record
+        if self.interrupted_by is not None:
+            return "interrupted"
         if rec.connected_at is None:
             return "failed"
         if self.carrier_lost or rec.errors:
@@ -199,9 +246,12 @@ class Session:
             from modem.settings import LinkSettings
             settings = LinkSettings.from_options(cfg.link.type, cfg.link.options)
         link = open_link(settings, progress=self._dialogue)
+        self.phase = "dialing"
         self.emit("dialing", backend=cfg.link.type)
         try:
             async with link.up() as info:
+                self.phase = {"both": "sending and fetching", "send": "sending",
+                                 "fetch": "fetching"}[rec.mode]
                 rec.connected_at = self.clock()
                 rec.connect_rate = info.rate
                 self.emit("connected", rate=info.rate, description=info.describe())
@@ -215,6 +265,7 @@ class Session:
                     if info.bytes_up is not None:
                         rec.bytes_up, rec.bytes_down = info.bytes_up, info.bytes_down or 0
                     rec.hung_up_at = self.clock()
+                    self.phase = "hanging up"
                 self.emit("hangup")
             if info.hangup:
                 self.emit("hungup", how=info.hangup)
@@ -282,10 +333,13 @@ class Session:
         self.record.sent += result.sent
         self.record.deferred += result.deferred
         self.record.bounced += result.bounced
+        why = None
         if result.error is not None:
-            self.record.errors.append(f"send: {result.error.reply}")
+            why = f"send: {result.error.reply}"
+            self.record.errors.append(why)
+        # The reason goes with the counts: "7 deferred" alone leaves the admin guessing.
         self.emit("send-done", sent=result.sent, deferred=result.deferred, bounced=result.bounced,
-                  bytes=result.bytes)
+                  bytes=result.bytes, error=why)
 
     def _send_progress(self, p) -> None:  # gateway.relay.SendProgress
         self.emit("send", qid=p.qid, size=p.size, total=p.total, seconds=round(p.seconds, 2),
@@ -298,11 +352,11 @@ class Session:
                                        clock=self.clock, progress=self._fetch_progress, stop_event=self.stop)
         self.record.fetched += result.fetched
         self.record.fetched_bytes += getattr(result, "bytes", 0)
-        for err in getattr(result, "errors", []) or []:
-            self.record.errors.append(f"fetch: {err}")
+        whys = [f"fetch: {err}" for err in getattr(result, "errors", []) or []]
+        self.record.errors.extend(whys)
         if result.fetched and self.ctx.kick_delivery:
             self.ctx.kick_delivery()
-        self.emit("fetch-done", fetched=result.fetched)
+        self.emit("fetch-done", fetched=result.fetched, errors=whys)
 
     def _fetch_progress(self, p) -> None:  # gateway.fetch.FetchProgress
         if p.partial:
@@ -332,6 +386,10 @@ class Session:
                                                      stderr=asyncio.subprocess.STDOUT)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        except asyncio.CancelledError:  # the session was interrupted: the command goes with it
+            proc.kill()
+            await proc.wait()
+            raise
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
@@ -369,17 +427,67 @@ def _summary(rec: SessionRecord) -> dict:
             "bytes_down": rec.bytes_down, "cost": rec.cost, "errors": rec.errors}
 
 
+class SessionControl:
+    """The handle a process keeps on its sessions: interrupt the running one, skip retries."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.active = False  # run_with_retries is under way (a session, or the wait between tries)
+        self.interrupted_by: str | None = None
+        self._interrupted = asyncio.Event()
+
+    def interrupt(self, by: str) -> bool:
+        """End the running session at a safe point and try no more; False if none runs."""
+        if not self.active:
+            return False
+        if self.interrupted_by is None:
+            self.interrupted_by = by
+            self._interrupted.set()
+        if self.session is not None:
+            self.session.interrupt(by)
+        return True
+
+    async def run(self, session: Session) -> SessionRecord:
+        self.session = session
+        try:
+            return await session.run()
+        finally:
+            self.session = None
+
+    async def pause(self, seconds: float, sleep=asyncio.sleep) -> bool:
+        """Wait between tries; False when an interrupt came meanwhile."""
+        waiting = asyncio.ensure_future(sleep(seconds))
+        woken = asyncio.ensure_future(self._interrupted.wait())
+        try:
+            await asyncio.wait({waiting, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            woken.cancel()
+        return self.interrupted_by is None
+
+
 async def run_with_retries(ctx: SessionContext, trigger: str, mode: str = "both", emit: Emit | None = None,
-                           sleep=asyncio.sleep) -> SessionRecord:
-    """Run a session; after a carrier drop try again ``retry_count`` times, ``retry_delay`` apart."""
+                           sleep=asyncio.sleep, control: SessionControl | None = None) -> SessionRecord:
+    """Run a session; after a carrier drop try again ``retry_count`` times, ``retry_delay`` apart.
+
+    ``control`` lets the caller interrupt the session; an interrupt also ends the retries.
+    """
     cfg = ctx.config.session
-    rec = await Session(ctx, trigger, mode, emit).run()
-    tries = 0
-    while rec.outcome == "partial" and any(e.startswith("carrier lost") for e in rec.errors) \
-            and tries < cfg.retry_count:
-        tries += 1
-        if emit:
-            emit({"type": "retry", "in": cfg.retry_delay, "attempt": tries, "of": cfg.retry_count})
-        await sleep(cfg.retry_delay)
-        rec = await Session(ctx, "retry", mode, emit).run()
-    return rec
+    control = control or SessionControl()
+    control.active = True
+    try:
+        rec = await control.run(Session(ctx, trigger, mode, emit))
+        tries = 0
+        while rec.outcome == "partial" and any(e.startswith("carrier lost") for e in rec.errors) \
+                and tries < cfg.retry_count and control.interrupted_by is None:
+            tries += 1
+            if emit:
+                emit({"type": "retry", "in": cfg.retry_delay, "attempt": tries, "of": cfg.retry_count})
+            if not await control.pause(cfg.retry_delay, sleep):
+                if emit:
+                    emit({"type": "info", "message": f"no further try: interrupted by {control.interrupted_by}"})
+                break
+            rec = await control.run(Session(ctx, "retry", mode, emit))
+        return rec
+    finally:
+        control.active = False

@@ -215,10 +215,25 @@ def _is_urgent(headers) -> bool:
     return prio == "1" or imp == "high"
 
 
+class SubmissionSession(Session):
+    """aiosmtpd's Session without its legacy ``login_data`` warning.
+
+    aiosmtpd 1.4 itself assigns ``session.login_data`` after every successful AUTH, even
+    with an ``authenticator`` returning ``AuthResult`` (whose ``auth_data`` is what we
+    read), and the deprecated property logs a warning on each assignment.  Here it is a
+    plain attribute that nothing reads.
+    """
+
+    login_data = None
+
+
 class SubmissionProtocol(SMTPProtocol):
     """aiosmtpd's SMTP with AUTH allowed in the clear only for loopback peers."""
 
     live: "set[SubmissionProtocol]" = set()  # open connections, for a graceful shutdown
+
+    def _create_session(self) -> Session:
+        return SubmissionSession(self.loop)
 
     def connection_made(self, transport) -> None:
         first = self.transport is None
