@@ -185,7 +185,9 @@ async def _connect(cfg, mode: str, view: ProgressView, wait: bool) -> tuple[str,
 
 async def _run_here(cfg, mode: str, view: ProgressView) -> tuple[str, str | None]:
     """No daemon: run the session in this process; Ctrl-C or SIGTERM interrupt it at a safe point."""
+    from gateway import preflight
     from gateway.daemon import Spool
+    preflight.before_dial(cfg)
     from gateway.session import SessionContext, SessionControl, run_with_retries
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()

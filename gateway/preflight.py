@@ -82,6 +82,15 @@ def at_start(config: Config) -> list[Finding]:
     return findings
 
 
+def before_dial(config: Config) -> None:
+    """For a session run without the daemon: no paid call with a configuration that
+    ``dialmail check`` refuses (the daemon checked at its start)."""
+    errors = [f for f in check(config, probe_clamd=False) if f.level == ERROR]
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s): run `dialmail check`)" if len(errors) > 1 else ""
+        raise ConfigError(f"{errors[0]}{more}; not dialling")
+
+
 # ---------------------------------------------------------------- host names
 
 

@@ -329,3 +329,26 @@ def test_sample_config_passes_once_its_users_and_password_files_exist(tmp_path):
     assert r.stderr.decode().count("\n") == 1 and "virus.clamd" in r.stderr.decode()  # no clamd here: a warning
     assert "configuration" in r.stdout.decode() and "OK (1 warning)" in r.stdout.decode()
 
+
+
+def test_connect_now_without_a_daemon_refuses_to_dial_with_a_refused_configuration(site):
+    """A paid call with a configuration check refuses would only meet the same problem."""
+    pw = site.dir / "smarthost.password"
+    pw.write_text("secret\n")
+    pw.chmod(0o644)
+    site.write_config(f"""
+[smarthost]
+host = "127.0.0.1"
+port = 2525
+starttls = "off"
+username = "office"
+password_file = "{pw}"
+
+[link]
+type = "sim"
+""")
+    r = site.cli("connect-now", "--send-only")
+    assert r.returncode == 78, r.stdout.decode() + r.stderr.decode()
+    err = r.stderr.decode()
+    assert "smarthost.password_file" in err and "not dialling" in err
+    assert b"bringing the link up" not in r.stdout
