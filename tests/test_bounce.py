@@ -9,9 +9,10 @@ import time
 import pytest
 from flufl.bounce import scan_message
 
-from gateway import bounce, outcome
-from gateway.expiry import expire
-from gateway.relay import flush
+from gateway.mail import outcome
+from gateway.office import bounce
+from gateway.relay.expiry import expire
+from gateway.relay.flush import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from tests.harness import wait_for
 from tests.test_relay import Office, message

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from gateway import config as config_mod
-from gateway.deliver import LocalDelivery
-from gateway.directory import Directory
-from gateway.fetch import fetch_all
+from gateway.delivery.worker import LocalDelivery
+from gateway.fetch.imap import fetch_all
+from gateway.office.directory import Directory
 from spool.fetchstate import AccountLock
 from spool.queue import Catalogue, Queue
 from spool.users import Users

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gateway.cli_modem import modem_app
+from gateway.cli.modem import modem_app
 from modem.driver import HayesModem
 from modem.errors import DialFailed, ModemNotResponding, PortUnavailable
 from modem.hayes import DialPlan, ResultCode
@@ -229,7 +229,7 @@ def simulate_cli(tmp_path):
     def start(*args: str) -> tuple[Path, subprocess.Popen]:
         path = tmp_path / "ttySIM"
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from gateway.cli_modem import modem_app; modem_app()", "simulate",
+            [sys.executable, "-c", "from gateway.cli.modem import modem_app; modem_app()", "simulate",
              "--pty", str(path), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(proc)
         deadline = time.monotonic() + 10

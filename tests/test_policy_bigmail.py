@@ -97,7 +97,7 @@ senders = ["spam.test"]
     assert "not scanned" not in site.log()  # clamd read all of it
     # The policy stages stream: scanning, expanding and delivering into two Maildirs add next to nothing.
     assert delivery_peak - after_smtp < len(data) // 4
-    # SMTP collects one transaction's DATA in one buffer (gateway.submit) and the scan streams a
+    # SMTP collects one transaction's DATA in one buffer (gateway.smtp.server) and the scan streams a
     # memoryview of it to clamd without copying: about the message's size, once.
     assert smtp_peak - base < 2 * len(data)
     # The whole daemon stays bounded, POP3 retrieval of both copies included.

@@ -6,10 +6,18 @@ import threading
 import pytest
 
 from gateway.config import loads
-from gateway.errors import ConfigError
-from gateway.replies import Reply
+from gateway.mail.errors import ConfigError
+from gateway.smtp.replies import Reply
 from tests.harness import wait_for
-from tests.test_policy_kit import message, pop3, queue_of, send, settled, subjects, submit
+from tests.test_policy_kit import (
+    message,
+    pop3,
+    queue_of,
+    send,
+    settled,
+    subjects,
+    submit,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -215,6 +223,7 @@ def test_members_only_group_bounces_outsider_mail_that_did_not_come_by_smtp(site
 
 def test_sample_config_shows_every_policy_section():
     from pathlib import Path
+
     from gateway.config import load
     cfg = load(Path(__file__).resolve().parent.parent / "etc" / "dialmail.toml")
     pol = cfg.policy

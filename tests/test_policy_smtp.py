@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.replies import Reply
-from tests.test_policy_kit import EICAR, message, pop3, send, settled, subjects, submit, wait_mail
+from gateway.smtp.replies import Reply
+from tests.test_policy_kit import (
+    EICAR,
+    message,
+    pop3,
+    send,
+    settled,
+    subjects,
+    submit,
+    wait_mail,
+)
 
 pytestmark = pytest.mark.timeout(90)
 

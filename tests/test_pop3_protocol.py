@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.policy.throttle import MAX_DELAY, LoginThrottle
 from gateway.pop3.protocol import (
     MAX_LINE,
     Authenticate,
@@ -20,7 +21,6 @@ from gateway.pop3.protocol import (
     Stream,
     Update,
 )
-from gateway.pop3.throttle import MAX_DELAY, LoginThrottle
 from gateway.pop3.wire import MessageEncoder, wire_octets
 
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from gateway import mx
-from gateway.relay import flush
+from gateway.relay import mx
+from gateway.relay.flush import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED
 from tests.test_relay import Office, message
 

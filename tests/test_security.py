@@ -8,7 +8,6 @@ import re
 import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import textwrap
@@ -16,8 +15,8 @@ import time
 
 import pytest
 
-from gateway.replies import Reply
-from tests.harness import Site, free_port, wait_for, wait_port
+from gateway.smtp.replies import Reply
+from tests.harness import Site, wait_for, wait_port
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,8 +1,8 @@
 """Dial sessions end to end: simulated modem + line shaper + real smarthost, through the daemon or not."""
 import asyncio
 import subprocess
-import textwrap
 import sys
+import textwrap
 import time
 
 import aiosmtplib
@@ -122,7 +122,7 @@ def test_demand_dials_when_enough_mail_waits_and_the_lock_refuses_a_second_sessi
             import asyncio
             from gateway.config import load
             from gateway.daemon import Spool
-            from gateway.session import Session, SessionContext
+            from gateway.session.session import Session, SessionContext
             cfg = load({str(site.config_path)!r})
             rec = asyncio.run(Session(SessionContext(cfg, Spool(cfg)), "schedule", "send").run())
             print(rec.outcome, rec.errors)

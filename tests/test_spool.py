@@ -11,7 +11,7 @@ import pytest
 
 from spool.maildir import Maildir
 from spool.queue import DELIVERED, LOCAL, QUEUED, RELAY, Catalogue, Queue, new_queue_id
-from tests.harness import ROOT, wait_for
+from tests.harness import ROOT
 
 
 @pytest.fixture

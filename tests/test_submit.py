@@ -7,7 +7,7 @@ import subprocess
 import aiosmtplib
 import pytest
 
-from gateway.replies import Reply
+from gateway.smtp.replies import Reply
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,8 +12,8 @@ import logging
 import ssl
 
 from gateway.config import Config, is_loopback
-from gateway.deliver import mailbox_path
-from gateway.errors import ConfigError
+from gateway.mail.errors import ConfigError
+from gateway.policy.throttle import LoginThrottle
 from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts
 from gateway.pop3.protocol import (
     Authenticate,
@@ -26,8 +26,8 @@ from gateway.pop3.protocol import (
     Update,
     line,
 )
-from gateway.pop3.throttle import LoginThrottle
 from gateway.pop3.wire import CHUNK, MessageEncoder
+from spool.maildir import mailbox_path
 from spool.users import Users
 
 log = logging.getLogger("dialmail.pop3")

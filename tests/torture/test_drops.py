@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import load
 from gateway.daemon import Spool
-from gateway.session import Session, SessionContext
+from gateway.session.session import Session, SessionContext
 from spool.queue import RELAY
 from tests.harness import wait_for
 from tests.torture.checker import Ledger, check

@@ -1,0 +1,345 @@
+"""Bounces and delay warnings (RFC 3464 delivery status notifications), and the one
+place where a message whose recipients are all final leaves the queue.
+
+``settle(config, queue, qid)`` is called by every worker after it records outcomes
+(the relay after each message, local delivery, expiry, the admin's ``queue bounce``):
+
+* bounced recipients the sender has not been told about yet get ONE bounce, at once,
+  even while other recipients still wait;
+* when every recipient is final the message is removed -- in the same transaction that
+  queues its bounce, so a crash can neither lose nor duplicate a bounce;
+* the bounce goes from the null sender to the envelope sender: on the ``local`` route
+  when the sender lives here (the caller kicks local delivery), else out via the relay.
+
+Never a bounce of a bounce, and never a message lost: a message from the null sender
+(a bounce, an automatic reply, a notice) that fails cannot go back to anyone, so the
+report goes to the postmaster instead, with the whole message attached
+(``message/rfc822``), queued as a ``double-bounce`` that local delivery only ever puts
+into local Maildirs (gateway.delivery.stages.review): it can neither leave nor fail again.
+Postfix drops double bounces by default; here the postmaster reads them.
+"""
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from itertools import chain
+
+from gateway.config import Config
+from gateway.mail import address
+from gateway.mail.outcome import Outcome, enhanced_status
+from spool import notices
+from spool.queue import BOUNCED, FINAL, LOCAL, RELAY, Message, Queue, Recipient
+
+log = logging.getLogger("dialmail.bounce")
+
+FAILED = "failed"
+DELAYED = "delayed"
+MAX_HEADER_BYTES = 64 * 1024  # of the original, returned as text/rfc822-headers
+ORIGIN = "bounce"
+DOUBLE_BOUNCE = "double-bounce"  # a failed null-sender message, whole, for the postmaster
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One recipient line of a DSN."""
+    rcpt: str
+    orcpt: str | None
+    status: str  # RFC 3463 x.y.z
+    diagnostic: str | None  # "550 5.1.1 no such user" (the server's reply) or None
+
+
+@dataclass(frozen=True)
+class Settled:
+    removed: bool = False
+    bounce_id: str | None = None
+    local: bool = False  # the notice was queued for local delivery: kick it
+
+
+class _Raced(Exception):
+    """The message changed between reading it and queueing the notice: start over."""
+
+
+# ---------------------------------------------------------------- the DSN itself
+
+
+def build_dsn(*, hostname: str, sender: str, qid: str, arrival: float, action: str, entries: list[Entry],
+              original_headers: bytes, now: float | None = None, retry_until: float | None = None,
+              whole_message: bool = False) -> bytes:
+    """An RFC 3464 ``multipart/report; report-type=delivery-status`` as CRLF bytes.
+
+    With ``whole_message`` the report is for the postmaster about a null-sender message:
+    it ends with an open ``message/rfc822`` part, which the caller fills with the whole
+    original and closes with ``_closing(report)``.
+    """
+    now = time.time() if now is None else now
+    boundary = f"{qid}.{secrets.token_hex(6)}/{hostname}"
+    mailer_daemon = f"{address.MAILER_DAEMON}@{hostname}"
+    subject = ("Undelivered Mail Returned to Postmaster" if whole_message
+               else "Undelivered Mail Returned to Sender" if action == FAILED
+               else "Delayed Mail (still being retried)")
+    head = [
+        f"From: Mail Delivery System <{mailer_daemon}>",
+        f"To: <{sender}>",
+        f"Subject: {subject}",
+        f"Date: {email.utils.formatdate(now, localtime=True)}",
+        f"Message-ID: <{qid}.{int(now)}.{secrets.token_hex(4)}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f"Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"",
+        "Content-Transfer-Encoding: 8bit",
+    ]
+    text = _explanation(hostname, action, entries, retry_until, to_postmaster=whole_message)
+    status = [f"Reporting-MTA: dns; {hostname}", f"X-Dialmail-Queue-ID: {qid}",
+              f"Arrival-Date: {email.utils.formatdate(arrival, localtime=True)}"]
+    for e in entries:
+        block = ["", f"Final-Recipient: {_addr_type(e.rcpt)}; {e.rcpt}"]
+        if e.orcpt and e.orcpt != e.rcpt:
+            block.append(f"Original-Recipient: {_addr_type(e.orcpt)}; {e.orcpt}")
+        block += [f"Action: {action}", f"Status: {e.status}"]
+        if e.diagnostic:
+            block.append(f"Diagnostic-Code: smtp; {e.diagnostic}")
+        if action == DELAYED and retry_until is not None:
+            block.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=True)}")
+        status += block
+    headers = _normalise(original_headers[:MAX_HEADER_BYTES])
+    cte = "7bit" if text.isascii() else "8bit"
+    parts = [
+        "\r\n".join(head).encode() + b"\r\n\r\nThis is a MIME-encapsulated message.\r\n",
+        f"--{boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + text.encode("utf-8"),
+        f"--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"
+        .encode() + "\r\n".join(status).encode("utf-8") + b"\r\n",
+        f"--{boundary}\r\nContent-Description: Undelivered Message Headers\r\n"
+        f"Content-Type: text/rfc822-headers\r\n\r\n".encode() + headers,
+        f"--{boundary}--\r\n".encode(),
+    ]
+    if whole_message:
+        parts = parts[:3]
+    out = b"\r\n".join(p.rstrip(b"\r\n") if i else p for i, p in enumerate(parts)) + b"\r\n"
+    if whole_message:
+        out += (f"--{boundary}\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n"
+                f"Content-Transfer-Encoding: 8bit\r\n\r\n").encode()
+    return out
+
+
+def _closing(report: bytes) -> bytes:
+    """The closing boundary line of a report built with ``whole_message``."""
+    m = re.search(rb'boundary="([^"]+)"', report)
+    return b"--" + m.group(1) + b"--\r\n"
+
+
+def _addr_type(addr: str) -> str:
+    return "rfc822" if addr.isascii() else "utf-8"
+
+
+def _explanation(hostname: str, action: str, entries: list[Entry], retry_until: float | None,
+                 to_postmaster: bool = False) -> str:
+    if to_postmaster:
+        lines = [f"This is the mail system at {hostname}.", "",
+                 "A message from the null sender (a bounce, an automatic reply or a notice)",
+                 "could not be delivered to the recipients below, and there is nobody to",
+                 "return it to. It is attached in full, so nothing is lost.", ""]
+    elif action == FAILED:
+        lines = [f"This is the mail system at {hostname}.", "",
+                 "I'm sorry to have to inform you that your message could not",
+                 "be delivered to one or more recipients. It's attached below.", "",
+                 "For further assistance, please send mail to postmaster.", ""]
+    else:
+        until = email.utils.formatdate(retry_until, localtime=True) if retry_until else "a few days"
+        lines = [f"This is the mail system at {hostname}.", "",
+                 "####################################################################",
+                 "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+                 "####################################################################", "",
+                 "Your message could not be delivered yet to the recipients below.",
+                 f"The mail system will keep trying until {until}.", ""]
+    for e in entries:
+        lines.append(f"<{e.rcpt}>: {e.diagnostic or e.status}")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _normalise(headers: bytes) -> bytes:
+    """The original's header block with CRLF line ends and nothing after it."""
+    end = [i for i in (headers.find(b"\r\n\r\n"), headers.find(b"\n\n")) if i >= 0]
+    block = headers[:min(end)] if end else headers
+    return b"\r\n".join(block.splitlines()) + b"\r\n"
+
+
+def read_headers(queue: Queue, qid: str) -> bytes:
+    try:
+        with queue.open_body(qid) as f:
+            return f.read(MAX_HEADER_BYTES)
+    except FileNotFoundError:
+        return b""
+
+
+def entry(r: Recipient) -> Entry:
+    """A failed recipient's DSN line, from its outcome as stored in the spool."""
+    reply = r.last_reply or ""
+    code = r.last_code or (554 if r.status == BOUNCED else 451)
+    # The stored reply leads with the status chosen when the outcome was made (an expired
+    # recipient keeps 4.4.7 under a 554); fall back to the basic code's class.
+    status = reply.split()[0] if reply and _STATUS.fullmatch(reply.split()[0]) else enhanced_status(code, reply)
+    return Entry(r.rcpt, r.orcpt, status, f"{code} {reply}".strip() if reply else None)
+
+
+# ---------------------------------------------------------------- leaving the queue
+
+
+def notice_route(config: Config, sender: str) -> str:
+    return LOCAL if config.server.is_local_domain(address.split(sender)[1]) else RELAY
+
+
+def settle(config: Config, queue: Queue, qid: str, now: float | None = None) -> Settled:
+    """Report new bounced recipients and remove the message once every recipient is final."""
+    notices.ensure(queue.cat)
+    for _ in range(5):
+        try:
+            return _settle_once(config, queue, qid, now)
+        except _Raced:
+            continue
+    log.warning("%s: queue kept changing while settling; will settle on the next pass", qid)
+    return Settled()
+
+
+def remove_if_settled(conn, qid: str) -> bool:
+    """Inside a caller's transaction: delete the message's row when every recipient is final
+    and no bounced one still needs reporting.  The caller unlinks the body after COMMIT.
+
+    The relay calls this in the transaction that records a message's outcomes, so the
+    common case (all delivered) costs one commit; anything to report goes to ``settle``.
+    """
+    left = conn.execute("SELECT COUNT(*) FROM recipients r WHERE r.msg_id=? AND (r.status NOT IN (?,?) OR "
+                        "(r.status=? AND NOT EXISTS (SELECT 1 FROM bounce_reported b "
+                        "WHERE b.msg_id=r.msg_id AND b.rcpt=r.rcpt)))", (qid, *FINAL, BOUNCED)).fetchone()[0]
+    if left:
+        return False
+    return conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1
+
+
+def unlink_body(queue: Queue, qid: str) -> None:
+    try:
+        os.unlink(queue.body_path(qid))
+    except FileNotFoundError:
+        pass
+
+
+def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> Settled:
+    msg = queue.get(qid)
+    if msg is None:
+        return Settled()
+    told = set(notices.reported_of(queue.cat, qid))
+    fresh = [r for r in msg.recipients if r.status == BOUNCED and r.rcpt not in told]
+    done = not msg.pending
+    if not fresh:
+        return Settled(removed=queue.remove_if_done(qid)) if done else Settled()
+    expect = sorted(r.rcpt for r in fresh)
+
+    def commit(conn, notice_id: str) -> None:
+        # Re-read inside the transaction: another worker may have settled meanwhile.
+        if conn.execute("SELECT 1 FROM messages WHERE id=?", (qid,)).fetchone() is None:
+            raise _Raced
+        told_now = notices.reported(conn, qid)
+        bounced = sorted(r for (r,) in conn.execute(
+            "SELECT rcpt FROM recipients WHERE msg_id=? AND status=?", (qid, BOUNCED)) if r not in told_now)
+        if bounced != expect:
+            raise _Raced
+        left = conn.execute("SELECT COUNT(*) FROM recipients WHERE msg_id=? AND status NOT IN (?,?)",
+                            (qid, *FINAL)).fetchone()[0]
+        if left == 0:
+            conn.execute("DELETE FROM messages WHERE id=?", (qid,))
+        else:
+            notices.mark(conn, qid, expect, notice_id)
+        state["removed"] = left == 0
+
+    state = {"removed": False}
+    if not msg.sender:
+        return _double_bounce(config, queue, msg, fresh, expect, commit, state, now)
+    data = build_dsn(hostname=config.server.hostname, sender=msg.sender, qid=qid, arrival=msg.arrival,
+                     action=FAILED, entries=[entry(r) for r in fresh], original_headers=read_headers(queue, qid),
+                     now=now)
+    route = notice_route(config, msg.sender)
+    notice_id = queue.enqueue("", [(msg.sender, route)], data, origin=ORIGIN, client=qid,
+                              subject="Undelivered Mail Returned to Sender", in_txn=commit,
+                              smtputf8=not msg.sender.isascii())
+    if state["removed"]:
+        unlink_body(queue, qid)
+    log.info("%s: sender non-delivery notification: %s (to <%s> for %s)", qid, notice_id, msg.sender,
+             ", ".join(expect))
+    return Settled(removed=state["removed"], bounce_id=notice_id, local=route == LOCAL)
+
+
+def _double_bounce(config: Config, queue: Queue, msg: Message, fresh: list[Recipient], expect: list[str],
+                   commit, state: dict, now: float | None) -> Settled:
+    """A null-sender message failed: the postmaster gets the report with the whole message."""
+    postmaster = f"postmaster@{config.server.domains[0]}"
+    head = build_dsn(hostname=config.server.hostname, sender=postmaster, qid=msg.id, arrival=msg.arrival,
+                     action=FAILED, entries=[entry(r) for r in fresh], original_headers=b"", now=now,
+                     whole_message=True)
+    with queue.open_body(msg.id) as body:
+        data = chain([head], iter(lambda: body.read(256 * 1024), b""), [b"\r\n" + _closing(head)])
+        notice_id = queue.enqueue("", [(postmaster, LOCAL)], data, origin=DOUBLE_BOUNCE, client=msg.id,
+                                  subject="Undelivered Mail Returned to Postmaster", in_txn=commit,
+                                  smtputf8=False)
+    if state["removed"]:
+        unlink_body(queue, msg.id)
+    for r in fresh:
+        log.warning("%s: to=<%s> failed and the sender is the null one: kept for the postmaster as %s (%s %s)",
+                    msg.id, r.rcpt, notice_id, r.last_code or "", r.last_reply or "")
+    return Settled(removed=state["removed"], bounce_id=notice_id, local=True)
+
+
+def bounce_now(config: Config, queue: Queue, qid: str, outcome: Outcome, now: float | None = None) -> Settled:
+    """Fail every recipient still waiting with ``outcome`` and settle (``dialmail queue bounce``)."""
+    with queue.cat.transaction() as conn:
+        conn.execute("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL "
+                     "WHERE msg_id=? AND status NOT IN (?,?)",
+                     (BOUNCED, outcome.code, outcome.reply, qid, *FINAL))
+    return settle(config, queue, qid, now=now)
+
+
+# ---------------------------------------------------------------- delay warnings
+
+
+def warn_delayed(config: Config, queue: Queue, msg: Message, now: float | None = None) -> Settled:
+    """Send the sender ONE delay warning for ``msg``'s waiting recipients (never for bounces)."""
+    now = time.time() if now is None else now
+
+    def commit(conn, notice_id: str | None = None) -> None:
+        if conn.execute("UPDATE messages SET warned=1 WHERE id=? AND warned=0", (msg.id,)).rowcount != 1:
+            raise _Raced
+
+    waiting = msg.pending
+    if not msg.sender or not waiting:
+        with queue.cat.transaction() as conn:
+            conn.execute("UPDATE messages SET warned=1 WHERE id=?", (msg.id,))
+        return Settled()
+    retry_until = msg.arrival + config.queue.queue_lifetime
+    entries = [_delayed_entry(r) for r in waiting]
+    data = build_dsn(hostname=config.server.hostname, sender=msg.sender, qid=msg.id, arrival=msg.arrival,
+                     action=DELAYED, entries=entries, original_headers=read_headers(queue, msg.id), now=now,
+                     retry_until=retry_until)
+    route = notice_route(config, msg.sender)
+    try:
+        notice_id = queue.enqueue("", [(msg.sender, route)], data, origin=ORIGIN, client=msg.id,
+                                  subject="Delayed Mail (still being retried)", in_txn=commit,
+                                  smtputf8=not msg.sender.isascii())
+    except _Raced:
+        return Settled()
+    log.info("%s: sender delay notification: %s", msg.id, notice_id)
+    return Settled(bounce_id=notice_id, local=route == LOCAL)
+
+
+def _delayed_entry(r: Recipient) -> Entry:
+    if r.last_reply and r.last_code:
+        status = enhanced_status(r.last_code, r.last_reply)
+        if not status.startswith("4"):
+            status = "4.0.0"
+        return Entry(r.rcpt, r.orcpt, status, f"{r.last_code} {r.last_reply}")
+    return Entry(r.rcpt, r.orcpt, "4.4.1", "not sent yet: waiting for the link to the Internet")
+
