@@ -122,13 +122,34 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{us:014X}{secrets.token_hex(3).upper()}"
 
 
+BUSY_TIMEOUT = 30.0
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    _wal(conn)
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting like any other statement when another process holds the lock.
+
+    Changing the journal mode does not go through SQLite's busy handler: two processes
+    opening a new spool at once (the daemon's first start and a ``sendmail`` from cron)
+    got "database is locked" at once instead of waiting their turn.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class Catalogue:
