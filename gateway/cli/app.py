@@ -405,8 +405,10 @@ def fetch_now(ctx: typer.Context,
     for name in account or []:
         if name not in names:
             fail(f"no [[fetch]] account named {name!r} (have: {', '.join(names) or 'none'})", EX_USAGE)
-    q = _queue(ctx)
-    result = asyncio.run(fetch_all(cfg, q, q.cat, Directory(cfg, Users(cfg.spool_dir)),
+    from spool.queue import Catalogue, Queue
+    cat = Catalogue(cfg.spool_dir)
+    q = Queue(cat)
+    result = asyncio.run(fetch_all(cfg, q, cat, Directory(cfg, Users(cfg.spool_dir)),
                                    accounts=list(account) if account else None))
     _deliver_local_now(cfg, q)
     for r in result.accounts:

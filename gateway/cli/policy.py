@@ -72,7 +72,7 @@ def aliases_list(ctx: typer.Context):
     from spool.policystate import PolicyState
     from spool.queue import Catalogue, Queue
     queue = Queue(Catalogue(cfg.spool_dir))
-    responder = Responder(cfg, queue, directory, PolicyState(queue.cat))
+    responder = Responder(cfg, queue, directory, PolicyState.beside(queue))
     users = sorted(set(pol.vacations) | {v.user for v in responder.state.vacations()})
     for user in users:
         vac = responder.vacation(user)

@@ -39,6 +39,7 @@ from gateway.delivery.stages import (
     quarantine,
     review,
 )
+from gateway.mail.outcome import Outcome
 from gateway.office import notice
 from gateway.office.directory import Directory
 from gateway.policy import blocklist, size, virus
@@ -46,7 +47,7 @@ from gateway.policy.verdict import ACCEPT, DEFER_ACTION, Verdict
 from gateway.policy.verdict import quarantine as quarantined
 from spool.fsio import is_disk_full
 from spool.policystate import PolicyState
-from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue
+from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue, Recorded
 
 log = logging.getLogger("dialmail.deliver")
 
@@ -82,7 +83,7 @@ class Pipeline:
         self.settings = config.policy
         self.queue = queue
         self.directory = directory
-        self.state = state or PolicyState(queue.cat)
+        self.state = state or PolicyState.beside(queue)
         self.senders = blocklist.SenderFilter(self.settings.blocklist)
         self.scanner = virus.ClamdScanner(self.settings.virus)
         self.responder = autoreply.Responder(config, queue, directory, self.state)
@@ -202,21 +203,17 @@ class Pipeline:
             return
         log.warning("%s: from=<%s> to=<%s> status=quarantined (%s) in %s", msg.id, msg.sender, ",".join(rcpts),
                     verdict.reason, path)
-        reply = f"2.0.0 quarantined: {verdict.reason}"
-
-        def done(conn, _qid=None):
-            for rcpt in rcpts:
-                self.queue.record(msg.id, rcpt, DELIVERED, 250, reply, conn=conn)
-
+        # Kept is delivered: one commit for all of them, the postmaster's notice included.
+        kept = Outcome(DELIVERED, 250, "2.0.0", f"quarantined: {verdict.reason}")
+        done = Recorded(msg.id, {rcpt: kept for rcpt in rcpts})
         if verdict.virus and self.settings.virus.notify_postmaster:
             notice.notify_postmaster(
                 self.config, self.directory, self.queue, f"Virus found in fetched mail: {verdict.virus}",
                 f"A message fetched for {', '.join(rcpts)} contained a virus and was quarantined.\n\n"
                 f"  queue id:  {msg.id}\n  sender:    <{msg.sender}>\n  subject:   {msg.subject or ''}\n"
-                f"  virus:     {verdict.virus}\n  kept in:   {path}\n", in_txn=done)
+                f"  virus:     {verdict.virus}\n  kept in:   {path}\n", then=done)
         else:
-            with self.queue.cat.transaction() as conn:
-                done(conn)
+            self.queue.record_outcomes(msg.id, done.outcomes)
 
     def _expire_markers(self) -> None:
         now = time.monotonic()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
 import re
 import secrets
 import time
@@ -33,7 +32,7 @@ from gateway.config import Config
 from gateway.mail import address
 from gateway.mail.outcome import Outcome, enhanced_status
 from spool import notices
-from spool.queue import BOUNCED, FINAL, LOCAL, RELAY, Message, Queue, Recipient
+from spool.queue import BOUNCED, LOCAL, RELAY, Message, Queue, Recipient
 
 log = logging.getLogger("dialmail.bounce")
 
@@ -59,10 +58,6 @@ class Settled:
     removed: bool = False
     bounce_id: str | None = None
     local: bool = False  # the notice was queued for local delivery: kick it
-
-
-class _Raced(Exception):
-    """The message changed between reading it and queueing the notice: start over."""
 
 
 # ---------------------------------------------------------------- the DSN itself
@@ -197,85 +192,41 @@ def notice_route(config: Config, sender: str) -> str:
 
 def settle(config: Config, queue: Queue, qid: str, now: float | None = None) -> Settled:
     """Report new bounced recipients and remove the message once every recipient is final."""
-    notices.ensure(queue.cat)
     for _ in range(5):
         try:
             return _settle_once(config, queue, qid, now)
-        except _Raced:
+        except notices.QueueChanged:
             continue
     log.warning("%s: queue kept changing while settling; will settle on the next pass", qid)
     return Settled()
-
-
-def remove_if_settled(conn, qid: str) -> bool:
-    """Inside a caller's transaction: delete the message's row when every recipient is final
-    and no bounced one still needs reporting.  The caller unlinks the body after COMMIT.
-
-    The relay calls this in the transaction that records a message's outcomes, so the
-    common case (all delivered) costs one commit; anything to report goes to ``settle``.
-    """
-    left = conn.execute("SELECT COUNT(*) FROM recipients r WHERE r.msg_id=? AND (r.status NOT IN (?,?) OR "
-                        "(r.status=? AND NOT EXISTS (SELECT 1 FROM bounce_reported b "
-                        "WHERE b.msg_id=r.msg_id AND b.rcpt=r.rcpt)))", (qid, *FINAL, BOUNCED)).fetchone()[0]
-    if left:
-        return False
-    return conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1
-
-
-def unlink_body(queue: Queue, qid: str) -> None:
-    try:
-        os.unlink(queue.body_path(qid))
-    except FileNotFoundError:
-        pass
 
 
 def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> Settled:
     msg = queue.get(qid)
     if msg is None:
         return Settled()
-    told = set(notices.reported_of(queue.cat, qid))
+    told = notices.reported(queue, qid)
     fresh = [r for r in msg.recipients if r.status == BOUNCED and r.rcpt not in told]
     done = not msg.pending
     if not fresh:
         return Settled(removed=queue.remove_if_done(qid)) if done else Settled()
     expect = sorted(r.rcpt for r in fresh)
-
-    def commit(conn, notice_id: str) -> None:
-        # Re-read inside the transaction: another worker may have settled meanwhile.
-        if conn.execute("SELECT 1 FROM messages WHERE id=?", (qid,)).fetchone() is None:
-            raise _Raced
-        told_now = notices.reported(conn, qid)
-        bounced = sorted(r for (r,) in conn.execute(
-            "SELECT rcpt FROM recipients WHERE msg_id=? AND status=?", (qid, BOUNCED)) if r not in told_now)
-        if bounced != expect:
-            raise _Raced
-        left = conn.execute("SELECT COUNT(*) FROM recipients WHERE msg_id=? AND status NOT IN (?,?)",
-                            (qid, *FINAL)).fetchone()[0]
-        if left == 0:
-            conn.execute("DELETE FROM messages WHERE id=?", (qid,))
-        else:
-            notices.mark(conn, qid, expect, notice_id)
-        state["removed"] = left == 0
-
-    state = {"removed": False}
     if not msg.sender:
-        return _double_bounce(config, queue, msg, fresh, expect, commit, state, now)
+        return _double_bounce(config, queue, msg, fresh, expect, now)
     data = build_dsn(hostname=config.server.hostname, sender=msg.sender, qid=qid, arrival=msg.arrival,
                      action=FAILED, entries=[entry(r) for r in fresh], original_headers=read_headers(queue, qid),
                      now=now)
     route = notice_route(config, msg.sender)
-    notice_id = queue.enqueue("", [(msg.sender, route)], data, origin=ORIGIN, client=qid,
-                              subject="Undelivered Mail Returned to Sender", in_txn=commit,
-                              smtputf8=not msg.sender.isascii())
-    if state["removed"]:
-        unlink_body(queue, qid)
-    log.info("%s: sender non-delivery notification: %s (to <%s> for %s)", qid, notice_id, msg.sender,
+    sent = notices.queue_bounce(queue, notices.Notice(qid, msg.sender, route, data, ORIGIN,
+                                                      "Undelivered Mail Returned to Sender",
+                                                      smtputf8=not msg.sender.isascii()), expect)
+    log.info("%s: sender non-delivery notification: %s (to <%s> for %s)", qid, sent.notice_id, msg.sender,
              ", ".join(expect))
-    return Settled(removed=state["removed"], bounce_id=notice_id, local=route == LOCAL)
+    return Settled(removed=sent.removed, bounce_id=sent.notice_id, local=route == LOCAL)
 
 
 def _double_bounce(config: Config, queue: Queue, msg: Message, fresh: list[Recipient], expect: list[str],
-                   commit, state: dict, now: float | None) -> Settled:
+                   now: float | None) -> Settled:
     """A null-sender message failed: the postmaster gets the report with the whole message."""
     postmaster = f"postmaster@{config.server.domains[0]}"
     head = build_dsn(hostname=config.server.hostname, sender=postmaster, qid=msg.id, arrival=msg.arrival,
@@ -283,23 +234,17 @@ def _double_bounce(config: Config, queue: Queue, msg: Message, fresh: list[Recip
                      whole_message=True)
     with queue.open_body(msg.id) as body:
         data = chain([head], iter(lambda: body.read(256 * 1024), b""), [b"\r\n" + _closing(head)])
-        notice_id = queue.enqueue("", [(postmaster, LOCAL)], data, origin=DOUBLE_BOUNCE, client=msg.id,
-                                  subject="Undelivered Mail Returned to Postmaster", in_txn=commit,
-                                  smtputf8=False)
-    if state["removed"]:
-        unlink_body(queue, msg.id)
+        sent = notices.queue_bounce(queue, notices.Notice(msg.id, postmaster, LOCAL, data, DOUBLE_BOUNCE,
+                                                          "Undelivered Mail Returned to Postmaster"), expect)
     for r in fresh:
         log.warning("%s: to=<%s> failed and the sender is the null one: kept for the postmaster as %s (%s %s)",
-                    msg.id, r.rcpt, notice_id, r.last_code or "", r.last_reply or "")
-    return Settled(removed=state["removed"], bounce_id=notice_id, local=True)
+                    msg.id, r.rcpt, sent.notice_id, r.last_code or "", r.last_reply or "")
+    return Settled(removed=sent.removed, bounce_id=sent.notice_id, local=True)
 
 
 def bounce_now(config: Config, queue: Queue, qid: str, outcome: Outcome, now: float | None = None) -> Settled:
     """Fail every recipient still waiting with ``outcome`` and settle (``dialmail queue bounce``)."""
-    with queue.cat.transaction() as conn:
-        conn.execute("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL "
-                     "WHERE msg_id=? AND status NOT IN (?,?)",
-                     (BOUNCED, outcome.code, outcome.reply, qid, *FINAL))
+    queue.fail_waiting(qid, lambda _r: outcome, in_flight_too=True)
     return settle(config, queue, qid, now=now)
 
 
@@ -309,15 +254,9 @@ def bounce_now(config: Config, queue: Queue, qid: str, outcome: Outcome, now: fl
 def warn_delayed(config: Config, queue: Queue, msg: Message, now: float | None = None) -> Settled:
     """Send the sender ONE delay warning for ``msg``'s waiting recipients (never for bounces)."""
     now = time.time() if now is None else now
-
-    def commit(conn, notice_id: str | None = None) -> None:
-        if conn.execute("UPDATE messages SET warned=1 WHERE id=? AND warned=0", (msg.id,)).rowcount != 1:
-            raise _Raced
-
     waiting = msg.pending
     if not msg.sender or not waiting:
-        with queue.cat.transaction() as conn:
-            conn.execute("UPDATE messages SET warned=1 WHERE id=?", (msg.id,))
+        queue.set_warned(msg.id)
         return Settled()
     retry_until = msg.arrival + config.queue.queue_lifetime
     entries = [_delayed_entry(r) for r in waiting]
@@ -326,10 +265,10 @@ def warn_delayed(config: Config, queue: Queue, msg: Message, now: float | None =
                      retry_until=retry_until)
     route = notice_route(config, msg.sender)
     try:
-        notice_id = queue.enqueue("", [(msg.sender, route)], data, origin=ORIGIN, client=msg.id,
-                                  subject="Delayed Mail (still being retried)", in_txn=commit,
-                                  smtputf8=not msg.sender.isascii())
-    except _Raced:
+        notice_id = notices.queue_warning(queue, notices.Notice(msg.id, msg.sender, route, data, ORIGIN,
+                                                                "Delayed Mail (still being retried)",
+                                                                smtputf8=not msg.sender.isascii()))
+    except notices.QueueChanged:
         return Settled()
     log.info("%s: sender delay notification: %s", msg.id, notice_id)
     return Settled(bounce_id=notice_id, local=route == LOCAL)

@@ -13,7 +13,7 @@ from email.message import EmailMessage
 
 from gateway.config import Config
 from gateway.office.directory import Directory
-from spool.queue import LOCAL, RELAY, Queue
+from spool.queue import LOCAL, RELAY, Queue, Then
 
 log = logging.getLogger("dialmail.policy")
 
@@ -33,10 +33,11 @@ def build(config: Config, subject: str, text: str) -> bytes:
 
 
 def notify_postmaster(config: Config, directory: Directory, queue: Queue, subject: str, text: str,
-                      in_txn=None) -> str:
+                      then: Then | None = None) -> str:
+    """Queue a notice to the postmaster; ``then`` (a spool step) commits with it."""
     pm = config.server.postmaster
     route = LOCAL if directory.is_local(pm) else RELAY
     qid = queue.enqueue("", [(pm, route)], build(config, subject, text), origin=ORIGIN, subject=subject,
-                        in_txn=in_txn)
+                        then=then)
     log.info("%s: notice to postmaster <%s>: %s", qid, pm, subject)
     return qid

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from gateway.config import Config
 from gateway.mail import outcome
 from gateway.office import bounce
-from spool.queue import BOUNCED, FINAL, Queue
+from spool.queue import Queue, Recipient
 
 log = logging.getLogger("dialmail.expiry")
 
@@ -57,15 +57,7 @@ def expire(config: Config, queue: Queue, now: float | None = None) -> Expired:
 
 def _fail_waiting(queue: Queue, qid: str, lifetime: int) -> int:
     """Fail the waiting recipients not being worked on right now (a claim = in flight)."""
-    n = 0
-    with queue.cat.transaction() as conn:
-        rows = conn.execute("SELECT rcpt, last_code, last_reply FROM recipients WHERE msg_id=? "
-                            "AND status NOT IN (?,?) AND claim IS NULL", (qid, *FINAL)).fetchall()
-        for r in rows:
-            last = f"{r['last_code']} {r['last_reply']}" if r["last_reply"] else None
-            o = outcome.expired(lifetime, last)
-            conn.execute("UPDATE recipients SET status=?, last_code=?, last_reply=? WHERE msg_id=? AND rcpt=?",
-                         (BOUNCED, o.code, o.reply, qid, r["rcpt"]))
-            n += 1
-    return n
+    def why(r: Recipient) -> outcome.Outcome:
+        return outcome.expired(lifetime, f"{r.last_code} {r.last_reply}" if r.last_reply else None)
 
+    return queue.fail_waiting(qid, why)

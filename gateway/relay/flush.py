@@ -45,8 +45,16 @@ from gateway.office import bounce
 from gateway.relay import mx
 from gateway.relay.expiry import expire
 from gateway.relay.rewrite import SenderRewriter
-from spool import notices
-from spool.queue import BOUNCED, DEFERRED, DELIVERED, FINAL, RELAY, Message, Queue
+from spool.queue import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    FINAL,
+    RELAY,
+    Message,
+    Queue,
+    Recipient,
+)
 
 log = logging.getLogger("dialmail.relay")
 
@@ -114,7 +122,6 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
     expired = await asyncio.to_thread(expire, config, queue, now)
     result.expired = len(expired.bounced)
     result.local_notices += expired.local_notices
-    await asyncio.to_thread(notices.ensure, queue.cat)
     await asyncio.to_thread(_release_dead_claims, queue)
     owner = f"{CLAIM_PREFIX}{os.getpid()}:{secrets.token_hex(4)}"
     pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now)
@@ -142,9 +149,7 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
 def _release_dead_claims(queue: Queue) -> None:
     """Free recipients claimed by a flush whose process died (a ``queue flush`` killed with
     -9 while the daemon runs on): without this they would wait for the next daemon start."""
-    owners = [r[0] for r in queue.cat.execute("SELECT DISTINCT claim FROM recipients WHERE claim LIKE ?",
-                                              (CLAIM_PREFIX + "%",))]
-    for owner in owners:
+    for owner in queue.claim_owners(CLAIM_PREFIX):
         try:
             pid = int(owner[len(CLAIM_PREFIX):].split(":")[0])
             os.kill(pid, 0)
@@ -193,20 +198,15 @@ class _Context:
     def _record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool) -> bounce.Settled:
         q, cfg = self.queue, self.config.queue
         now = self.clock()
-        with q.cat.transaction() as conn:
-            before = {r["rcpt"]: r for r in conn.execute(
-                "SELECT rcpt, attempts, last_reply FROM recipients WHERE msg_id=?", (qid,))}
-            for rcpt, o in outcomes.items():
-                retry = None
-                if o.status == DEFERRED and not unsent and rcpt in before:
-                    prev = before[rcpt]
-                    retry = outcome.next_retry(o, prev["last_reply"], prev["attempts"], now, cfg.retry_min,
-                                               cfg.retry_max)
-                q.record(qid, rcpt, o.status, o.code, o.reply, next_retry=retry, count_attempt=not unsent,
-                         conn=conn)
-            removed = bounce.remove_if_settled(conn, qid)
-        if removed:
-            bounce.unlink_body(q, qid)
+
+        def retry_at(before: Recipient, o: Outcome) -> float | None:
+            if o.status != DEFERRED or unsent:
+                return None
+            return outcome.next_retry(o, before.last_reply, before.attempts, now, cfg.retry_min, cfg.retry_max)
+
+        # The common case (all delivered) leaves the queue in the commit that records it;
+        # anything to report goes to ``settle``.
+        if q.record_outcomes(qid, outcomes, count_attempt=not unsent, retry_at=retry_at, remove_settled=True):
             return bounce.Settled(removed=True)
         return bounce.settle(self.config, q, qid, now=now)
 

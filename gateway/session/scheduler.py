@@ -19,7 +19,6 @@ import schedule
 
 from gateway.config import dialtimes
 from gateway.session import demand
-from spool.queue import RELAY
 
 log = logging.getLogger("dialmail.scheduler")
 
@@ -47,28 +46,17 @@ class Scheduler:
 
     def snapshot(self) -> tuple[demand.QueueSnapshot, demand.History]:
         from spool.sessions import SessionLog
-        cat = self.daemon.spool.catalogue
-        senders = self.config.demand.urgent_senders
-        row = cat.execute(
-            "SELECT COUNT(DISTINCT m.id) n, COALESCE(SUM(DISTINCT m.size), 0) b FROM messages m JOIN recipients r "
-            "ON r.msg_id=m.id WHERE r.route=? AND r.status IN ('queued','deferred') AND m.hold=0",
-            (RELAY,)).fetchone()
-        urgent_sql = ("SELECT MIN(m.arrival) t FROM messages m JOIN recipients r ON r.msg_id=m.id "
-                      "WHERE r.route=? AND r.status IN ('queued','deferred') AND m.hold=0 AND (m.urgent=1")
-        params: list = [RELAY]
-        if senders:
-            urgent_sql += f" OR lower(m.sender) IN ({','.join('?' * len(senders))})"
-            params.extend(senders)
-        urgent = cat.execute(urgent_sql + ")", params).fetchone()["t"]
+        backlog = self.daemon.spool.queue.relay_backlog(self.config.demand.urgent_senders)
         now = self.clock()
         midnight = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        log_ = SessionLog(cat)
+        log_ = SessionLog(self.daemon.spool.catalogue)
         today = [r for r in log_.since(midnight) if r.outcome != "refused"]
         recent = log_.last(50)
         last_start = max((r.started for _, r in recent if r.outcome != "refused"), default=None)
         last_collect = max((r.started for _, r in recent if r.mode in ("both", "fetch") and r.connected_at),
                            default=None)
-        queue = demand.QueueSnapshot(messages=row["n"], bytes=row["b"], oldest_urgent=urgent)
+        queue = demand.QueueSnapshot(messages=backlog.messages, bytes=backlog.bytes,
+                                     oldest_urgent=backlog.oldest_urgent)
         history = demand.History(last_session_start=last_start, last_collection=last_collect,
                                  sessions_today=len(today),
                                  minutes_today=sum(r.connected_seconds for r in today) / 60)

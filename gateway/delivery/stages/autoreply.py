@@ -34,7 +34,7 @@ from gateway.config import Config
 from gateway.config.policy import Vacation
 from gateway.mail import address
 from gateway.office.directory import Directory, Resolution
-from spool.policystate import PolicyState
+from spool.policystate import PolicyState, Replied
 from spool.queue import LOCAL, RELAY, Message, Queue
 
 log = logging.getLogger("dialmail.autoreply")
@@ -163,7 +163,6 @@ class Responder:
         route = LOCAL if self.directory.is_local(sender) else RELAY
         body = build(sender)
         qid = self.queue.enqueue("", [(sender, route)], body, origin=ORIGIN, client=msg.id,
-                                 subject=None, in_txn=lambda conn, _q: self.state.mark_replied(conn, responder,
-                                                                                               sender, now))
+                                 subject=None, then=Replied(responder, sender, now))
         log.info("%s: automatic reply from <%s> to <%s> queued as %s", msg.id, responder, sender, qid)
         return qid

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from email.message import Message as EmailHeaders
 
-from spool.policystate import PolicyState
+from spool.policystate import Forwarded, PolicyState
 from spool.queue import RELAY, Message, Queue
 
 log = logging.getLogger("dialmail.deliver")
@@ -56,7 +56,7 @@ def forward(queue: Queue, state: PolicyState, msg: Message, rcpt: str, targets: 
     with queue.open_body(msg.id) as body:
         new_qid = queue.enqueue(copy_sender(msg, rcpt, headers), [(t, RELAY) for t in targets], body,
                                 origin=ORIGIN, client=msg.id,
-                                in_txn=lambda conn, q: state.mark_forwarded(conn, msg.id, rcpt, q),
+                                then=Forwarded(msg.id, rcpt),
                                 orcpts={t: rcpt for t in targets})
     log.info("%s: to=<%s> status=forwarded as %s to %s", msg.id, rcpt, new_qid, ", ".join(targets))
     return new_qid
