@@ -11,6 +11,7 @@ import pytest
 from modem.settings import Route
 from modem.shaper import LineShaper
 from modem.simulator import SimKnobs, SimLine
+from tests.harness import wait_until
 
 
 @contextlib.asynccontextmanager
@@ -40,13 +41,6 @@ async def off_hook(line: SimLine, shaper: LineShaper) -> None:
     await wait_until(lambda: shaper.is_open, 2.0, "the shaper opening on CONNECT")
 
 
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - start
 
 
 async def read_exactly(reader: asyncio.StreamReader, n: int) -> float:
