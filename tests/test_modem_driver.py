@@ -23,6 +23,7 @@ from modem.errors import DialFailed, ModemNotResponding, PortUnavailable
 from modem.hayes import DialPlan, ResultCode
 from modem.pty_server import PtyModemServer
 from modem.simulator import SimKnobs, SimLine, register_line, unregister_line
+from tests.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = 0.2  # short escape guard time keeps +++ hang-ups quick; the driver waits a bit longer
@@ -55,13 +56,6 @@ def plan(*numbers: str, **kw) -> DialPlan:
     return DialPlan(numbers=numbers or ("5550100",), **{"redial_delay": 0.1, **kw})
 
 
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 kinds = pytest.mark.parametrize("kind", ["url", "pty"])

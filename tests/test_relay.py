@@ -21,8 +21,8 @@ from gateway.office.directory import Directory
 from gateway.relay.flush import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from spool.users import Users
-from tests.harness import free_port, wait_for
-from tests.peers import need, run_swaks
+from tests.harness import wait_for
+from tests.peers import free_port, need, run_swaks
 
 pytestmark = pytest.mark.peer
 

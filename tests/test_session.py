@@ -8,7 +8,8 @@ import time
 import aiosmtplib
 import pytest
 
-from tests.harness import ROOT, free_port, wait_for
+from tests.harness import ROOT, wait_for
+from tests.peers import free_port
 
 pytestmark = pytest.mark.timeout(180)
 

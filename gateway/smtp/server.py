@@ -254,7 +254,9 @@ class SubmissionProtocol(SMTPProtocol):
         50 MB message of 78-byte lines that is ~90 MB of line objects plus the joined
         copy (the daemon peaked at 5 x the message size).  Here each line, unstuffed, is
         appended to one buffer that the handler gets as it is (no final copy).  Replies,
-        limits and the order of events are aiosmtpd's.
+        limits and the order of events are aiosmtpd's.  It reads aiosmtpd's private
+        ``_reader``/``_writer`` (no public equivalent), so aiosmtpd is pinned in pyproject.toml
+        and tests/test_submit_upstream.py fails when the upstream code it copies changes.
         """
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
