@@ -530,6 +530,24 @@ class Queue:
     def __iter__(self) -> Iterator[Message]:
         return iter(self.messages())
 
+    def enqueue_streamed(self, write: Callable[[Path], None], sender: str, recipients: Iterable[tuple[str, str]],
+                         *, origin: str, client: str | None = None, message_id: str | None = None,
+                         subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
+                         in_txn: Callable[[sqlite3.Connection, str], None] | None = None,
+                         orcpts: dict[str, str] | None = None) -> str:
+        """Like ``enqueue``, for a body that ``write(tmp_path)`` streams into the tmp file
+        (a download from the ISP) and fsyncs; returns its queue id.
+
+        Start-up recovery leaves the tmp file alone while ``write`` runs, however long
+        the download takes.
+        """
+        qid, tmp = self.new_body()
+        with self._writing():
+            write(tmp)
+            return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
+                                     message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
+                                     in_txn=in_txn, orcpts=orcpts)
+
 
 _RECORD = ("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL, "
            "attempts=attempts+?, next_retry=COALESCE(?, next_retry) WHERE msg_id=? AND rcpt=?")

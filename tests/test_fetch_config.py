@@ -4,7 +4,7 @@ import time
 import pytest
 
 from gateway.config import loads, parse_window
-from gateway.fetch.imap import in_window
+from gateway.fetch.plan import in_window
 from gateway.mail.errors import ConfigError
 
 BASE = """

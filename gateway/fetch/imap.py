@@ -1,5 +1,9 @@
 """Pulling mail out of the ISP's IMAP mailboxes into the spool (fetchmail's job, done safely).
 
+This module is the IMAP conversation and the account loop; what to fetch is decided by
+``plan``, who gets it by ``recipients``, large messages go to disk through ``partial``,
+and every record of what was taken is made through ``spool.fetchstate``.
+
 For each ``[[fetch]]`` account and folder, in this order:
 
 1. SELECT; a UIDVALIDITY other than the recorded one voids the recorded UIDs
@@ -12,9 +16,9 @@ For each ``[[fetch]]`` account and folder, in this order:
    session caps, so one big attachment never holds up the short urgent mail;
 4. per message: body into a spool tmp file (large ones in ``BODY.PEEK[]<off.len>`` pieces
    straight to disk, so memory stays flat, each piece fsynced into
-   ``<spool>/fetch-partial/`` so a cut line resumes there next session), then ``enqueue_file`` whose
-   transaction also records the UID, the copy's digest and the (recipient, Message-ID)
-   pairs: the message is in the spool exactly when its UID is taken;
+   ``<spool>/fetch-partial/`` so a cut line resumes there next session), then the enqueue
+   whose transaction also records the UID, the copy's digest and the (recipient,
+   Message-ID) pairs: the message is in the spool exactly when its UID is taken;
 5. only then, with keep = false, ``\\Deleted`` + UID EXPUNGE (plain EXPUNGE at the end of
    the folder without UIDPLUS).  A cut anywhere leaves UIDs either untaken (fetched again
    next time, nothing was spooled) or taken and pending deletion (deleted next time).
@@ -26,14 +30,10 @@ between messages and between the pieces of a large one.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import ssl
 import time
 from dataclasses import dataclass, field
-from email.utils import formatdate, make_msgid
-from itertools import chain
 from pathlib import Path
 from typing import Callable
 
@@ -41,8 +41,8 @@ from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from gateway.config import Config, FetchConfig
+from gateway.fetch import plan
 from gateway.fetch.envelope import (
-    envelope_recipients,
     first,
     header_block,
     message_digest,
@@ -50,12 +50,23 @@ from gateway.fetch.envelope import (
     message_id_digest,
     return_path,
 )
-from gateway.mail import address
+from gateway.fetch.notice import ORIGIN as NOTICE_ORIGIN
+from gateway.fetch.notice import oversize_notice
+from gateway.fetch.partial import Partials, move_into
+from gateway.fetch.plan import DEFERRED, DELETED_OVERSIZE
+from gateway.fetch.recipients import Recipients, review_header
 from gateway.mail.errors import ConfigError
 from gateway.office.directory import Directory
-from spool.fetchstate import AccountLock, AlreadyFetching, FetchState
+from spool.fetchstate import (
+    AccountLock,
+    AlreadyFetching,
+    Copy,
+    FetchState,
+    Noticing,
+    Taking,
+)
 from spool.fsio import is_disk_full, write_file
-from spool.queue import LOCAL, RELAY, Catalogue, Queue
+from spool.queue import Catalogue, Queue
 
 log = logging.getLogger("dialmail.fetch")
 
@@ -66,12 +77,6 @@ SIZE_BATCH = 500      # UIDs per RFC822.SIZE / BODY[HEADER] round trip
 DELETED = b"\\Deleted"
 
 ORIGIN = "fetch"
-NOTICE_ORIGIN = "fetch-notice"
-
-# Outcomes of the size policy, also the notice kinds recorded once per copy.
-LEFT = "oversize-left"
-DEFERRED = "oversize-deferred"
-DELETED_OVERSIZE = "oversize-deleted"
 
 
 @dataclass(frozen=True)
@@ -167,20 +172,6 @@ class _Stopped(Exception):
     """stop_event was set: leave the rest for the next session."""
 
 
-def in_window(window: tuple[int, int] | None, now: float) -> bool:
-    """Is local time ``now`` inside ``(start, end)`` minutes (wrapping past midnight)?"""
-    if window is None:
-        return False
-    lt = time.localtime(now)
-    minute = lt.tm_hour * 60 + lt.tm_min
-    start, end = window
-    return start <= minute < end if start < end else (minute >= start or minute < end)
-
-
-def _fmt_window(window: tuple[int, int]) -> str:
-    return "-".join(f"{m // 60:02d}:{m % 60:02d}" for m in window)
-
-
 class AccountFetcher:
     """One account's session; runs entirely in one worker thread."""
 
@@ -192,7 +183,8 @@ class AccountFetcher:
         self.name = account.name
         self.queue = queue
         self.state = state
-        self.directory = directory
+        self.recipients = Recipients(config, account, directory)
+        self.partials = Partials(config.spool_dir, account.name)
         self.clock = clock
         self.report = report
         self.stop = stop
@@ -272,8 +264,7 @@ class AccountFetcher:
     # ------------------------------------------------------------ one folder
 
     def folder(self, client: IMAPClient, folder: str) -> None:
-        a = self.account
-        readonly = a.keep and a.keep_days is None and not (a.max_message_size and a.oversize == "delete")
+        readonly = plan.opens_read_only(self.account)
         selected = client.select_folder(folder, readonly=readonly)
         uidvalidity = int(selected[b"UIDVALIDITY"])
         renumbered = self.state.open_folder(self.name, folder, uidvalidity)
@@ -284,11 +275,9 @@ class AccountFetcher:
         self.state.forget_missing(self.name, folder, on_server)
         self.expunge_later = []
         if not readonly:
-            if not a.keep:  # copies kept while keep was true: they are spooled, so they may go now
-                self.state.mark_for_deletion(self.name, folder, self.state.older_than(self.name, folder, float("inf")))
-            elif a.keep_days:
-                expired = self.state.older_than(self.name, folder, self.clock() - a.keep_days * 86400)
-                self.state.mark_for_deletion(self.name, folder, expired)
+            until = plan.kept_until(self.account, self.clock())
+            if until is not None:
+                self.state.mark_for_deletion(self.name, folder, self.state.older_than(self.name, folder, until))
             self.delete(client, folder, self.state.pending_deletion(self.name, folder))
         taken = self.state.taken(self.name, folder)
         # Mail someone deleted at the ISP (webmail) but not yet expunged is not fetched.
@@ -296,7 +285,7 @@ class AccountFetcher:
         new = [uid for uid in undeleted if uid not in taken]
         self.uidvalidity = uidvalidity
         self.renumbered = renumbered
-        self.clean_partials(folder, set(new))
+        self.partials.clean(folder, uidvalidity, set(new))
         try:
             if new:
                 self.take_new(client, folder, uidvalidity, new, renumbered)
@@ -324,61 +313,29 @@ class AccountFetcher:
                 sizes[uid] = int(item[b"RFC822.SIZE"])
         if renumbered:
             self.recognise(client, folder, sizes)
-        candidates = []
-        oversize = []
-        now = self.clock()
-        for uid in sorted(sizes):
-            size = sizes[uid]
-            if a.max_message_size and size > a.max_message_size:
-                if a.oversize == "defer" and in_window(a.offpeak, now):
-                    candidates.append((size, uid))
-                else:
-                    oversize.append(uid)
-            else:
-                candidates.append((size, uid))
-        if oversize:
-            self.size_policy(client, folder, uidvalidity, oversize, sizes)
-        # Smallest first: many short messages before one big attachment.
-        candidates.sort()
-        plan = []
-        planned_bytes = 0
-        for size, uid in candidates:
-            count = self.result.fetched + len(plan)
-            if a.max_messages and count >= a.max_messages:
-                break
-            if a.max_bytes and self.result.bytes + planned_bytes + size > a.max_bytes and count:
-                break
-            plan.append((uid, size))
-            planned_bytes += size
-        if len(plan) < len(candidates):
+        decided = plan.plan_folder(a, sizes, self.clock(), self.result.fetched, self.result.bytes)
+        if decided.oversize:
+            self.size_policy(client, folder, uidvalidity, list(decided.oversize), sizes, decided.outcome)
+        if decided.capped:
             self.capped = True
-            self.result.deferred += len(candidates) - len(plan)
-        self.planned = (len(plan), planned_bytes)
+            self.result.deferred += decided.capped
+        self.planned = (decided.messages, decided.bytes)
         try:
-            batch: list[tuple[int, int]] = []
-            batch_bytes = 0
-            for uid, size in plan:
-                if size > a.chunk_size:
-                    if batch:
-                        self.fetch_batch(client, folder, batch)
-                        batch, batch_bytes = [], 0
+            for batch in plan.batches(decided.fetch, a.batch_size, a.chunk_size):
+                if batch.in_pieces:
+                    uid, size = batch.messages[0]
                     self.fetch_large(client, folder, uid, size)
-                    continue
-                if batch and (len(batch) >= a.batch_size or batch_bytes + size > a.chunk_size):
-                    self.fetch_batch(client, folder, batch)
-                    batch, batch_bytes = [], 0
-                batch.append((uid, size))
-                batch_bytes += size
-            if batch:
-                self.fetch_batch(client, folder, batch)
+                else:
+                    self.fetch_batch(client, folder, list(batch.messages))
         except _Stopped:
             done = self.state.taken(self.name, folder)
-            self.result.deferred += sum(1 for uid, _ in plan if uid not in done)
+            self.result.deferred += sum(1 for uid, _ in decided.fetch if uid not in done)
             raise
 
     def recognise(self, client: IMAPClient, folder: str, sizes: dict[int, int]) -> None:
         """After a UIDVALIDITY change: mark copies taken before, reading headers only."""
         uids = sorted(sizes)
+        delete = not self.account.keep
         for i in range(0, len(uids), SIZE_BATCH):
             part = uids[i:i + SIZE_BATCH]
             digests = {}
@@ -389,15 +346,12 @@ class AccountFetcher:
             again = [uid for uid, d in digests.items() if d in known]
             if not again:
                 continue
-            now = self.clock()
-            with self.queue.cat.transaction() as conn:
-                for uid in again:
-                    FetchState.record_taken(conn, self.name, folder, uid, sizes[uid], digests[uid],
-                                            delete=not self.account.keep, qid=None, now=now)
+            self.state.record_copies([Copy(self.name, folder, uid, sizes[uid], digests[uid], delete)
+                                      for uid in again], self.clock())
             for uid in again:
                 del sizes[uid]
             self.result.duplicates += len(again)
-            if not self.account.keep:
+            if delete:
                 self.delete(client, folder, again)
 
     # ------------------------------------------------------------ fetching
@@ -411,7 +365,7 @@ class AccountFetcher:
             if data is None:
                 continue  # expunged by someone else meanwhile
             if self.take(folder, uid, size, header_block(data),
-                         lambda tmp, prefix, data=data: _write_durably(tmp, prefix, data, None)):
+                         lambda tmp, prefix, data=data: write_file(tmp, [prefix, data])):
                 taken.append(uid)
             self.check_stop_between(client, folder, taken)
         if not self.account.keep:
@@ -432,80 +386,21 @@ class AccountFetcher:
             return
         block = header_block(_item(response[uid], b"BODY[HEADER]") or b"")
 
-        def produce(tmp, prefix: bytes) -> None:
-            partial = self.download(client, folder, uid, size)
-            if prefix:
-                with open(partial, "rb") as body:
-                    _write_durably(tmp, prefix, None, iter(lambda: body.read(1024 * 1024), b""))
-                os.unlink(partial)
-            else:
-                os.rename(partial, tmp)  # same file system; its data is fsynced already
+        def read_piece(offset: int, length: int) -> bytes | None:
+            self.check_stop()
+            return _item(client.fetch([uid], [f"BODY.PEEK[]<{offset}.{length}>"]).get(uid, {}), b"BODY[]")
+
+        def on_piece(done_bytes: int) -> None:
+            if self.report:
+                self.report(self.progress(folder, uid, size, partial=True, done_bytes=done_bytes))
+
+        def produce(tmp: Path, prefix: bytes) -> None:
+            partial = self.partials.download(folder, self.uidvalidity, uid, size, self.account.chunk_size,
+                                             read_piece, on_piece)
+            move_into(partial, tmp, prefix)
 
         if self.take(folder, uid, size, block, produce) and not self.account.keep:
             self.delete(client, folder, [uid])
-
-    def partial_dir(self) -> Path:
-        return Path(self.config.spool_dir) / "fetch-partial"
-
-    def partial_prefix(self, folder: str) -> str:
-        return hashlib.sha256(f"{self.name}\0{folder}".encode()).hexdigest()[:16]
-
-    def download(self, client: IMAPClient, folder: str, uid: int, size: int) -> Path:
-        """The whole message into a partial file named by (account, folder, UIDVALIDITY, UID).
-
-        An IMAP message never changes under its UID, so bytes kept from an earlier
-        session are still right; each piece is fsynced before the next is asked for.
-        """
-        self.partial_dir().mkdir(mode=0o700, exist_ok=True)
-        path = self.partial_dir() / f"{self.partial_prefix(folder)}.{self.uidvalidity}.{uid}"
-        chunk = self.account.chunk_size
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            offset = os.fstat(fd).st_size
-            if offset:
-                log.info("fetch %s/%s uid %d: resuming at byte %d of %d", self.name, folder, uid, offset, size)
-            # Until a short piece, not until RFC822.SIZE: a server whose size is off must not
-            # get its messages cut short.
-            while True:
-                self.check_stop()
-                item = client.fetch([uid], [f"BODY.PEEK[]<{offset}.{chunk}>"]).get(uid, {})
-                piece = _item(item, b"BODY[]")
-                if not piece:
-                    break
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-                offset += len(piece)
-                if self.report:
-                    self.report(self.progress(folder, uid, size, partial=True, done_bytes=offset))
-                if len(piece) < chunk:
-                    break
-        except OSError as exc:
-            if is_disk_full(exc):
-                # Kept, the pieces would keep the spool full: no mail could come in (452), none
-                # be delivered, the catalogue not be written.  The next session starts afresh.
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            raise
-        finally:
-            os.close(fd)
-        return path
-
-    def clean_partials(self, folder: str, wanted: set[int]) -> None:
-        """Drop partial downloads no longer wanted: taken, gone, or from an older UIDVALIDITY."""
-        d = self.partial_dir()
-        if not d.is_dir():
-            return
-        prefix = self.partial_prefix(folder) + "."
-        for name in os.listdir(d):
-            if not name.startswith(prefix):
-                continue
-            _, validity, uid = name.split(".")
-            if int(validity) != self.uidvalidity or int(uid) not in wanted:
-                os.unlink(d / name)
 
     def take(self, folder: str, uid: int, size: int, block: bytes, produce) -> bool:
         """Spool one copy and record its UID in the same transaction; True once the UID is taken.
@@ -515,16 +410,13 @@ class AccountFetcher:
         """
         digest = message_digest(block, size)
         now = self.clock()
-        delete = not self.account.keep
-        # Within one UIDVALIDITY a new UID is a new copy, however alike its headers and size
-        # (mail without Message-ID or Received lines can be): the digest recognises copies
-        # again after a renumbering, or a copy moved between the account's folders.
-        recognise = self.renumbered or len(self.account.folders) > 1
-        if recognise and self.state.known_copies(self.name, [digest]):
+        copy = Copy(self.name, folder, uid, size, digest, delete=not self.account.keep)
+        if plan.recognises_copies(self.account, self.renumbered) and self.state.known_copies(self.name, [digest]):
             log.info("fetch %s/%s uid %d: a copy taken before (same headers and size)", self.name, folder, uid)
-            self.record_only(folder, uid, size, digest, now)
+            self.record_only(copy, now)
             return True
-        rcpts, review = self.recipients(block)
+        routing = self.recipients.of(block)
+        rcpts, review = list(routing.recipients), routing.review
         msgid = message_id(block)
         msgid_key = message_id_digest(msgid, block) if msgid and not review else None
         if msgid_key:
@@ -534,33 +426,18 @@ class AccountFetcher:
                 log.info("fetch %s/%s uid %d: %s already had %s; not delivered again", self.name, folder, uid,
                          ", ".join(sorted(already)), msgid)
             if not rcpts:
-                self.record_only(folder, uid, size, digest, now)
+                self.record_only(copy, now)
                 return True
         prefix = b""
         if review:
-            prefix = f"X-Dialmail-Review: {review}\r\n".encode("utf-8", "surrogateescape")
+            prefix = review_header(review)
             log.warning("fetch %s/%s uid %d: to postmaster for review: %s", self.name, folder, uid, review)
         subject = first(block, "subject")
-        dropped_all = []
-
-        def in_txn(conn, qid):
-            FetchState.record_taken(conn, self.name, folder, uid, size, digest, delete, qid, now)
-            if msgid_key:
-                # Another account may have delivered the same message meanwhile: drop those recipients.
-                dups = FetchState.record_delivered(conn, self.name, [r for r, _ in rcpts], msgid_key, now)
-                for rcpt in dups:
-                    conn.execute("DELETE FROM recipients WHERE msg_id=? AND rcpt=?", (qid, rcpt))
-                if len(dups) == len(rcpts):
-                    conn.execute("DELETE FROM messages WHERE id=?", (qid,))
-                    dropped_all.append(qid)
-
-        qid, tmp = self.queue.new_body()
-        with self.queue._writing():  # keeps start-up recovery from removing the tmp file meanwhile
-            produce(tmp, prefix)
-            self.queue.enqueue_file(qid, tmp, return_path(block), rcpts, origin=ORIGIN,
-                                    client=f"{self.name}:{folder}:{uid}", message_id=msgid,
-                                    subject=subject[:200] if subject else None, in_txn=in_txn)
-        if dropped_all:
+        taking = Taking(copy, now, tuple(r for r, _ in rcpts), msgid_key)
+        qid = self.queue.enqueue_streamed(lambda tmp: produce(tmp, prefix), return_path(block), rcpts,
+                                          origin=ORIGIN, client=f"{self.name}:{folder}:{uid}", message_id=msgid,
+                                          subject=subject[:200] if subject else None, in_txn=taking)
+        if taking.had_it_all:
             self.queue.remove(qid)
             self.result.duplicates += 1
             return True
@@ -574,10 +451,9 @@ class AccountFetcher:
             self.report(self.progress(folder, uid, size))
         return True
 
-    def record_only(self, folder: str, uid: int, size: int, digest: str, now: float) -> None:
+    def record_only(self, copy: Copy, now: float) -> None:
         """A copy taken before (other UID or other copy of the same message): mark it, spool nothing."""
-        with self.queue.cat.transaction() as conn:
-            FetchState.record_taken(conn, self.name, folder, uid, size, digest, not self.account.keep, None, now)
+        self.state.record_copies([copy], now)
         self.result.duplicates += 1
 
     def progress(self, folder, uid, size, partial=False, done_bytes=0) -> FetchProgress:
@@ -596,56 +472,10 @@ class AccountFetcher:
         else:
             self.expunge_later.extend(uids)
 
-    # ------------------------------------------------------------ recipients
-
-    def local_address(self, addr: str) -> str | None:
-        """An address the ISP wrote, as a local address, or None if it is nobody's here."""
-        addr = address.normalise(addr)
-        local, domain = address.split(addr)
-        if self.account.domains and domain in self.account.domains:
-            addr = f"{local}@{self.config.server.domains[0]}"
-        if not self.directory.is_local(addr) or not self.directory.exists(addr):
-            return None
-        return addr
-
-    def route(self, addr: str) -> tuple[str, str]:
-        if "@" not in addr:
-            addr = f"{addr}@{self.config.server.domains[0]}"
-        addr = address.normalise(addr)
-        return addr, (LOCAL if self.directory.is_local(addr) else RELAY)
-
-    def recipients(self, block: bytes) -> tuple[list[tuple[str, str]], str | None]:
-        """(recipients with routes, review reason or None)."""
-        a = self.account
-        postmaster = self.route(self.config.server.postmaster)
-        if a.mode == "single":
-            target = self.route(a.deliver_to)
-            if target[1] == LOCAL and not self.directory.exists(target[0]):
-                # local delivery would bounce it to a sender outside: the postmaster gets it instead
-                return [postmaster], f"deliver_to {target[0]} is nobody here (account {self.name})"
-            return [target], None
-        env = envelope_recipients(block, a.envelope_header, a.envelope_skip, a.guess_from_headers)
-        if env is None:
-            where = f"{a.envelope_header}[{a.envelope_skip}]" if a.envelope_header else "To/Cc"
-            return [postmaster], f"no envelope recipient in {where} (account {self.name})"
-        local, unknown = [], []
-        for addr in env.recipients:
-            mapped = self.local_address(addr)
-            (local if mapped else unknown).append(mapped or addr)
-        rcpts = [self.route(r) for r in dict.fromkeys(local)]
-        if unknown and env.source == "To/Cc guess" and rcpts:
-            return rcpts, None  # outside addresses on To/Cc are expected when guessing
-        if unknown:
-            reason = f"no local user for {', '.join(unknown)} ({env.source}, account {self.name})"
-            return rcpts + [postmaster], reason
-        return rcpts, None
-
     # ------------------------------------------------------------ size policy
 
     def size_policy(self, client: IMAPClient, folder: str, uidvalidity: int, uids: list[int],
-                    sizes: dict[int, int]) -> None:
-        a = self.account
-        kind = {"leave": LEFT, "defer": DEFERRED, "delete": DELETED_OVERSIZE}[a.oversize]
+                    sizes: dict[int, int], kind: str) -> None:
         self.result.oversize += len(uids)
         if kind == DEFERRED:
             self.result.deferred += len(uids)
@@ -663,46 +493,15 @@ class AccountFetcher:
             self.delete(client, folder, removed)
 
     def notice(self, folder: str, uidvalidity: int, uid: int, size: int, block: bytes, kind: str) -> None:
-        a = self.account
-        rcpts, review = self.recipients(block)
-        if review:
-            rcpts = [self.route(self.config.server.postmaster)]
-        limit = a.max_message_size or 0
-        what = {
-            LEFT: "It has been left on the ISP's server; ask the administrator to fetch it another way "
-                  "or the sender to send a smaller message.",
-            DEFERRED: f"It will be fetched during the off-peak window "
-                      f"{_fmt_window(a.offpeak) if a.offpeak else ''} (local time).",
-            DELETED_OVERSIZE: "It has been deleted from the ISP's server unread; ask the sender to send "
-                              "it another way.",
-        }[kind]
-        host = self.config.server.hostname
-        lines = [f"A message for you is larger than this office fetches over its link "
-                 f"({size} bytes; the limit is {limit} bytes).", "", what, ""]
-        for name in ("from", "subject", "date", "message-id"):
-            value = first(block, name)
-            if value:
-                lines.append(f"  {name.title()}: {_one_line(value)}")
-        lines += [f"  Size: {size} bytes", f"  Mailbox: {a.name} ({a.username}@{a.host}) {folder}", ""]
-        subject = {LEFT: "Message too large, left at the ISP", DEFERRED: "Large message will be fetched off-peak",
-                   DELETED_OVERSIZE: "Message too large, deleted at the ISP"}[kind]
-        body = "\r\n".join(lines)
-        head = (f"From: Mail Delivery System <MAILER-DAEMON@{host}>\r\n"
-                f"To: {', '.join(r for r, _ in rcpts)}\r\n"
-                f"Subject: {subject} ({size // 1000} kB)\r\n"
-                f"Date: {formatdate(self.clock(), localtime=True)}\r\n"
-                f"Message-ID: {make_msgid('fetch', domain=host)}\r\n"
-                f"Auto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\n"
-                f"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n")
+        rcpts = self.recipients.of_notice(block)
+        notice = oversize_notice(self.account, folder, size, block, kind, [r for r, _ in rcpts],
+                                 self.config.server.hostname, self.clock())
         now = self.clock()
-
-        def in_txn(conn, qid):
-            FetchState.record_notice(conn, self.name, folder, uidvalidity, uid, kind, now)
-            if kind == DELETED_OVERSIZE:
-                FetchState.record_taken(conn, self.name, folder, uid, size, None, True, None, now)
-
-        self.queue.enqueue("", rcpts, (head + body).encode("utf-8", "surrogateescape"), origin=NOTICE_ORIGIN,
-                           client=f"{self.name}:{folder}:{uid}", subject=subject, in_txn=in_txn)
+        # A copy deleted unread is as good as taken: pending deletion until the EXPUNGE.
+        taken = Copy(self.name, folder, uid, size, None, delete=True) if kind == DELETED_OVERSIZE else None
+        self.queue.enqueue("", rcpts, notice.data, origin=NOTICE_ORIGIN, client=f"{self.name}:{folder}:{uid}",
+                           subject=notice.subject, in_txn=Noticing(self.name, folder, uidvalidity, uid, kind, now,
+                                                                   taken))
         self.result.notices += 1
         log.info("fetch %s/%s uid %d: %s (%d bytes), notice to %s", self.name, folder, uid, kind, size,
                  ", ".join(r for r, _ in rcpts))
@@ -719,11 +518,6 @@ def _item(item: dict, prefix: bytes) -> bytes | None:
     return None
 
 
-def _write_durably(path, prefix: bytes, data: bytes | None, pieces) -> None:
-    """Create ``path``, write prefix + data (or the pieces as they arrive), fsync; remove on failure."""
-    write_file(path, chain([prefix], [data] if data is not None else pieces))
-
-
 def _close(client: IMAPClient) -> None:
     try:
         client.logout()
@@ -732,10 +526,6 @@ def _close(client: IMAPClient) -> None:
             client.shutdown()
         except Exception:
             pass
-
-
-def _one_line(value: str) -> str:
-    return " ".join(value.split())[:200]
 
 
 def _text(exc: BaseException) -> str:
