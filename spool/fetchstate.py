@@ -1,10 +1,10 @@
 """What has been taken from the ISP's mailboxes: the fetch state, kept in the spool catalogue.
 
 Every write that says "this copy is ours now" happens inside the queue's enqueue
-transaction (``Queue.enqueue_file(in_txn=...)`` given a ``Taking`` or a ``Noticing``), so a
+transaction (``Queue.enqueue_file(then=...)`` given a ``Taking`` or a ``Noticing``), so a
 message is in the spool exactly when its UID is recorded as taken; a cut connection or a
 kill -9 at any point leaves the two in agreement.  The fetcher never holds the connection:
-what it may record is the methods and ``in_txn`` objects here.
+what it may record is the methods and ``then`` steps here.
 
 Tables:
 
@@ -125,7 +125,7 @@ class Copy:
 
 @dataclass
 class Taking:
-    """``in_txn`` of the enqueue that spools one copy: in the same transaction the UID and
+    """``then`` of the enqueue that spools one copy: in the same transaction the UID and
     digest are recorded as taken and, with ``msgid`` (a Message-ID digest), each
     (recipient, Message-ID) pair as delivered.
 
@@ -155,7 +155,7 @@ class Taking:
 
 @dataclass(frozen=True)
 class Noticing:
-    """``in_txn`` of the enqueue of a notice about a copy (oversize): the notice is recorded
+    """``then`` of the enqueue of a notice about a copy (oversize): the notice is recorded
     as sent in the same transaction, so it goes once; ``taken`` (a copy deleted unread by
     the policy) is recorded as taken and pending deletion with it."""
     account: str

@@ -260,7 +260,7 @@ class Queue:
     def enqueue(self, sender: str, recipients: Iterable[tuple[str, str]], data: bytes | Iterable[bytes] | BinaryIO,
                 *, origin: str, client: str | None = None, message_id: str | None = None,
                 subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
-                then: Then | None = None, in_txn: Then | None = None,
+                then: Then | None = None,
                 orcpts: dict[str, str] | None = None) -> str:
         """Store a message durably; returns its queue id.  See the module doc for the order."""
         qid, tmp = self.new_body()
@@ -268,29 +268,26 @@ class Queue:
             write_file(tmp, data)
             return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
                                      message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
-                                     then=then, in_txn=in_txn, orcpts=orcpts)
+                                     then=then, orcpts=orcpts)
 
     def enqueue_file(self, qid: str, tmp: Path, sender: str, recipients: Iterable[tuple[str, str]], *,
                      origin: str, client: str | None = None, message_id: str | None = None,
                      subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
-                     then: Then | None = None, in_txn: Then | None = None,
+                     then: Then | None = None,
                      orcpts: dict[str, str] | None = None) -> str:
         """Queue a body already written and fsynced at ``tmp`` (from ``new_body``).
 
         ``then(conn, qid)`` runs inside the same transaction as the envelope insert: a
         bounce marks its recipients reported there, a fetcher records the ISP UID there,
-        so "in the spool" and what it stands for can never disagree.  ``in_txn`` is the
-        same hook under the name the fetcher still uses.
+        so "in the spool" and what it stands for can never disagree.
         """
-        if then is not None and in_txn is not None:
-            raise ValueError("one hook per message: then or in_txn")
         rcpts = list(dict.fromkeys((r, route) for r, route in recipients))
         if not rcpts:
             os.unlink(tmp)
             raise ValueError("a message needs at least one recipient")
         with self._writing():
             return self._commit(qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
-                                then or in_txn, orcpts)
+                                then, orcpts)
 
     def _commit(self, qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
                 then, orcpts) -> str:
@@ -533,7 +530,7 @@ class Queue:
     def enqueue_streamed(self, write: Callable[[Path], None], sender: str, recipients: Iterable[tuple[str, str]],
                          *, origin: str, client: str | None = None, message_id: str | None = None,
                          subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
-                         in_txn: Callable[[sqlite3.Connection, str], None] | None = None,
+                         then: Then | None = None,
                          orcpts: dict[str, str] | None = None) -> str:
         """Like ``enqueue``, for a body that ``write(tmp_path)`` streams into the tmp file
         (a download from the ISP) and fsyncs; returns its queue id.
@@ -546,7 +543,7 @@ class Queue:
             write(tmp)
             return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
                                      message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
-                                     in_txn=in_txn, orcpts=orcpts)
+                                     then=then, orcpts=orcpts)
 
 
 _RECORD = ("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL, "

@@ -20,9 +20,6 @@ def test_import_contracts_are_kept():
 _SPOOL_SQL_CALLS = {"execute", "executemany", "executescript", "transaction"}
 _SPOOL_INSIDES = {"cat", "conn"}
 _SPOOL_HOOKS = {"in_txn", "conn"}
-# gateway/fetch/ is the one exception still to go: its UID bookkeeping moves into
-# spool/fetchstate.py, and this exclusion is removed when it has.
-_NOT_YET = (ROOT / "gateway" / "fetch",)
 
 
 def _spool_sql(source: str, name: str) -> list[str]:
@@ -44,8 +41,7 @@ def _spool_sql(source: str, name: str) -> list[str]:
 
 
 def test_no_sql_against_the_spool_above_spool():
-    modules = [p for p in sorted((ROOT / "gateway").rglob("*.py"))
-               if not any(p.is_relative_to(d) for d in _NOT_YET)]
+    modules = sorted((ROOT / "gateway").rglob("*.py"))
     assert len(modules) > 40
     found = [hit for p in modules for hit in _spool_sql(p.read_text(), str(p.relative_to(ROOT)))]
     assert not found, "the spool's tables are spool/'s business:\n" + "\n".join(found)

@@ -436,7 +436,7 @@ class AccountFetcher:
         taking = Taking(copy, now, tuple(r for r, _ in rcpts), msgid_key)
         qid = self.queue.enqueue_streamed(lambda tmp: produce(tmp, prefix), return_path(block), rcpts,
                                           origin=ORIGIN, client=f"{self.name}:{folder}:{uid}", message_id=msgid,
-                                          subject=subject[:200] if subject else None, in_txn=taking)
+                                          subject=subject[:200] if subject else None, then=taking)
         if taking.had_it_all:
             self.queue.remove(qid)
             self.result.duplicates += 1
@@ -500,7 +500,7 @@ class AccountFetcher:
         # A copy deleted unread is as good as taken: pending deletion until the EXPUNGE.
         taken = Copy(self.name, folder, uid, size, None, delete=True) if kind == DELETED_OVERSIZE else None
         self.queue.enqueue("", rcpts, notice.data, origin=NOTICE_ORIGIN, client=f"{self.name}:{folder}:{uid}",
-                           subject=notice.subject, in_txn=Noticing(self.name, folder, uidvalidity, uid, kind, now,
+                           subject=notice.subject, then=Noticing(self.name, folder, uidvalidity, uid, kind, now,
                                                                    taken))
         self.result.notices += 1
         log.info("fetch %s/%s uid %d: %s (%d bytes), notice to %s", self.name, folder, uid, kind, size,
