@@ -375,9 +375,17 @@ def queue_bounce(ctx: typer.Context, qid: str):
 def queue_flush(ctx: typer.Context):
     """Bring the link up and send everything waiting now (back-off ignored); no fetching."""
     from gateway.relay import flush as relay
+    from gateway.session import link
     cfg = state(ctx).config()
     q = _queue(ctx)
-    result = asyncio.run(relay.flush_now(cfg, q))
+
+    async def send_all() -> relay.FlushResult:
+        # The same bring-up as a dial session's, under the session lock; a line that drops
+        # stops the flush at a message boundary, as in a session.
+        async with link.for_queue_flush(cfg) as carrier_lost:
+            return await relay.flush(cfg, q, stop_event=carrier_lost, force=True)
+
+    result = asyncio.run(send_all())
     for r in result.results:
         typer.echo(f"{r.qid} <{r.rcpt}> {r.outcome.status}: {r.outcome.code} {r.outcome.reply}")
     if result.local_notices:

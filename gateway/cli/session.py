@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gateway.cli.app import EX_TEMPFAIL, EX_UNAVAILABLE, app, explained, state
+from gateway.session.events import Done, Error, Hangup, HungUp, Info, Started, Stopping
 from gateway.session.progress import ProgressView
 
 # soft_wrap: a long reason stays one line (the terminal folds it; cron mail and grep keep it whole).
@@ -23,6 +24,8 @@ console = Console(stderr=False, highlight=False, soft_wrap=True)
 WIDE_LOG = 120  # terminal columns from which `dialmail log` shows the bit rate and byte counts
 
 
+# Exit codes of connect-now besides 0 (the session went through) and 1 (it failed):
+# 75 (EX_TEMPFAIL) when part of the work is left for the next session, and the shell's
 # 128 + signal when this command itself was interrupted.
 EX_INTERRUPTED = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
@@ -69,7 +72,7 @@ async def _connect(cfg, mode: str, view: ProgressView, wait: bool) -> tuple[str,
         async with contextlib.aclosing(request(cfg.spool_dir, {"cmd": "connect", "mode": mode})) as events:
             async for event in events:
                 view(event)
-                if not wait and event.get("type") in ("session", "info"):
+                if not wait and isinstance(event, (Started, Info)):
                     return "started", None
         return view.outcome or "failed", None
     except NoDaemon:
@@ -124,19 +127,18 @@ def hangup(ctx: typer.Context):
 
     Mail in flight stays queued for the next session, as at the session's max_time.
     """
-    from gateway.control import NoDaemon, request
+    from gateway.control import HangupAsked, NoDaemon, NoSession, request
     from spool.sessions import SessionLock
     cfg = state(ctx).config()
     view = ProgressView(console)
 
     async def ask() -> str | None:
         async for event in request(cfg.spool_dir, {"cmd": "hangup"}):
-            kind = event.get("type")
-            if kind == "no-session":
+            if isinstance(event, NoSession):
                 return None
-            if kind == "hangup-asked":
+            if isinstance(event, HangupAsked):
                 typer.echo("asked the daemon to end the session at a safe point and hang up")
-            elif kind in ("stopping", "hangup", "hungup", "done", "error"):
+            elif isinstance(event, (Stopping, Hangup, HungUp, Done, Error)):
                 view(event)
         return view.outcome or "ended"
 
@@ -201,12 +203,13 @@ def session_log(ctx: typer.Context,
 @explained
 def status(ctx: typer.Context):
     """Daemon and link state, queue counts, next scheduled dial, last session."""
-    from gateway.control import NoDaemon, request
+    from gateway.control import NoDaemon, Status, request
     cfg = state(ctx).config()
 
-    async def ask():
+    async def ask() -> Status | None:
         async for event in request(cfg.spool_dir, {"cmd": "status"}):
-            return event
+            return event if isinstance(event, Status) else None
+        return None
     try:
         st = asyncio.run(ask())
     except NoDaemon:
@@ -224,9 +227,9 @@ def status(ctx: typer.Context):
         _print_status(counts, nxt.isoformat(sep=" ", timespec="minutes") if nxt else None,
                       last[-1][1].__dict__ | {"id": last[-1][0]} if last else None)
         return
-    typer.echo(f"daemon: running (pid {st['pid']})")
-    typer.echo(f"link: {st['link']}")
-    _print_status(st["queue"], st["next_dial"], st["last_session"])
+    typer.echo(f"daemon: running (pid {st.pid})")
+    typer.echo(f"link: {st.link}")
+    _print_status(st.queue, st.next_dial, st.last_session)
 
 
 def _print_status(counts: dict, next_dial, last) -> None:

@@ -32,8 +32,8 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -214,47 +214,6 @@ class _Context:
         """The same outcome for every recipient of ``jobs`` (no connection, no route)."""
         for job in jobs:
             await self.record(job.qid, {r: why for r in job.rcpts}, unsent)
-
-
-@asynccontextmanager
-async def bring_link_up(config: Config) -> AsyncIterator[asyncio.Event | None]:
-    """The link for a stand-alone ``dialmail queue flush``; yields the carrier-lost event.
-
-    Always-on links need nothing.  Any other link is brought up through ``modem.link``
-    under the session lock, so a flush never dials while a session holds the line.
-    """
-    if config.link.type == "always-on":
-        yield None
-        return
-    from gateway.mail.errors import TransientError
-    from modem.errors import LinkError
-    from modem.link import open_link
-    from spool.sessions import SessionBusy, SessionLock
-    lock = SessionLock(config.spool_dir)
-    try:
-        lock.acquire()
-    except SessionBusy as exc:
-        raise TransientError(str(exc)) from None
-    try:
-        settings = getattr(config.link, "settings", None)
-        if settings is None:
-            from modem.settings import LinkSettings
-            settings = LinkSettings.from_options(config.link.type, config.link.options)
-        try:
-            async with open_link(settings).up() as info:
-                yield info.carrier_lost
-        except LinkError as exc:
-            raise TransientError(f"the link did not come up: {exc}") from None
-    finally:
-        lock.release()
-
-
-async def flush_now(config: Config, queue: Queue, *, progress: Progress | None = None,
-                    on_local_mail: Callable[[], None] | None = None) -> FlushResult:
-    """``dialmail queue flush``: link up, send everything waiting (back-off ignored), link down."""
-    async with bring_link_up(config) as carrier_lost:
-        return await flush(config, queue, progress=progress, stop_event=carrier_lost, force=True,
-                           on_local_mail=on_local_mail)
 
 
 # ---------------------------------------------------------------- one SMTP connection

@@ -6,6 +6,27 @@ import time
 from rich.console import Console
 from rich.markup import escape
 
+from gateway.session.events import (
+    Connected,
+    Dialing,
+    Done,
+    End,
+    Error,
+    Event,
+    FetchDone,
+    Fetched,
+    Hangup,
+    Info,
+    ModemLine,
+    Refused,
+    Retry,
+    SendDone,
+    Sent,
+    Started,
+    Stopping,
+    Summary,
+)
+
 
 class ProgressView:
     """Turns session events into lines and per-direction byte counters.
@@ -21,7 +42,7 @@ class ProgressView:
         self.sent_bytes = 0
         self.fetched_bytes = 0
         self.outcome: str | None = None
-        self.record: dict | None = None
+        self.record: Summary | None = None
         self.reasons: list[str] = []  # the lines that say what went wrong, for --quiet
         self.summary: str | None = None
 
@@ -32,76 +53,69 @@ class ProgressView:
         if not self.quiet:
             self.out.print(text)
 
-    def __call__(self, event: dict) -> None:
-        kind = event.get("type")
+    def __call__(self, event: Event) -> None:
         t = f"[dim]{time.monotonic() - self.started:6.1f}s[/dim]"
-        if kind == "session":
-            self.say(f"{t} session {event['id']} ({event['trigger']}, {event['mode']})")
-        elif kind == "dialing":
-            self.say(f"{t} bringing the link up ({event.get('backend')})")
-        elif kind == "modem":
-            self.say(f"{t} [cyan]modem[/cyan] {escape(str(event.get('text')))}")
-        elif kind == "connected":
-            self.say(f"{t} [green]CONNECTED[/green] {escape(event.get('description') or '')}")
-        elif kind == "send":
-            self._transfer(t, "send", event)
-        elif kind == "fetch":
-            self._transfer(t, "fetch", event)
-        elif kind == "send-done":
-            why = event.get("error")
-            self.say(f"{t} sending done: {event['sent']} sent, {event['deferred']} deferred, "
-                     f"{event['bounced']} bounced" + (f" [red]({escape(why)})[/red]" if why else ""), reason=bool(why))
-        elif kind == "fetch-done":
-            whys = event.get("errors") or []
-            self.say(f"{t} fetching done: {event['fetched']} fetched"
-                     + (f" [red]({escape('; '.join(whys))})[/red]" if whys else ""), reason=bool(whys))
-        elif kind == "hangup":
-            self.say(f"{t} hanging up")
-        elif kind in ("error", "stopping", "refused"):
-            text = str(event.get("message") or event.get("reason"))
-            self.say(f"{t} [red]{kind}[/red]: {escape(text)}", reason=True)
-        elif kind == "retry":
-            self.say(f"{t} line dropped: trying again in {event['in']}s "
-                     f"(retry {event['attempt']} of {event['of']})", reason=True)
-        elif kind == "info":
-            self.say(f"{t} {escape(str(event.get('message')))}")
-        elif kind == "done":
-            self.record = event.get("record")
-            self.outcome = event.get("outcome")
-            r = self.record or {}
-            errors = r.get("errors") or []
-            self.say(f"{t} session {event['id']} {self.outcome}: sent {r.get('sent', 0)}, "
-                     f"deferred {r.get('deferred', 0)}, bounced {r.get('bounced', 0)}, "
-                     f"fetched {r.get('fetched', 0)}; connected {r.get('connected_seconds', 0)}s"
-                     f"{', cost ' + str(r.get('cost')) if r.get('cost') else ''}"
-                     + (f" [red]— {escape('; '.join(errors))}[/red]" if errors else ""))
-            self.summary = f"session {event['id']} {self.outcome}"
-        elif kind == "end":
-            self.outcome = event.get("outcome")
+        match event:
+            case Started():
+                self.say(f"{t} session {event.id} ({event.trigger}, {event.mode})")
+            case Dialing():
+                self.say(f"{t} bringing the link up ({event.backend})")
+            case ModemLine():
+                self.say(f"{t} [cyan]modem[/cyan] {escape(event.text)}")
+            case Connected():
+                self.say(f"{t} [green]CONNECTED[/green] {escape(event.description or '')}")
+            case Sent():
+                self._transfer(t, "→ sent", event.qid, event.size, event.total, event.seconds, event.done,
+                               event.left)
+            case Fetched():
+                self._transfer(t, "← fetched", event.uid, event.size, None, None, event.done, event.left)
+            case SendDone():
+                why = event.error
+                self.say(f"{t} sending done: {event.sent} sent, {event.deferred} deferred, {event.bounced} bounced"
+                         + (f" [red]({escape(why)})[/red]" if why else ""), reason=bool(why))
+            case FetchDone():
+                whys = event.errors
+                self.say(f"{t} fetching done: {event.fetched} fetched"
+                         + (f" [red]({escape('; '.join(whys))})[/red]" if whys else ""), reason=bool(whys))
+            case Hangup():
+                self.say(f"{t} hanging up")
+            case Error():
+                self.say(f"{t} [red]error[/red]: {escape(event.message)}", reason=True)
+            case Stopping() | Refused():
+                self.say(f"{t} [red]{event.kind}[/red]: {escape(event.reason)}", reason=True)
+            case Retry():
+                self.say(f"{t} line dropped: trying again in {event.in_}s "
+                         f"(retry {event.attempt} of {event.of})", reason=True)
+            case Info():
+                self.say(f"{t} {escape(event.message)}")
+            case Done():
+                self.record = r = event.record
+                self.outcome = event.outcome
+                self.say(f"{t} session {event.id} {self.outcome}: sent {r.sent}, deferred {r.deferred}, "
+                         f"bounced {r.bounced}, fetched {r.fetched}; connected {r.connected_seconds}s"
+                         f"{', cost ' + str(r.cost) if r.cost else ''}"
+                         + (f" [red]— {escape('; '.join(r.errors))}[/red]" if r.errors else ""))
+                self.summary = f"session {event.id} {self.outcome}"
+            case End():
+                self.outcome = event.outcome
 
     def explain(self) -> None:
         """For --quiet after a failure: what failed and why, in the lines shown live."""
         if not self.quiet:
             return
-        r = self.record or {}
+        r = self.record or Summary()
         head = self.summary or f"session {self.outcome or 'failed'}"
-        self.out.print(f"dialmail connect-now: {head}: sent {r.get('sent', 0)}, deferred {r.get('deferred', 0)}, "
-                       f"bounced {r.get('bounced', 0)}, fetched {r.get('fetched', 0)}")
+        self.out.print(f"dialmail connect-now: {head}: sent {r.sent}, deferred {r.deferred}, "
+                       f"bounced {r.bounced}, fetched {r.fetched}")
         for line in self.reasons:
             self.out.print(line)
-        for err in r.get("errors") or []:
+        for err in r.errors:
             if not any(escape(err) in line for line in self.reasons):
                 self.out.print(f"  {escape(err)}")
 
-    def _transfer(self, t: str, way: str, ev: dict) -> None:
-        what = ev.get("qid") or ev.get("uid") or ev.get("message_id") or ""
-        total, elapsed = ev.get("total"), ev.get("seconds")
+    def _transfer(self, t: str, arrow: str, what: str, size: int | None, total: int | None,
+                  elapsed: float | None, done: int, left: int | None) -> None:
         rate = f", {int(total) / max(float(elapsed), 1e-3) / 1024:.1f} KiB/s" if total and elapsed else ""
-        size = f" {int(ev['size']) / 1024:.1f} KiB" if ev.get("size") is not None else ""
-        count = f" [{ev['done']}/{ev['done'] + ev['left']}]" if ev.get("left") is not None else ""
-        arrow = "→ sent" if way == "send" else "← fetched"
-        self.say(f"{t} {arrow}{escape(count)} {escape(str(what))}{size}{rate}".rstrip())
-
-
-# Exit codes of connect-now besides 0 (the session went through) and 1 (it failed):
-# 75 (EX_TEMPFAIL) when part of the work is left for the next session, and the shell's
+        shown = f" {int(size) / 1024:.1f} KiB" if size is not None else ""
+        count = f" [{done}/{done + left}]" if left is not None else ""
+        self.say(f"{t} {arrow}{escape(count)} {escape(str(what))}{shown}{rate}".rstrip())

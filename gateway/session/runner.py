@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+from gateway.session.events import Connected, Dialing, Done, End, Event, Hangup, Refused
 from gateway.session.session import SessionContext, SessionControl, run_with_retries
 
 log = logging.getLogger("dialmail.control")
@@ -56,7 +57,7 @@ class SessionRunner:
         finally:
             self.current = None
             self.state = "idle"
-            self._publish({"type": "end", "outcome": outcome})
+            self._publish(End(outcome))
 
     def hangup(self, by: str) -> bool:
         """End the running session at a safe point and hang up; False when none runs."""
@@ -83,13 +84,12 @@ class SessionRunner:
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self.subscribers.discard(q)
 
-    def _publish(self, event: dict) -> None:
-        kind = event.get("type")
-        if kind == "dialing":
+    def _publish(self, event: Event) -> None:
+        if isinstance(event, Dialing):
             self.state = "dialing"
-        elif kind == "connected":
-            self.state = f"connected at {event.get('rate') or '?'} bps"
-        elif kind in ("hangup", "done", "refused"):
+        elif isinstance(event, Connected):
+            self.state = f"connected at {event.rate or '?'} bps"
+        elif isinstance(event, (Hangup, Done, Refused)):
             self.state = "idle"
         for q in list(self.subscribers):
             q.put_nowait(event)

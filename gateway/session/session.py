@@ -24,15 +24,36 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from gateway.config import Config
+from gateway.session import link
+from gateway.session.events import (
+    Done,
+    Error,
+    Etrn,
+    EtrnFailed,
+    Event,
+    FetchDone,
+    Fetched,
+    FetchedPiece,
+    Hook,
+    Info,
+    ModemLine,
+    Refused,
+    Retry,
+    SendDone,
+    Sent,
+    Started,
+    Stopping,
+    Summary,
+)
+from gateway.session.transcript import Transcript
+from modem.errors import LinkError
 from spool.sessions import SessionBusy, SessionLock, SessionLog, SessionRecord
 
 log = logging.getLogger("dialmail.session")
 
-Event = dict[str, Any]
 Emit = Callable[[Event], None]
 
 MODES = ("both", "send", "fetch")
@@ -45,46 +66,6 @@ class SessionContext:
     config: Config
     spool: Any                     # gateway.daemon.Spool
     kick_delivery: Callable[[], None] | None = None  # the daemon's local delivery worker
-
-
-_SECRET = re.compile(r"(?i)(pass(word)?|auth\s+(plain|login)|login)(\s+\S+\s*)(\S+)")
-
-
-def mask(text: str) -> str:
-    """Hide anything that looks like a credential in a transcript line."""
-    return _SECRET.sub(lambda m: m.group(1) + m.group(4) + "********", text)
-
-
-class Transcript:
-    """The modem dialogue and protocol summary of one session, kept for troubleshooting."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, text: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        for line in str(text).splitlines() or [""]:
-            self.file.write(f"{stamp} {mask(line)}\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _DialogueHandler(logging.Handler):
-    """Copies the modem's AT dialogue (modem.dialogue logger) into the session transcript."""
-
-    def __init__(self, transcript: Transcript):
-        super().__init__(logging.DEBUG)
-        self.transcript = transcript
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.transcript.write("[at] " + record.getMessage())
-        except Exception:
-            self.handleError(record)
 
 
 class Session:
@@ -101,7 +82,6 @@ class Session:
         self.stop_reason: str | None = None
         self.last_activity = time.monotonic()
         self.transcript: Transcript | None = None
-        self.carrier_lost = False
         self.phase = "starting"
         self.interrupted_by: str | None = None
         self.interrupted_while: str | None = None
@@ -110,11 +90,10 @@ class Session:
 
     # ------------------------------------------------------------ events
 
-    def emit(self, type_: str, **data) -> None:
-        event = {"type": type_, **data}
+    def emit(self, event: Event) -> None:
         self.last_activity = time.monotonic()
         if self.transcript is not None:
-            self.transcript.write(_describe(event))
+            self.transcript.event(event)
         try:
             self.emit_cb(event)
         except Exception:  # a broken progress display must never break the session
@@ -124,7 +103,7 @@ class Session:
         if not self.stop.is_set():
             self.stop_reason = reason
             self.stop.set()
-            self.emit("stopping", reason=reason)
+            self.emit(Stopping(reason))
 
     def interrupt(self, by: str) -> None:
         """End the session early because ``by`` asked (Ctrl-C, SIGTERM, dialmail hangup).
@@ -146,28 +125,40 @@ class Session:
     # ------------------------------------------------------------ the session
 
     async def run(self) -> SessionRecord:
-        cfg = self.config
         rec = self.record
         self._task = asyncio.current_task()
-        lock = SessionLock(cfg.spool_dir)
+        lock = SessionLock(self.config.spool_dir)
         try:
             lock.acquire()
         except SessionBusy as exc:
             rec.outcome = "refused"
             rec.errors.append(str(exc))
             rec.ended = self.clock()
-            self.emit("refused", reason=str(exc))
+            self.emit(Refused(str(exc)))
             return rec
-        slog = SessionLog(self.ctx.spool.catalogue)
-        sid = slog.start(rec)
-        self.transcript = Transcript(cfg.spool_dir / "sessions" / f"{sid:06d}.log")
-        rec.transcript = str(self.transcript.path)
-        self.emit("session", id=sid, trigger=rec.trigger, mode=rec.mode)
-        dialogue = logging.getLogger("modem.dialogue")
-        handler = _DialogueHandler(self.transcript)
-        dialogue.addHandler(handler)
-        dialogue.setLevel(logging.DEBUG)
-        dialogue.propagate = False
+        try:
+            slog = SessionLog(self.ctx.spool.catalogue)
+            sid = slog.start(rec)
+            # Whatever ends the session (an error, an interrupt, a cancellation), the
+            # modem.dialogue logger is given back as it was and the transcript closed
+            # before the lock goes: the next session starts with nothing of this one.
+            with Transcript(self.config.spool_dir / "sessions" / f"{sid:06d}.log") as transcript, \
+                    transcript.dialogue():
+                self.transcript = transcript
+                rec.transcript = str(transcript.path)
+                try:
+                    await self._logged(sid, slog)
+                finally:
+                    self.transcript = None
+        finally:
+            lock.release()
+        return rec
+
+    async def _logged(self, sid: int, slog: SessionLog) -> None:
+        """The session once it holds the line and has a number: the record is completed whatever happens."""
+        cfg = self.config
+        rec = self.record
+        self.emit(Started(sid, rec.trigger, rec.mode))
         try:
             self.phase = "running the before-session command"
             await self._hook("before", cfg.session.before)
@@ -180,7 +171,7 @@ class Session:
                     await self._online()
             except TimeoutError:
                 rec.errors.append(f"the session did not stop within {STOP_GRACE}s of max_time; cut off")
-                self.emit("error", message=rec.errors[-1])
+                self.emit(Error(rec.errors[-1]))
             finally:
                 deadline.cancel()
             self.phase = "running the after-session command"
@@ -213,17 +204,13 @@ class Session:
                              + cfg.session.cost_per_minute * minutes, 4)
             rec.outcome = self._outcome()
             slog.update(sid, rec)
-            self.emit("done", id=sid, outcome=rec.outcome, record=_summary(rec))
-            dialogue.removeHandler(handler)
-            self.transcript.close()
-            lock.release()
-        return rec
+            self.emit(Done(sid, rec.outcome, Summary.of(rec)))
 
     async def _deadline(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
         self.record.errors.append(f"maximum session time of {seconds}s reached; the rest waits for the next "
                                   f"session")
-        self.emit("error", message=self.record.errors[-1])
+        self.emit(Error(self.record.errors[-1]))
         self.halt("maximum session time reached")
 
     def _outcome(self) -> str:
@@ -232,29 +219,19 @@ class Session:
             return "interrupted"
         if rec.connected_at is None:
             return "failed"
-        if self.carrier_lost or rec.errors:
+        if rec.carrier_lost or rec.errors:
             return "partial"
         return "ok"
 
     async def _online(self) -> None:
-        from modem.errors import LinkError
-        from modem.link import open_link
-        cfg = self.config
         rec = self.record
-        settings = cfg.link.settings
-        if settings is None:
-            from modem.settings import LinkSettings
-            settings = LinkSettings.from_options(cfg.link.type, cfg.link.options)
-        link = open_link(settings, progress=self._dialogue)
         self.phase = "dialing"
-        self.emit("dialing", backend=cfg.link.type)
         try:
-            async with link.up() as info:
+            async with link.up(self.config, self._link_event) as info:
                 self.phase = {"both": "sending and fetching", "send": "sending",
-                                 "fetch": "fetching"}[rec.mode]
+                              "fetch": "fetching"}[rec.mode]
                 rec.connected_at = self.clock()
                 rec.connect_rate = info.rate
-                self.emit("connected", rate=info.rate, description=info.describe())
                 watch = asyncio.create_task(self._watch(info))
                 try:
                     await self._move_mail(info)
@@ -266,17 +243,14 @@ class Session:
                         rec.bytes_up, rec.bytes_down = info.bytes_up, info.bytes_down or 0
                     rec.hung_up_at = self.clock()
                     self.phase = "hanging up"
-                self.emit("hangup")
-            if info.hangup:
-                self.emit("hungup", how=info.hangup)
         except LinkError as exc:
             rec.errors.append(str(exc))
-            self.emit("error", message=str(exc))
+            self.emit(Error(str(exc)))
 
-    def _dialogue(self, text: str) -> None:
-        if _is_dial_result(text):
-            self.record.dial_attempts.append(mask(text))
-        self.emit("modem", text=mask(text))
+    def _link_event(self, event: Event) -> None:
+        if isinstance(event, ModemLine) and _is_dial_result(event.text):
+            self.record.dial_attempts.append(event.text)
+        self.emit(event)
 
     async def _watch(self, info) -> None:
         """Stop both sides on carrier loss or when nothing moved for idle_timeout."""
@@ -284,7 +258,7 @@ class Session:
         last_bytes = None
         while not self.stop.is_set():
             if info.carrier_lost.is_set():
-                self.carrier_lost = True
+                self.record.carrier_lost = True
                 reason = info.loss_reason or "carrier lost"
                 self.record.errors.append(f"carrier lost: {reason}")
                 self.halt(f"carrier lost: {reason}")
@@ -316,10 +290,10 @@ class Session:
             if isinstance(res, BaseException):
                 msg = f"{type(res).__name__}: {res}"
                 self.record.errors.append(msg)
-                self.emit("error", message=msg)
+                self.emit(Error(msg))
         # When the line dropped, whatever the two sides report is secondary.
-        if info.carrier_lost.is_set() and not self.carrier_lost:
-            self.carrier_lost = True
+        if info.carrier_lost.is_set() and not self.record.carrier_lost:
+            self.record.carrier_lost = True
             self.record.errors.append(f"carrier lost: {info.loss_reason}")
 
     async def _send(self) -> None:
@@ -338,12 +312,10 @@ class Session:
             why = f"send: {result.error.reply}"
             self.record.errors.append(why)
         # The reason goes with the counts: "7 deferred" alone leaves the admin guessing.
-        self.emit("send-done", sent=result.sent, deferred=result.deferred, bounced=result.bounced,
-                  bytes=result.bytes, error=why)
+        self.emit(SendDone(result.sent, result.deferred, result.bounced, result.bytes, why))
 
     def _send_progress(self, p) -> None:  # gateway.relay.SendProgress
-        self.emit("send", qid=p.qid, size=p.size, total=p.total, seconds=round(p.seconds, 2),
-                  done=p.messages, left=p.remaining)
+        self.emit(Sent(p.qid, p.size, p.total, round(p.seconds, 2), done=p.messages, left=p.remaining))
 
     async def _fetch(self) -> None:
         from gateway.fetch import imap as fetch
@@ -356,14 +328,14 @@ class Session:
         self.record.errors.extend(whys)
         if result.fetched and self.ctx.kick_delivery:
             self.ctx.kick_delivery()
-        self.emit("fetch-done", fetched=result.fetched, errors=whys)
+        self.emit(FetchDone(result.fetched, tuple(whys)))
 
     def _fetch_progress(self, p) -> None:  # gateway.fetch.FetchProgress
         if p.partial:
-            self.emit("fetch-piece", uid=p.uid, size=p.size, done_bytes=p.done_bytes)
+            self.emit(FetchedPiece(p.uid, p.size, p.done_bytes))
             return
-        self.emit("fetch", uid=f"{p.account}/{p.folder}/{p.uid}", size=p.size, total=p.bytes,
-                  done=p.messages, left=max(0, p.planned_messages - p.messages))
+        self.emit(Fetched(f"{p.account}/{p.folder}/{p.uid}", p.size, p.bytes, done=p.messages,
+                          left=max(0, p.planned_messages - p.messages)))
 
     async def _etrn(self) -> None:
         """Ask the ISP to release mail it holds for us (RFC 1985); failures are only noted."""
@@ -375,9 +347,9 @@ class Session:
                 await smtp.ehlo()
                 for domain in self.config.session.etrn_domains:
                     resp = await smtp.execute_command(f"ETRN {domain}".encode())
-                    self.emit("etrn", domain=domain, code=resp.code, reply=resp.message)
+                    self.emit(Etrn(domain, resp.code, resp.message))
         except Exception as exc:
-            self.emit("etrn", error=str(exc))
+            self.emit(EtrnFailed(str(exc)))
 
     async def _hook(self, which: str, command: str | None) -> None:
         if not command:
@@ -395,8 +367,7 @@ class Session:
             await proc.wait()
             self.record.errors.append(f"{which}-session command timed out: {command}")
             return
-        self.emit("hook", which=which, command=command, status=proc.returncode,
-                  output=out.decode(errors="replace")[-500:])
+        self.emit(Hook(which, command, proc.returncode, out.decode(errors="replace")[-500:]))
         if proc.returncode:
             self.record.errors.append(f"{which}-session command exited with {proc.returncode}: {command}")
 
@@ -412,19 +383,6 @@ class Session:
 def _is_dial_result(text: str) -> bool:
     return bool(re.search(r"\b(CONNECT|BUSY|NO CARRIER|NO DIALTONE|NO ANSWER|ERROR|timed out|dialling|dialing)\b",
                           text, re.I))
-
-
-def _describe(event: Event) -> str:
-    kind = event.get("type")
-    rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "record"))
-    return f"[{kind}] {rest}"
-
-
-def _summary(rec: SessionRecord) -> dict:
-    return {"trigger": rec.trigger, "mode": rec.mode, "outcome": rec.outcome, "rate": rec.connect_rate,
-            "connected_seconds": round(rec.connected_seconds, 1), "sent": rec.sent, "deferred": rec.deferred,
-            "bounced": rec.bounced, "fetched": rec.fetched, "bytes_up": rec.bytes_up,
-            "bytes_down": rec.bytes_down, "cost": rec.cost, "errors": rec.errors}
 
 
 class SessionControl:
@@ -478,14 +436,14 @@ async def run_with_retries(ctx: SessionContext, trigger: str, mode: str = "both"
     try:
         rec = await control.run(Session(ctx, trigger, mode, emit))
         tries = 0
-        while rec.outcome == "partial" and any(e.startswith("carrier lost") for e in rec.errors) \
-                and tries < cfg.retry_count and control.interrupted_by is None:
+        while rec.outcome == "partial" and rec.carrier_lost and tries < cfg.retry_count \
+                and control.interrupted_by is None:
             tries += 1
             if emit:
-                emit({"type": "retry", "in": cfg.retry_delay, "attempt": tries, "of": cfg.retry_count})
+                emit(Retry(cfg.retry_delay, tries, cfg.retry_count))
             if not await control.pause(cfg.retry_delay, sleep):
                 if emit:
-                    emit({"type": "info", "message": f"no further try: interrupted by {control.interrupted_by}"})
+                    emit(Info(f"no further try: interrupted by {control.interrupted_by}"))
                 break
             rec = await control.run(Session(ctx, "retry", mode, emit))
         return rec
