@@ -9,7 +9,7 @@ import time
 import pytest
 from flufl.bounce import scan_message
 
-from gateway.mail import outcome
+from gateway.mail import dsn, outcome
 from gateway.office import bounce
 from gateway.relay.expiry import expire
 from gateway.relay.flush import flush
@@ -41,10 +41,10 @@ def notice_of(o: Office, m) -> email.message.EmailMessage:
 
 def test_dsn_is_a_valid_multipart_report():
     headers = b"From: Alice <alice@office.test>\r\nTo: x@example.com\r\nSubject: the original\r\n\r\nbody not returned\r\n"
-    data = bounce.build_dsn(hostname="mail.office.test", sender="alice@office.test", qid="Q1", arrival=time.time() - 60,
-                            action=bounce.FAILED, original_headers=headers, entries=[
-                                bounce.Entry("x@example.com", None, "5.1.1", "550 5.1.1 no such user"),
-                                bounce.Entry("y@example.com", "list@office.test", "5.2.2", "552 5.2.2 mailbox full")])
+    data = bytes(dsn.build(hostname="mail.office.test", sender="alice@office.test", qid="Q1", arrival=time.time() - 60,
+                            action=dsn.FAILED, original_headers=headers, entries=[
+                                dsn.Entry("x@example.com", None, "5.1.1", "550 5.1.1 no such user"),
+                                dsn.Entry("y@example.com", "list@office.test", "5.2.2", "552 5.2.2 mailbox full")]))
     assert b"\n" not in data.replace(b"\r\n", b"")  # CRLF only
     msg = parse(data)
     assert msg.get_content_type() == "multipart/report"

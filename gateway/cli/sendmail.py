@@ -11,13 +11,12 @@ import email.utils
 import re
 import time
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import BinaryIO
 
 from gateway.config import Config
 from gateway.delivery.worker import LocalDelivery
 from gateway.mail import address
+from gateway.mail import headers as mail_headers
 from gateway.mail.errors import PermanentError, TransientError
 from gateway.office.directory import Directory
 from spool.fsio import is_disk_full
@@ -129,7 +128,7 @@ def submit(config: Config, opts: Options, stream: BinaryIO, login: str) -> str:
     if data.startswith(b"From "):  # an mbox separator line, as mail(1) and some scripts write
         data = data.split(b"\r\n", 1)[1] if b"\r\n" in data else b""
     head, body = split_message(data)
-    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+    headers = mail_headers.parse(head)
     domain = config.server.domains[0]
     sender = opts.sender if opts.sender is not None else login
     sender = qualify(sender, domain) if sender else ""

@@ -27,8 +27,6 @@ from __future__ import annotations
 import logging
 import time
 from email.message import Message as EmailHeaders
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from gateway.config import Config
 from gateway.delivery.stages import (
@@ -39,6 +37,7 @@ from gateway.delivery.stages import (
     quarantine,
     review,
 )
+from gateway.mail import headers
 from gateway.mail.outcome import Outcome
 from gateway.office import notice
 from gateway.office.directory import Directory
@@ -57,22 +56,12 @@ DOUBLE_BOUNCE = "double-bounce"  # gateway.bounce.DOUBLE_BOUNCE: a failed null-s
 # Origins whose admission stages already ran at SMTP time, or that we wrote ourselves.
 SCREENED = ("smtp", autoreply.ORIGIN, notice.ORIGIN, DOUBLE_BOUNCE)
 DISK_FULL_RETRY = 60
-HEADER_LIMIT = 256 * 1024
 
 
 def read_headers(queue: Queue, qid: str) -> EmailHeaders:
-    """The header section of a queued message (bounded: a header block is never read whole if huge)."""
+    """The header section of a queued message (bounded: see gateway.mail.headers)."""
     with queue.open_body(qid) as f:
-        head = bytearray()
-        while len(head) < HEADER_LIMIT:
-            line = f.readline(HEADER_LIMIT)
-            if not line or line in (b"\r\n", b"\n"):
-                break
-            head += line
-    try:
-        return BytesHeaderParser(policy=compat32).parsebytes(bytes(head))
-    except Exception:
-        return EmailHeaders()
+        return headers.parse(headers.read(f))
 
 
 class Pipeline:

@@ -20,8 +20,9 @@ import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 
+from gateway.mail import headers as mail_headers
+
 # The header block ends at the first empty line; both CRLF and bare LF are accepted.
-_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 _ADDR_IN_ANGLES = re.compile(r"<([^<>\s]*)>")
 # The "for" clause of a Received line: "for <a@b>" or "for a@b", up to ";" or the end.
 _RECEIVED_FOR = re.compile(r"\bfor\s+<?([^\s<>;]+@[^\s<>;]+?)>?\s*(?:;|$|\s)", re.IGNORECASE)
@@ -42,8 +43,10 @@ def header_block(message: bytes) -> bytes:
     The same bytes come out of a whole message and of an IMAP ``BODY[HEADER]``, which
     makes them usable for a digest computed either way.
     """
-    m = _END_OF_HEADERS.search(message)
-    return message[:m.start()] if m else message
+    block, body = mail_headers.split(message)
+    if body == len(block):  # no empty line: the whole message, as the digests stored before
+        return message
+    return block[:-2] if block.endswith(b"\r\n") else block[:-1]
 
 
 def headers(block: bytes) -> list[tuple[str, str]]:

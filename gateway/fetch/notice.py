@@ -6,6 +6,8 @@ the recipient learns what happened and what to do, instead of mail silently miss
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 
 from gateway.config import FetchConfig
@@ -45,16 +47,18 @@ def oversize_notice(account: FetchConfig, folder: str, size: int, block: bytes, 
             lines.append(f"  {name.title()}: {_one_line(value)}")
     lines += [f"  Size: {size} bytes", f"  Mailbox: {account.name} ({account.username}@{account.host}) {folder}", ""]
     subject = _SUBJECTS[outcome]
-    body = "\r\n".join(lines)
-    head = (f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
-            f"To: {', '.join(recipients)}\r\n"
-            f"Subject: {subject} ({size // 1000} kB)\r\n"
-            f"Date: {formatdate(now, localtime=True)}\r\n"
-            f"Message-ID: {make_msgid('fetch', domain=hostname)}\r\n"
-            f"Auto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\n"
-            f"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n")
-    return OversizeNotice(subject, (head + body).encode("utf-8", "surrogateescape"))
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    msg["To"] = ", ".join(recipients)
+    msg["Subject"] = f"{subject} ({size // 1000} kB)"
+    msg["Date"] = formatdate(now, localtime=True)
+    msg["Message-ID"] = make_msgid("fetch", domain=hostname)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content("\n".join(lines) + "\n", charset="utf-8", cte="8bit")
+    return OversizeNotice(subject, msg.as_bytes())
 
 
 def _one_line(value: str) -> str:
-    return " ".join(value.split())[:200]
+    """A header value of the original as one line of text (undecodable bytes shown as U+FFFD)."""
+    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " ".join(text.split())[:200]

@@ -20,37 +20,24 @@ Postfix drops double bounces by default; here the postmaster reads them.
 """
 from __future__ import annotations
 
-import email.utils
 import logging
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from itertools import chain
 
 from gateway.config import Config
-from gateway.mail import address
+from gateway.mail import address, dsn, headers
+from gateway.mail.dsn import DELAYED, FAILED, Entry
 from gateway.mail.outcome import Outcome, enhanced_status
 from spool import notices
 from spool.queue import BOUNCED, LOCAL, RELAY, Message, Queue, Recipient
 
 log = logging.getLogger("dialmail.bounce")
 
-FAILED = "failed"
-DELAYED = "delayed"
-MAX_HEADER_BYTES = 64 * 1024  # of the original, returned as text/rfc822-headers
 ORIGIN = "bounce"
 DOUBLE_BOUNCE = "double-bounce"  # a failed null-sender message, whole, for the postmaster
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One recipient line of a DSN."""
-    rcpt: str
-    orcpt: str | None
-    status: str  # RFC 3463 x.y.z
-    diagnostic: str | None  # "550 5.1.1 no such user" (the server's reply) or None
 
 
 @dataclass(frozen=True)
@@ -60,115 +47,10 @@ class Settled:
     local: bool = False  # the notice was queued for local delivery: kick it
 
 
-# ---------------------------------------------------------------- the DSN itself
-
-
-def build_dsn(*, hostname: str, sender: str, qid: str, arrival: float, action: str, entries: list[Entry],
-              original_headers: bytes, now: float | None = None, retry_until: float | None = None,
-              whole_message: bool = False) -> bytes:
-    """An RFC 3464 ``multipart/report; report-type=delivery-status`` as CRLF bytes.
-
-    With ``whole_message`` the report is for the postmaster about a null-sender message:
-    it ends with an open ``message/rfc822`` part, which the caller fills with the whole
-    original and closes with ``_closing(report)``.
-    """
-    now = time.time() if now is None else now
-    boundary = f"{qid}.{secrets.token_hex(6)}/{hostname}"
-    mailer_daemon = f"{address.MAILER_DAEMON}@{hostname}"
-    subject = ("Undelivered Mail Returned to Postmaster" if whole_message
-               else "Undelivered Mail Returned to Sender" if action == FAILED
-               else "Delayed Mail (still being retried)")
-    head = [
-        f"From: Mail Delivery System <{mailer_daemon}>",
-        f"To: <{sender}>",
-        f"Subject: {subject}",
-        f"Date: {email.utils.formatdate(now, localtime=True)}",
-        f"Message-ID: <{qid}.{int(now)}.{secrets.token_hex(4)}@{hostname}>",
-        "Auto-Submitted: auto-replied",
-        "MIME-Version: 1.0",
-        f"Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"",
-        "Content-Transfer-Encoding: 8bit",
-    ]
-    text = _explanation(hostname, action, entries, retry_until, to_postmaster=whole_message)
-    status = [f"Reporting-MTA: dns; {hostname}", f"X-Dialmail-Queue-ID: {qid}",
-              f"Arrival-Date: {email.utils.formatdate(arrival, localtime=True)}"]
-    for e in entries:
-        block = ["", f"Final-Recipient: {_addr_type(e.rcpt)}; {e.rcpt}"]
-        if e.orcpt and e.orcpt != e.rcpt:
-            block.append(f"Original-Recipient: {_addr_type(e.orcpt)}; {e.orcpt}")
-        block += [f"Action: {action}", f"Status: {e.status}"]
-        if e.diagnostic:
-            block.append(f"Diagnostic-Code: smtp; {e.diagnostic}")
-        if action == DELAYED and retry_until is not None:
-            block.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=True)}")
-        status += block
-    headers = _normalise(original_headers[:MAX_HEADER_BYTES])
-    cte = "7bit" if text.isascii() else "8bit"
-    parts = [
-        "\r\n".join(head).encode() + b"\r\n\r\nThis is a MIME-encapsulated message.\r\n",
-        f"--{boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + text.encode("utf-8"),
-        f"--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"
-        .encode() + "\r\n".join(status).encode("utf-8") + b"\r\n",
-        f"--{boundary}\r\nContent-Description: Undelivered Message Headers\r\n"
-        f"Content-Type: text/rfc822-headers\r\n\r\n".encode() + headers,
-        f"--{boundary}--\r\n".encode(),
-    ]
-    if whole_message:
-        parts = parts[:3]
-    out = b"\r\n".join(p.rstrip(b"\r\n") if i else p for i, p in enumerate(parts)) + b"\r\n"
-    if whole_message:
-        out += (f"--{boundary}\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n"
-                f"Content-Transfer-Encoding: 8bit\r\n\r\n").encode()
-    return out
-
-
-def _closing(report: bytes) -> bytes:
-    """The closing boundary line of a report built with ``whole_message``."""
-    m = re.search(rb'boundary="([^"]+)"', report)
-    return b"--" + m.group(1) + b"--\r\n"
-
-
-def _addr_type(addr: str) -> str:
-    return "rfc822" if addr.isascii() else "utf-8"
-
-
-def _explanation(hostname: str, action: str, entries: list[Entry], retry_until: float | None,
-                 to_postmaster: bool = False) -> str:
-    if to_postmaster:
-        lines = [f"This is the mail system at {hostname}.", "",
-                 "A message from the null sender (a bounce, an automatic reply or a notice)",
-                 "could not be delivered to the recipients below, and there is nobody to",
-                 "return it to. It is attached in full, so nothing is lost.", ""]
-    elif action == FAILED:
-        lines = [f"This is the mail system at {hostname}.", "",
-                 "I'm sorry to have to inform you that your message could not",
-                 "be delivered to one or more recipients. It's attached below.", "",
-                 "For further assistance, please send mail to postmaster.", ""]
-    else:
-        until = email.utils.formatdate(retry_until, localtime=True) if retry_until else "a few days"
-        lines = [f"This is the mail system at {hostname}.", "",
-                 "####################################################################",
-                 "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
-                 "####################################################################", "",
-                 "Your message could not be delivered yet to the recipients below.",
-                 f"The mail system will keep trying until {until}.", ""]
-    for e in entries:
-        lines.append(f"<{e.rcpt}>: {e.diagnostic or e.status}")
-    return "\r\n".join(lines) + "\r\n"
-
-
-def _normalise(headers: bytes) -> bytes:
-    """The original's header block with CRLF line ends and nothing after it."""
-    end = [i for i in (headers.find(b"\r\n\r\n"), headers.find(b"\n\n")) if i >= 0]
-    block = headers[:min(end)] if end else headers
-    return b"\r\n".join(block.splitlines()) + b"\r\n"
-
-
 def read_headers(queue: Queue, qid: str) -> bytes:
     try:
         with queue.open_body(qid) as f:
-            return f.read(MAX_HEADER_BYTES)
+            return headers.read(f)
     except FileNotFoundError:
         return b""
 
@@ -213,9 +95,9 @@ def _settle_once(config: Config, queue: Queue, qid: str, now: float | None) -> S
     expect = sorted(r.rcpt for r in fresh)
     if not msg.sender:
         return _double_bounce(config, queue, msg, fresh, expect, now)
-    data = build_dsn(hostname=config.server.hostname, sender=msg.sender, qid=qid, arrival=msg.arrival,
-                     action=FAILED, entries=[entry(r) for r in fresh], original_headers=read_headers(queue, qid),
-                     now=now)
+    data = bytes(dsn.build(hostname=config.server.hostname, sender=msg.sender, qid=qid, arrival=msg.arrival,
+                           action=FAILED, entries=[entry(r) for r in fresh],
+                           original_headers=read_headers(queue, qid), now=now))
     route = notice_route(config, msg.sender)
     sent = notices.queue_bounce(queue, notices.Notice(qid, msg.sender, route, data, ORIGIN,
                                                       "Undelivered Mail Returned to Sender",
@@ -229,11 +111,10 @@ def _double_bounce(config: Config, queue: Queue, msg: Message, fresh: list[Recip
                    now: float | None) -> Settled:
     """A null-sender message failed: the postmaster gets the report with the whole message."""
     postmaster = f"postmaster@{config.server.domains[0]}"
-    head = build_dsn(hostname=config.server.hostname, sender=postmaster, qid=msg.id, arrival=msg.arrival,
-                     action=FAILED, entries=[entry(r) for r in fresh], original_headers=b"", now=now,
-                     whole_message=True)
+    report = dsn.build(hostname=config.server.hostname, sender=postmaster, qid=msg.id, arrival=msg.arrival,
+                       action=FAILED, entries=[entry(r) for r in fresh], now=now, whole_message=True)
     with queue.open_body(msg.id) as body:
-        data = chain([head], iter(lambda: body.read(256 * 1024), b""), [b"\r\n" + _closing(head)])
+        data = chain([report.head], iter(lambda: body.read(256 * 1024), b""), [report.tail])
         sent = notices.queue_bounce(queue, notices.Notice(msg.id, postmaster, LOCAL, data, DOUBLE_BOUNCE,
                                                           "Undelivered Mail Returned to Postmaster"), expect)
     for r in fresh:
@@ -260,9 +141,9 @@ def warn_delayed(config: Config, queue: Queue, msg: Message, now: float | None =
         return Settled()
     retry_until = msg.arrival + config.queue.queue_lifetime
     entries = [_delayed_entry(r) for r in waiting]
-    data = build_dsn(hostname=config.server.hostname, sender=msg.sender, qid=msg.id, arrival=msg.arrival,
-                     action=DELAYED, entries=entries, original_headers=read_headers(queue, msg.id), now=now,
-                     retry_until=retry_until)
+    data = bytes(dsn.build(hostname=config.server.hostname, sender=msg.sender, qid=msg.id, arrival=msg.arrival,
+                           action=DELAYED, entries=entries, original_headers=read_headers(queue, msg.id),
+                           now=now, retry_until=retry_until))
     route = notice_route(config, msg.sender)
     try:
         notice_id = notices.queue_warning(queue, notices.Notice(msg.id, msg.sender, route, data, ORIGIN,

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from gateway.config import Config
-from gateway.mail import outcome
+from gateway.mail import headers, outcome
 from gateway.mail.outcome import Outcome
 from gateway.office import bounce
 from gateway.relay import mx
@@ -513,8 +513,7 @@ def _utf8_headers(msg: Message, data: bytes) -> bool:
     """Non-ASCII in the header block of a message that came in with SMTPUTF8."""
     if not msg.smtputf8:
         return False
-    end = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
-    return not data[:min(end) if end else len(data)].isascii()
+    return not headers.split(data)[0].isascii()
 
 
 async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:

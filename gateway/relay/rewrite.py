@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from email.utils import getaddresses
 
-from gateway.mail import address
+from gateway.mail import address, headers
 
 HEADERS = (b"from", b"reply-to", b"sender")
 
@@ -76,8 +76,7 @@ class SenderRewriter:
 
 def _header_end(data: bytes) -> int:
     """Offset just past the header block's last line (the empty line and body follow)."""
-    ends = [i + n for i, n in ((data.find(b"\r\n\r\n"), 2), (data.find(b"\n\n"), 1)) if i >= 0]
-    return min(ends) if ends else len(data)
+    return len(headers.split(data)[0])
 
 
 def _header_fields(head: bytes) -> list[bytes]:

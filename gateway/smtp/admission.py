@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from gateway.config import Config
+from gateway.mail.headers import Headers
 from gateway.office import notice
 from gateway.office.directory import Directory
 from gateway.policy import blocklist, virus
@@ -52,9 +51,9 @@ class SubmissionPolicy:
                 return Reply.MEMBERS_ONLY
         return None
 
-    async def check_content(self, sender: str, rcpts: list[str], data: bytes, ip: str) -> str | None:
-        head = _header_from(data)
-        for who in blocklist.header_addresses(head):
+    async def check_content(self, sender: str, rcpts: list[str], data: bytes, headers: Headers,
+                            ip: str) -> str | None:
+        for who in blocklist.header_addresses(headers.get("From")):
             entry = self.senders.blocked_by(who)
             if entry:
                 log.info("reject from=<%s> client=%s: From: %s blocked (%s)", sender, ip, who, entry)
@@ -80,14 +79,4 @@ class SubmissionPolicy:
             return Reply.VIRUS.format(name=verdict.virus)
         if verdict.action == DEFER_ACTION:
             return Reply.SCAN_FAILED
-        return None
-
-
-def _header_from(data: bytes) -> str | None:
-    """The From: field of a message held in memory, read from its header block only."""
-    end = data.find(b"\r\n\r\n", 0, 256 * 1024)
-    head = bytes(data[: end if end >= 0 else 256 * 1024])
-    try:
-        return BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n").get("From")
-    except Exception:
         return None

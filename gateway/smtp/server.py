@@ -19,14 +19,13 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session, syntax
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway.config import Config, is_loopback
 from gateway.mail import address
+from gateway.mail import headers as mail_headers
 from gateway.office.directory import Directory
 from gateway.policy.throttle import LoginThrottle
 from gateway.smtp.replies import Reply
@@ -145,12 +144,12 @@ class SubmissionHandler:
         if len(data) > self.config.smtp.max_message_size:
             return Reply.TOO_BIG.format(limit=self.config.smtp.max_message_size)
         peer = peer_ip(session)
+        headers = mail_headers.of(data)  # read once, here, for everything below
         if self.policy is not None:
-            refusal = await self.policy.check_content(_sender(envelope), envelope.rcpt_tos, data, peer)
+            refusal = await self.policy.check_content(_sender(envelope), envelope.rcpt_tos, data, headers, peer)
             if refusal:
                 return refusal
         received = self._received(session, envelope)
-        headers = _headers(data)
         routes = [(r, LOCAL if self.directory.is_local(r) else RELAY) for r in envelope.rcpt_tos]
         try:
             qid = await asyncio.to_thread(
@@ -195,15 +194,6 @@ def _size_option(options: list[str]) -> int | None:
         if key.upper() == "SIZE" and value.isdigit():
             return int(value)
     return None
-
-
-def _headers(data: bytes):
-    end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[: end + 2]
-    try:
-        return BytesHeaderParser(policy=compat32).parsebytes(head[:256 * 1024])
-    except Exception:
-        return {}
 
 
 def _is_urgent(headers) -> bool:
