@@ -472,6 +472,14 @@ class Queue:
         self.cat.execute("DELETE FROM messages WHERE id=?", (qid,))
         self.discard_body(qid)
 
+    def finished(self, limit: int = 1000) -> list[str]:
+        """Messages whose every recipient is final but that are still here: a process that
+        recorded the last outcome died before it could settle the message."""
+        rows = self.cat.execute(
+            "SELECT m.id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id=m.id "
+            "AND r.status NOT IN (?,?)) ORDER BY m.id LIMIT ?", (*FINAL, limit)).fetchall()
+        return [r[0] for r in rows]
+
     def remove_if_done(self, qid: str) -> bool:
         """Remove a message whose every recipient is final; True if it was removed."""
         with self.cat.transaction() as conn:

@@ -212,3 +212,18 @@ def test_cli_queue_bounce_and_flush(site, smtp_sink):
     out = r.stdout.decode()
     assert f"{going} <y@example.com> delivered: 250" in out and "1 delivered, 0 deferred, 0 bounced" in out
     assert [m.rcpts for m in smtp_sink.wait_messages(1)] == [["y@example.com"]]
+
+
+def test_a_message_left_final_by_a_kill_is_settled_by_the_next_delivery_pass(office):
+    """kill -9 between recording the last outcome and settling left a fully delivered
+    message in the queue for good (the kill torture's "queue did not drain")."""
+    done = office.send("alice@example.com", ["bob@office.test"], message("delivered, not settled"))
+    office.queue.record(done, "bob@office.test", DELIVERED, 250, "2.0.0 delivered to mailbox")
+    failed = office.send("alice@office.test", ["x@example.com"], message("bounced, nobody told"))
+    office.queue.record(failed, "x@example.com", BOUNCED, 550, "5.1.1 no such user")
+    assert sorted(office.queue.finished()) == sorted([done, failed])
+    office.deliver_local()  # a restarted daemon's first pass
+    assert office.queue.get(done) is None and office.queue.get(failed) is None
+    [bounce_msg] = office.mailbox("alice")  # the bounce alice never got, delivered
+    assert bounce_msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert office.queue.messages() == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from gateway.config import Config
 from gateway.delivery.pipeline import Pipeline
@@ -24,6 +25,8 @@ __all__ = ["LocalDelivery", "DeliveryWorker"]
 
 log = logging.getLogger("dialmail.deliver")
 
+LEFTOVER_CHECK = 60.0  # seconds between looks for messages left final but queued
+
 
 class LocalDelivery:
     def __init__(self, config: Config, queue: Queue, directory: Directory):
@@ -32,12 +35,14 @@ class LocalDelivery:
         self.directory = directory
         self.owner = f"local:{os.getpid()}"
         self.pipeline = Pipeline(config, queue, directory)
+        self._leftovers_checked: float | None = None
 
     def mailbox(self, user: str) -> Maildir:
         return Maildir(mailbox_path(self.config.spool_dir, user))
 
     def run_once(self, limit: int = 200) -> int:
         """Deliver what is due; returns the number of recipients handled."""
+        self._settle_leftovers()
         pairs = self.queue.claim(LOCAL, self.owner, limit=limit)
         by_msg: dict[str, list[str]] = {}
         for qid, rcpt in pairs:
@@ -48,6 +53,18 @@ class LocalDelivery:
             finally:
                 self.queue.release_claims(self.owner, qid)
         return len(pairs)
+
+    def _settle_leftovers(self) -> None:
+        """Settle messages left with every recipient final (a kill -9 between recording the
+        last outcome and settling): their bounce is sent and they leave the queue.  Checked
+        at the first pass and then once a minute."""
+        now = time.monotonic()
+        if self._leftovers_checked is not None and now - self._leftovers_checked < LEFTOVER_CHECK:
+            return
+        self._leftovers_checked = now
+        for qid in self.queue.finished():
+            log.info("%s: every recipient was final but the message was still queued; settling it", qid)
+            settle(self.config, self.queue, qid)
 
     def _deliver_message(self, qid: str, rcpts: list[str]) -> None:
         msg = self.queue.get(qid)
