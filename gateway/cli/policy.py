@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from gateway.cli.app import EX_USAGE, explained, fail, state, users_app
+from gateway.cli.app import EX_USAGE, explained, fail, state
+from gateway.cli.users import users_app
 from gateway.config import parse_duration
 
 aliases_app = typer.Typer(help="Aliases, groups, forwards and catch-alls, with what they expand to.",

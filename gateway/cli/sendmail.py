@@ -8,11 +8,17 @@ The message is queued directly in the spool; local recipients are delivered at o
 from __future__ import annotations
 
 import email.utils
+import getpass
+import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import typer
+
+from gateway.cli.app import EX_USAGE, app, explained, fail, state
 from gateway.config import Config
 from gateway.delivery.worker import LocalDelivery
 from gateway.mail import address
@@ -193,4 +199,35 @@ def _drop_header(head: bytes, name: bytes):
             yield line
 
 
-__all__ = ["USAGE", "Options", "parse_args", "submit"]
+__all__ = ["USAGE", "Options", "parse_args", "submit", "sendmail"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+# sendmail's own options (-t, -i, -f ...) are not click options: they reach parse_args as they
+# came, and so does --help, which prints sendmail's usage rather than click's.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+@explained
+def sendmail(ctx: typer.Context):
+    """sendmail-compatible: queue a message read from stdin (options: dialmail sendmail --help)."""
+    from gateway.cli.sendmail import USAGE, parse_args, submit
+    try:
+        opts = parse_args(ctx.args)
+    except ValueError as exc:
+        fail(f"sendmail: {exc} (sendmail --help lists the options)", EX_USAGE)
+    if opts.help:
+        typer.echo(USAGE, nl=False)
+        return
+    cfg = state(ctx).config()
+    qid = submit(cfg, opts, sys.stdin.buffer, login=_login_name())
+    if opts.verbose:
+        typer.echo(f"queued as {qid}")
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid())
