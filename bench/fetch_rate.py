@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import config as config_mod  # noqa: E402
-from gateway.directory import Directory  # noqa: E402
-from gateway.fetch import fetch_all  # noqa: E402
+from gateway import config as config_mod
+from gateway.fetch.imap import fetch_all  # noqa: E402
+from gateway.office.directory import Directory  # noqa: E402
 from spool.queue import Catalogue, Queue  # noqa: E402
 from spool.users import Users  # noqa: E402
 from tests.peers import Dovecot, SmtpSink, have, run_fetchmail  # noqa: E402

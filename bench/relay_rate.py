@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway import config as config_mod
-from gateway.relay import flush
+from gateway.relay.flush import flush
 from spool.queue import RELAY, Catalogue, Queue
 from tests.peers import SmtpSink, need
 

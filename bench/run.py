@@ -7,6 +7,7 @@ instead, measured side by side in this run (compare the ratios, not absolute tim
 2. bench/smtp_ingest.py      smtp-source into dialmail vs Postfix smtpd (durable queue)
 3. bench/pop3_retrieval.py   poplib RETR from dialmail vs Dovecot
 4. bench/memory.py           daemon peak RSS with 50 MB messages
+5. bench/shaper_rate.py      the simulated line's pace against the wall clock (no peer)
 
 ``--quick`` shrinks the workloads (for checking the scripts, not for results).
 The link benchmark takes most of the time: ~10 minutes at 33.6 kbit/s.
@@ -28,6 +29,7 @@ SCRIPTS = {
     "smtp": ("smtp_ingest.py", [], ["--messages", "300"]),
     "pop3": ("pop3_retrieval.py", [], ["--messages", "60", "--rounds", "2"]),
     "memory": ("memory.py", [], ["--size-mb", "10"]),
+    "shaper": ("shaper_rate.py", [], ["--seconds", "2"]),
 }
 
 

@@ -11,106 +11,109 @@ it).  One JSON object per line.  Requests:
                                                  {"type": "no-session", ...}
 
 A connect while a session runs follows that session instead of starting another.
+
+Both ends speak in the session's event values (``gateway.session.events``) and the
+replies below; ``to_json`` and ``from_json`` are the only places that know the JSON, so
+the daemon's events reach connect-now and the demo as the same objects a session run in
+the process emits.  The keys on the wire stay as they are: an older daemon and a newer
+command line still understand each other, and a kind one side does not know is skipped.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import keyword
 import logging
 import os
-import time
+import typing
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
-from gateway.session import SessionContext, SessionControl, run_with_retries
+from gateway.session import events
+from gateway.session.events import End, Error, Event, Info
+from gateway.session.runner import SessionRunner
 
 log = logging.getLogger("dialmail.control")
 
-# How long a stopping daemon lets the session in progress stop at a safe point and hang
-# up before it cuts it off (systemd's TimeoutStopSec default is 90 s).
-SESSION_STOP_GRACE = 30.0
 
+@dataclasses.dataclass(frozen=True)
+class Status(Event):
+    """The daemon's answer to ``status``."""
+    kind = "status"
+    pid: int
+    link: str  # idle | dialing | connected at N bps
+    session: dict | None  # the running session: trigger, mode, started
+    queue: dict  # spool.queue.Queue.counts()
+    next_dial: str | None
+    last_session: dict | None
+
+
+@dataclasses.dataclass(frozen=True)
+class HangupAsked(Event):
+    kind = "hangup-asked"
+    session: dict | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NoSession(Event):
+    kind = "no-session"
+    message: str
+
+
+_KINDS: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (
+        events.Started, events.Refused, events.Stopping, events.Error, events.Info, events.Hook, events.Dialing,
+        events.ModemLine, events.Connected, events.Hangup, events.HungUp, events.Etrn, events.Sent,
+        events.Fetched, events.FetchedPiece, events.SendDone, events.FetchDone, events.Retry, events.Done,
+        events.End, Status, HangupAsked, NoSession)
+}
+
+
+def to_json(event: Event) -> bytes:
+    """One line on the socket: ``{"type": kind, field: value, ...}`` in the fields' order."""
+    obj: dict[str, object] = {"type": event.kind}
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        obj[_key(f.name)] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return json.dumps(obj, default=str).encode() + b"\n"
+
+
+def from_json(line: bytes) -> Event | None:
+    """The event on one line, or None for a kind this side does not know (a newer daemon's)."""
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError(f"not an event: {line[:80]!r}")
+    kind = data.get("type")
+    # ETRN reports either the server's answer or why it could not be asked: two values, one kind.
+    cls = events.EtrnFailed if kind == "etrn" and "error" in data else _KINDS.get(kind)
+    if cls is None:
+        return None
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if _key(f.name) in data:
+            values[f.name] = _typed(hints[f.name], data[_key(f.name)])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ValueError(f"malformed {kind!r} event: {exc}") from None
+
+
+def _key(name: str) -> str:
+    # A field named after a Python keyword carries a trailing underscore ("in_"); the wire has none.
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _typed(hint: object, value: object) -> object:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(hint)}
+        return hint(**{k: _typed(None, v) for k, v in value.items() if k in known})
+    return tuple(value) if isinstance(value, list) else value
 
 def socket_path(spool_dir: Path) -> Path:
     return Path(spool_dir) / "control.sock"
-
-
-class SessionRunner:
-    """Runs sessions for the daemon, one at a time, and fans their events out."""
-
-    def __init__(self, daemon):
-        self.daemon = daemon
-        self.task: asyncio.Task | None = None
-        self.subscribers: set[asyncio.Queue] = set()
-        self.state = "idle"
-        self.current: dict[str, Any] | None = None
-        self.control = SessionControl()
-        self.closing = False  # the daemon is stopping: no new session
-
-    @property
-    def busy(self) -> bool:
-        return self.task is not None and not self.task.done()
-
-    def start(self, trigger: str, mode: str = "both") -> bool:
-        """Start a session unless one runs; True if this call started it."""
-        if self.busy or self.closing:
-            return False
-        ctx = SessionContext(self.daemon.config, self.daemon.spool,
-                             kick_delivery=self.daemon.worker.kick if self.daemon.worker else None)
-        self.current = {"trigger": trigger, "mode": mode, "started": time.time()}
-        self.control = SessionControl()
-        self.task = self.daemon.spawn(self._run(ctx, trigger, mode), f"session-{trigger}")
-        return True
-
-    async def _run(self, ctx: SessionContext, trigger: str, mode: str) -> None:
-        outcome = "failed"
-        try:
-            rec = await run_with_retries(ctx, trigger, mode, emit=self._publish, control=self.control)
-            outcome = rec.outcome
-        except asyncio.CancelledError:
-            outcome = "interrupted"
-            raise
-        finally:
-            self.current = None
-            self.state = "idle"
-            self._publish({"type": "end", "outcome": outcome})
-
-    def hangup(self, by: str) -> bool:
-        """End the running session at a safe point and hang up; False when none runs."""
-        return self.busy and self.control.interrupt(by)
-
-    async def stop(self, by: str, grace: float = SESSION_STOP_GRACE) -> None:
-        """The daemon is stopping: end the session as ``dialmail hangup`` would, then wait."""
-        self.closing = True
-        if not self.busy:
-            return
-        self.hangup(by)
-        done, _ = await asyncio.wait({self.task}, timeout=grace)
-        if not done:
-            log.warning("the session did not stop within %ss of %s; cutting it off", grace, by)
-            self.task.cancel()
-        with contextlib.suppress(BaseException):
-            await self.task
-
-    def subscribe(self) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue()
-        self.subscribers.add(q)
-        return q
-
-    def unsubscribe(self, q: asyncio.Queue) -> None:
-        self.subscribers.discard(q)
-
-    def _publish(self, event: dict) -> None:
-        kind = event.get("type")
-        if kind == "dialing":
-            self.state = "dialing"
-        elif kind == "connected":
-            self.state = f"connected at {event.get('rate') or '?'} bps"
-        elif kind in ("hangup", "done", "refused"):
-            self.state = "idle"
-        for q in list(self.subscribers):
-            q.put_nowait(event)
 
 
 async def service(daemon):
@@ -153,22 +156,22 @@ async def _client(daemon, runner: SessionRunner, reader: asyncio.StreamReader, w
         elif cmd == "connect":
             mode = req.get("mode", "both")
             if mode not in ("both", "send", "fetch"):
-                await _send(writer, {"type": "error", "message": f"unknown mode {mode!r}"})
+                await _send(writer, Error(f"unknown mode {mode!r}"))
                 return
             q = runner.subscribe()
             try:
                 started = runner.start("manual", mode)
                 if not started:
-                    await _send(writer, {"type": "info", "message": "a session is already running; following it"})
+                    await _send(writer, Info("a session is already running; following it"))
                 while True:
                     event = await q.get()
                     await _send(writer, event)
-                    if event.get("type") == "end":
+                    if isinstance(event, End):
                         break
             finally:
                 runner.unsubscribe(q)
         else:
-            await _send(writer, {"type": "error", "message": f"unknown command {cmd!r}"})
+            await _send(writer, Error(f"unknown command {cmd!r}"))
     except (ConnectionError, asyncio.TimeoutError):
         pass
     finally:
@@ -181,33 +184,32 @@ async def _hangup(runner: SessionRunner, writer: asyncio.StreamWriter) -> None:
     q = runner.subscribe()
     try:
         if not runner.hangup("dialmail hangup"):
-            await _send(writer, {"type": "no-session", "message": "no dial session is running"})
+            await _send(writer, NoSession("no dial session is running"))
             return
-        await _send(writer, {"type": "hangup-asked", "session": runner.current})
+        await _send(writer, HangupAsked(runner.current))
         while True:  # follow to the end, so the caller knows when the line is down
             event = await q.get()
             await _send(writer, event)
-            if event.get("type") == "end":
+            if isinstance(event, End):
                 break
     finally:
         runner.unsubscribe(q)
 
 
-async def _send(writer: asyncio.StreamWriter, obj: dict) -> None:
-    writer.write(json.dumps(obj, default=str).encode() + b"\n")
+async def _send(writer: asyncio.StreamWriter, event: Event) -> None:
+    writer.write(to_json(event))
     await writer.drain()
 
 
-async def status(daemon, runner: SessionRunner) -> dict:
+async def status(daemon, runner: SessionRunner) -> Status:
     from spool.sessions import SessionLog
     spool = daemon.spool
     counts = await asyncio.to_thread(spool.queue.counts)
     last = await asyncio.to_thread(lambda: SessionLog(spool.catalogue).last(1))
     sched = getattr(daemon, "scheduler", None)
     next_dial = sched.next_dial() if sched is not None else None
-    return {"type": "status", "pid": os.getpid(), "link": runner.state, "session": runner.current,
-            "queue": counts, "next_dial": next_dial.isoformat(sep=" ", timespec="minutes") if next_dial else None,
-            "last_session": _last(last)}
+    return Status(os.getpid(), runner.state, runner.current, counts,
+                  next_dial.isoformat(sep=" ", timespec="minutes") if next_dial else None, _last(last))
 
 
 def _last(rows) -> dict | None:
@@ -226,7 +228,8 @@ class NoDaemon(Exception):
     pass
 
 
-async def request(spool_dir: Path, obj: dict) -> AsyncIterator[dict]:
+async def request(spool_dir: Path, obj: dict) -> AsyncIterator[Event]:
+    """Send one request to the daemon and give back what it answers, event by event."""
     path = socket_path(spool_dir)
     try:
         reader, writer = await asyncio.open_unix_connection(str(path))
@@ -239,7 +242,9 @@ async def request(spool_dir: Path, obj: dict) -> AsyncIterator[dict]:
             line = await reader.readline()
             if not line:
                 return
-            yield json.loads(line)
+            event = from_json(line)
+            if event is not None:
+                yield event
     finally:
         writer.close()
 

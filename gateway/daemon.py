@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from gateway.config import Config
-from gateway.deliver import DeliveryWorker, LocalDelivery
-from gateway.directory import Directory
-from gateway.errors import OperationalError
-from gateway.policy.smtp import SubmissionPolicy
-from gateway.submit import SubmissionHandler, SubmissionProtocol, start_servers
+from gateway.delivery.worker import DeliveryWorker, LocalDelivery
+from gateway.mail.errors import OperationalError
+from gateway.office.directory import Directory
+from gateway.smtp.admission import SubmissionPolicy
+from gateway.smtp.server import SubmissionHandler, SubmissionProtocol, start_servers
 from spool.locks import LockBusy, PidLock
 from spool.queue import Catalogue, Queue
 from spool.users import Users

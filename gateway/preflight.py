@@ -22,10 +22,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import address
 from gateway.config import Config
-from gateway.directory import Directory
-from gateway.errors import ConfigError
+from gateway.mail import address
+from gateway.mail.errors import ConfigError
+from gateway.office.directory import Directory
 
 log = logging.getLogger("dialmail.preflight")
 

@@ -1,9 +1,10 @@
 """What has been taken from the ISP's mailboxes: the fetch state, kept in the spool catalogue.
 
 Every write that says "this copy is ours now" happens inside the queue's enqueue
-transaction (``Queue.enqueue_file(in_txn=...)``), so a message is in the spool exactly
-when its UID is recorded as taken; a cut connection or a kill -9 at any point leaves the
-two in agreement.
+transaction (``Queue.enqueue_file(then=...)`` given a ``Taking`` or a ``Noticing``), so a
+message is in the spool exactly when its UID is recorded as taken; a cut connection or a
+kill -9 at any point leaves the two in agreement.  The fetcher never holds the connection:
+what it may record is the methods and ``then`` steps here.
 
 Tables:
 
@@ -25,6 +26,7 @@ import os
 import re
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -110,6 +112,67 @@ class AccountLock:
             self.fd = None
 
 
+@dataclass(frozen=True)
+class Copy:
+    """One copy on the ISP's server, as the fetch state records it once taken."""
+    account: str
+    folder: str
+    uid: int
+    size: int
+    digest: str | None  # of size and header block (``gateway.fetch.envelope.message_digest``)
+    delete: bool        # the ISP copy is to be deleted once this is committed
+
+
+@dataclass
+class Taking:
+    """``then`` of the enqueue that spools one copy: in the same transaction the UID and
+    digest are recorded as taken and, with ``msgid`` (a Message-ID digest), each
+    (recipient, Message-ID) pair as delivered.
+
+    Another account may have delivered the same message meanwhile: recipients that
+    already had it are taken back out of the message being queued, and when that is all
+    of them the message row goes too (``had_it_all``); the caller then removes the body
+    with ``Queue.remove`` after the commit.
+    """
+    copy: Copy
+    now: float
+    recipients: tuple[str, ...] = ()
+    msgid: str | None = None
+    had_it_all: bool = field(default=False, init=False)
+
+    def __call__(self, conn: sqlite3.Connection, qid: str) -> None:
+        c = self.copy
+        FetchState.record_taken(conn, c.account, c.folder, c.uid, c.size, c.digest, c.delete, qid, self.now)
+        if not self.msgid:
+            return
+        dups = FetchState.record_delivered(conn, c.account, self.recipients, self.msgid, self.now)
+        for rcpt in dups:
+            conn.execute("DELETE FROM recipients WHERE msg_id=? AND rcpt=?", (qid, rcpt))
+        if len(dups) == len(self.recipients):
+            conn.execute("DELETE FROM messages WHERE id=?", (qid,))
+            self.had_it_all = True
+
+
+@dataclass(frozen=True)
+class Noticing:
+    """``then`` of the enqueue of a notice about a copy (oversize): the notice is recorded
+    as sent in the same transaction, so it goes once; ``taken`` (a copy deleted unread by
+    the policy) is recorded as taken and pending deletion with it."""
+    account: str
+    folder: str
+    uidvalidity: int
+    uid: int
+    kind: str
+    now: float
+    taken: Copy | None = None
+
+    def __call__(self, conn: sqlite3.Connection, qid: str) -> None:
+        FetchState.record_notice(conn, self.account, self.folder, self.uidvalidity, self.uid, self.kind, self.now)
+        if self.taken is not None:
+            t = self.taken
+            FetchState.record_taken(conn, t.account, t.folder, t.uid, t.size, t.digest, t.delete, None, self.now)
+
+
 class FetchState:
     """The fetch tables of one spool, on the spool's catalogue connection."""
 
@@ -168,6 +231,12 @@ class FetchState:
         return [r["uid"] for r in self.cat.execute(
             "SELECT uid FROM fetch_uids WHERE account=? AND folder=? AND pending_delete=0 AND fetched<? "
             "ORDER BY uid", (account, folder, when))]
+
+    def record_copies(self, copies: Iterable[Copy], now: float) -> None:
+        """Mark copies taken before (another UID of the same copy): nothing is spooled for them."""
+        with self.cat.transaction() as conn:
+            for c in copies:
+                self.record_taken(conn, c.account, c.folder, c.uid, c.size, c.digest, c.delete, None, now)
 
     # ------------------------------------------------------------ inside the enqueue transaction
 

@@ -20,6 +20,11 @@ def _hostname() -> str:
     return socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
 
+def mailbox_path(spool_dir: Path, user: str) -> Path:
+    """Where ``user``'s Maildir lives in the spool."""
+    return Path(spool_dir) / "mail" / user
+
+
 class Maildir:
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from spool.queue import Catalogue
+from spool.queue import Catalogue, Queue
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rr_counter (grp TEXT PRIMARY KEY, n INTEGER NOT NULL);
@@ -47,11 +47,40 @@ class StoredVacation:
     every: int | None
 
 
+@dataclass(frozen=True)
+class Replied:
+    """Queued with an automatic reply: ``responder`` answered ``sender`` at ``at``
+    ('answered' and 'queued' never disagree)."""
+    responder: str
+    sender: str
+    at: float
+
+    def __call__(self, conn: sqlite3.Connection, _reply_id: str) -> None:
+        conn.execute("INSERT OR REPLACE INTO autoreply_sent(responder, sender, at) VALUES (?,?,?)",
+                     (self.responder.lower(), self.sender.lower(), self.at))
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """Queued with a forwarded copy of ``msg_id`` for ``rcpt``: a retried delivery finds it."""
+    msg_id: str
+    rcpt: str
+
+    def __call__(self, conn: sqlite3.Connection, copy_id: str) -> None:
+        conn.execute("INSERT OR REPLACE INTO forwarded(msg_id, rcpt, new_id, at) VALUES (?,?,?,?)",
+                     (self.msg_id, self.rcpt, copy_id, time.time()))
+
+
 class PolicyState:
     def __init__(self, catalogue: Catalogue):
         self.cat = catalogue
         with self.cat.lock:
             self.cat.conn.executescript(SCHEMA)
+
+    @classmethod
+    def beside(cls, queue: Queue) -> "PolicyState":
+        """The policy state in the same spool database as ``queue``."""
+        return cls(queue.cat)
 
     # ------------------------------------------------------------ round robin
 
@@ -77,11 +106,6 @@ class PolicyState:
                                (responder.lower(), sender.lower())).fetchone()
         return row is not None and row["at"] >= since
 
-    def mark_replied(self, conn: sqlite3.Connection, responder: str, sender: str, when: float) -> None:
-        """Inside the transaction that queues the reply: 'answered' and 'queued' never disagree."""
-        conn.execute("INSERT OR REPLACE INTO autoreply_sent(responder, sender, at) VALUES (?,?,?)",
-                     (responder.lower(), sender.lower(), when))
-
     # ------------------------------------------------------------ vacation
 
     def set_vacation(self, user: str, start: float | None, end: float | None, subject: str | None,
@@ -105,10 +129,6 @@ class PolicyState:
     def forwarded(self, msg_id: str, rcpt: str) -> str | None:
         row = self.cat.execute("SELECT new_id FROM forwarded WHERE msg_id=? AND rcpt=?", (msg_id, rcpt)).fetchone()
         return row["new_id"] if row else None
-
-    def mark_forwarded(self, conn: sqlite3.Connection, msg_id: str, rcpt: str, new_id: str) -> None:
-        conn.execute("INSERT OR REPLACE INTO forwarded(msg_id, rcpt, new_id, at) VALUES (?,?,?,?)",
-                     (msg_id, rcpt, new_id, time.time()))
 
     def expire(self, now: float | None = None) -> None:
         """Drop markers old enough that their message has surely left the queue."""

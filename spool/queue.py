@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol
 
 from spool.fsio import fsync_dir, write_file
 
@@ -68,7 +68,15 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (msg_id, rcpt)
 );
 CREATE INDEX IF NOT EXISTS recipients_pending ON recipients(route, status, next_retry);
+CREATE TABLE IF NOT EXISTS bounce_reported (
+    msg_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    rcpt TEXT NOT NULL,
+    notice TEXT NOT NULL,
+    PRIMARY KEY (msg_id, rcpt)
+);
 """
+# ``bounce_reported``: which bounced recipients the sender has been told about (see
+# spool.notices); a message leaves only when each of its bounced recipients has a row.
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,34 @@ class Message:
     @property
     def pending(self) -> tuple[Recipient, ...]:
         return tuple(r for r in self.recipients if r.status not in FINAL)
+
+
+class Result(Protocol):
+    """A worker's finding for one recipient, as the queue stores it
+    (gateway.mail.outcome.Outcome is one)."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def code(self) -> int | None: ...
+
+    @property
+    def reply(self) -> str | None: ...
+
+
+# A change made in the transaction that queues a message, given its new queue id.  Only
+# spool modules write them (spool.notices, spool.policystate): so "queued" and what the
+# queueing stands for (a recipient reported, a sender answered) cannot disagree after a crash.
+Then = Callable[[sqlite3.Connection, str], None]
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits for the link: messages with relay recipients due or not, none held."""
+    messages: int
+    bytes: int
+    oldest_urgent: float | None  # arrival of the oldest urgent one
 
 
 def _storable(text: str | None) -> str | None:
@@ -224,7 +260,7 @@ class Queue:
     def enqueue(self, sender: str, recipients: Iterable[tuple[str, str]], data: bytes | Iterable[bytes] | BinaryIO,
                 *, origin: str, client: str | None = None, message_id: str | None = None,
                 subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
-                in_txn: Callable[[sqlite3.Connection, str], None] | None = None,
+                then: Then | None = None,
                 orcpts: dict[str, str] | None = None) -> str:
         """Store a message durably; returns its queue id.  See the module doc for the order."""
         qid, tmp = self.new_body()
@@ -232,18 +268,18 @@ class Queue:
             write_file(tmp, data)
             return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
                                      message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
-                                     in_txn=in_txn, orcpts=orcpts)
+                                     then=then, orcpts=orcpts)
 
     def enqueue_file(self, qid: str, tmp: Path, sender: str, recipients: Iterable[tuple[str, str]], *,
                      origin: str, client: str | None = None, message_id: str | None = None,
                      subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
-                     in_txn: Callable[[sqlite3.Connection, str], None] | None = None,
+                     then: Then | None = None,
                      orcpts: dict[str, str] | None = None) -> str:
         """Queue a body already written and fsynced at ``tmp`` (from ``new_body``).
 
-        ``in_txn(conn, qid)`` runs inside the same transaction as the envelope insert:
-        a fetcher records the ISP UID there, so "in the spool" and "UID taken" can
-        never disagree.
+        ``then(conn, qid)`` runs inside the same transaction as the envelope insert: a
+        bounce marks its recipients reported there, a fetcher records the ISP UID there,
+        so "in the spool" and what it stands for can never disagree.
         """
         rcpts = list(dict.fromkeys((r, route) for r, route in recipients))
         if not rcpts:
@@ -251,10 +287,10 @@ class Queue:
             raise ValueError("a message needs at least one recipient")
         with self._writing():
             return self._commit(qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
-                                in_txn, orcpts)
+                                then, orcpts)
 
     def _commit(self, qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
-                in_txn, orcpts) -> str:
+                then, orcpts) -> str:
         final = self.msg / qid
         size = tmp.stat().st_size
         # Header values parsed from raw 8-bit mail carry surrogate escapes that SQLite cannot
@@ -270,8 +306,8 @@ class Queue:
                               int(urgent), int(smtputf8)))
                 conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, rcpt, route, orcpt) VALUES (?,?,?,?)",
                                  [(qid, r, route, (orcpts or {}).get(r)) for r, route in rcpts])
-                if in_txn is not None:
-                    in_txn(conn, qid)
+                if then is not None:
+                    then(conn, qid)
         except BaseException:
             try:
                 os.unlink(final)
@@ -332,6 +368,25 @@ class Queue:
                 out["deferred"] += r["n"]
         return out
 
+    def relay_backlog(self, urgent_senders: Iterable[str] = ()) -> Backlog:
+        """What a dial would send (dial-on-demand weighs it); ``urgent_senders`` in lower case."""
+        row = self.cat.execute(
+            "SELECT COUNT(DISTINCT m.id) n, COALESCE(SUM(DISTINCT m.size), 0) b FROM messages m JOIN recipients r "
+            "ON r.msg_id=m.id WHERE r.route=? AND r.status IN ('queued','deferred') AND m.hold=0",
+            (RELAY,)).fetchone()
+        senders = list(urgent_senders)
+        urgent_sql = ("SELECT MIN(m.arrival) t FROM messages m JOIN recipients r ON r.msg_id=m.id "
+                      "WHERE r.route=? AND r.status IN ('queued','deferred') AND m.hold=0 AND (m.urgent=1")
+        if senders:
+            urgent_sql += f" OR lower(m.sender) IN ({','.join('?' * len(senders))})"
+        urgent = self.cat.execute(urgent_sql + ")", [RELAY, *senders]).fetchone()["t"]
+        return Backlog(messages=row["n"], bytes=row["b"], oldest_urgent=urgent)
+
+    def claim_owners(self, prefix: str) -> list[str]:
+        """The owners holding claims whose name starts with ``prefix``."""
+        return [r[0] for r in self.cat.execute("SELECT DISTINCT claim FROM recipients WHERE claim LIKE ?",
+                                               (prefix + "%",))]
+
     # ------------------------------------------------------------ state changes
 
     def claim(self, route: str, owner: str, limit: int = 100, now: float | None = None) -> list[tuple[str, str]]:
@@ -365,16 +420,42 @@ class Queue:
         return cur.rowcount
 
     def record(self, qid: str, rcpt: str, status: str, code: int | None = None, reply: str | None = None,
-               next_retry: float | None = None, count_attempt: bool = True,
-               conn: sqlite3.Connection | None = None) -> None:
+               next_retry: float | None = None, count_attempt: bool = True) -> None:
         """Store one recipient's outcome (and drop its claim)."""
-        sql = ("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL, "
-               "attempts=attempts+?, next_retry=COALESCE(?, next_retry) WHERE msg_id=? AND rcpt=?")
-        params = (status, code, reply, int(count_attempt), next_retry, qid, rcpt)
-        if conn is not None:
-            conn.execute(sql, params)
-        else:
-            self.cat.execute(sql, params)
+        self.cat.execute(_RECORD, (status, code, reply, int(count_attempt), next_retry, qid, rcpt))
+
+    def record_outcomes(self, qid: str, outcomes: Mapping[str, Result], *, count_attempt: bool = True,
+                        retry_at: Callable[[Recipient, Result], float | None] | None = None,
+                        remove_settled: bool = False) -> bool:
+        """Store several recipients' outcomes in one transaction; see ``Recorded``.
+
+        With ``remove_settled`` the message leaves in that same transaction when every
+        recipient is final and every bounced one reported (the relay's common case, all
+        delivered, costs one commit); True if it left.
+        """
+        recorded = Recorded(qid, outcomes, count_attempt, retry_at)
+        with self.cat.transaction() as conn:
+            recorded(conn, qid)
+            removed = remove_settled and _remove_if_settled(conn, qid)
+        if removed:
+            self.discard_body(qid)
+        return removed
+
+    def fail_waiting(self, qid: str, why: Callable[[Recipient], Result], *, in_flight_too: bool = False) -> int:
+        """Bounce every recipient still waiting, with ``why(recipient)``'s code and reply; how many.
+
+        A recipient claimed by a worker is in flight and left to it, unless
+        ``in_flight_too`` (the administrator bouncing a message by hand).
+        """
+        claimed = "" if in_flight_too else " AND claim IS NULL"
+        with self.cat.transaction() as conn:
+            rows = conn.execute(f"SELECT * FROM recipients WHERE msg_id=? AND status NOT IN (?,?){claimed}",
+                                (qid, *FINAL)).fetchall()
+            for row in rows:
+                o = why(_recipient(row))
+                conn.execute("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL "
+                             "WHERE msg_id=? AND rcpt=?", (BOUNCED, o.code, o.reply, qid, row["rcpt"]))
+        return len(rows)
 
     def set_hold(self, qid: str, hold: bool) -> bool:
         return self.cat.execute("UPDATE messages SET hold=? WHERE id=?", (int(hold), qid)).rowcount == 1
@@ -386,16 +467,18 @@ class Queue:
         self.cat.execute("UPDATE recipients SET next_retry=? WHERE msg_id=? AND status IN ('queued','deferred')",
                          (when, qid))
 
-    def remove(self, qid: str, conn: sqlite3.Connection | None = None) -> None:
+    def remove(self, qid: str) -> None:
         """Forget a message: catalogue first (the commit is the decision), then the body."""
-        if conn is not None:
-            conn.execute("DELETE FROM messages WHERE id=?", (qid,))
-        else:
-            self.cat.execute("DELETE FROM messages WHERE id=?", (qid,))
-        try:
-            os.unlink(self.msg / qid)
-        except FileNotFoundError:
-            pass
+        self.cat.execute("DELETE FROM messages WHERE id=?", (qid,))
+        self.discard_body(qid)
+
+    def finished(self, limit: int = 1000) -> list[str]:
+        """Messages whose every recipient is final but that are still here: a process that
+        recorded the last outcome died before it could settle the message."""
+        rows = self.cat.execute(
+            "SELECT m.id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r WHERE r.msg_id=m.id "
+            "AND r.status NOT IN (?,?)) ORDER BY m.id LIMIT ?", (*FINAL, limit)).fetchall()
+        return [r[0] for r in rows]
 
     def remove_if_done(self, qid: str) -> bool:
         """Remove a message whose every recipient is final; True if it was removed."""
@@ -405,11 +488,16 @@ class Queue:
             if left:
                 return False
             conn.execute("DELETE FROM messages WHERE id=?", (qid,))
+        self.discard_body(qid)
+        return True
+
+    def discard_body(self, qid: str) -> None:
+        """A body whose row a committed transaction removed (a crash before this leaves an
+        orphan body, which ``recover`` removes)."""
         try:
             os.unlink(self.msg / qid)
         except FileNotFoundError:
             pass
-        return True
 
     # ------------------------------------------------------------ start-up recovery
 
@@ -447,13 +535,72 @@ class Queue:
     def __iter__(self) -> Iterator[Message]:
         return iter(self.messages())
 
+    def enqueue_streamed(self, write: Callable[[Path], None], sender: str, recipients: Iterable[tuple[str, str]],
+                         *, origin: str, client: str | None = None, message_id: str | None = None,
+                         subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
+                         then: Then | None = None,
+                         orcpts: dict[str, str] | None = None) -> str:
+        """Like ``enqueue``, for a body that ``write(tmp_path)`` streams into the tmp file
+        (a download from the ISP) and fsyncs; returns its queue id.
+
+        Start-up recovery leaves the tmp file alone while ``write`` runs, however long
+        the download takes.
+        """
+        qid, tmp = self.new_body()
+        with self._writing():
+            write(tmp)
+            return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
+                                     message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
+                                     then=then, orcpts=orcpts)
+
+
+_RECORD = ("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL, "
+           "attempts=attempts+?, next_retry=COALESCE(?, next_retry) WHERE msg_id=? AND rcpt=?")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Outcomes of one message's recipients stored together (and their claims dropped), as
+    ``Queue.record_outcomes`` or inside the transaction that queues a notice about them.
+
+    ``retry_at(recipient as stored before, outcome)`` says when a recipient is due again
+    (None: leave it); ``count_attempt=False`` when the message was never tried (no server).
+    """
+    qid: str
+    outcomes: Mapping[str, Result]
+    count_attempt: bool = True
+    retry_at: Callable[[Recipient, Result], float | None] | None = None
+
+    def __call__(self, conn: sqlite3.Connection, _queued: str | None = None) -> None:
+        before = {}
+        if self.retry_at is not None:
+            before = {r["rcpt"]: _recipient(r)
+                      for r in conn.execute("SELECT * FROM recipients WHERE msg_id=?", (self.qid,))}
+        for rcpt, o in self.outcomes.items():
+            retry = self.retry_at(before[rcpt], o) if rcpt in before else None
+            conn.execute(_RECORD, (o.status, o.code, o.reply, int(self.count_attempt), retry, self.qid, rcpt))
+
+
+def _remove_if_settled(conn: sqlite3.Connection, qid: str) -> bool:
+    """Delete the message's row when every recipient is final and no bounced one still
+    needs reporting (``spool.notices`` does that part); the caller unlinks after COMMIT."""
+    left = conn.execute("SELECT COUNT(*) FROM recipients r WHERE r.msg_id=? AND (r.status NOT IN (?,?) OR "
+                        "(r.status=? AND NOT EXISTS (SELECT 1 FROM bounce_reported b "
+                        "WHERE b.msg_id=r.msg_id AND b.rcpt=r.rcpt)))", (qid, *FINAL, BOUNCED)).fetchone()[0]
+    if left:
+        return False
+    return conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1
+
+
+def _recipient(r: sqlite3.Row) -> Recipient:
+    return Recipient(msg_id=r["msg_id"], rcpt=r["rcpt"], route=r["route"], status=r["status"],
+                     attempts=r["attempts"], next_retry=r["next_retry"], last_code=r["last_code"],
+                     last_reply=r["last_reply"], orcpt=r["orcpt"])
+
 
 def _message(row: sqlite3.Row, rcpts: list[sqlite3.Row]) -> Message:
     return Message(id=row["id"], sender=row["sender"], arrival=row["arrival"], size=row["size"],
                    origin=row["origin"], client=row["client"], message_id=row["message_id"],
                    subject=row["subject"], urgent=bool(row["urgent"]), smtputf8=bool(row["smtputf8"]),
                    hold=bool(row["hold"]), warned=bool(row["warned"]),
-                   recipients=tuple(Recipient(msg_id=r["msg_id"], rcpt=r["rcpt"], route=r["route"],
-                                              status=r["status"], attempts=r["attempts"],
-                                              next_retry=r["next_retry"], last_code=r["last_code"],
-                                              last_reply=r["last_reply"], orcpt=r["orcpt"]) for r in rcpts))
+                   recipients=tuple(_recipient(r) for r in rcpts))

@@ -48,6 +48,7 @@ class SessionRecord:
     fetched: int = 0
     fetched_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    carrier_lost: bool = False        # the line dropped while online (a retry may follow)
     cost: float = 0.0
     transcript: str | None = None     # path of the dialogue/protocol transcript
 

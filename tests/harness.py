@@ -1,41 +1,26 @@
 """Running dialmail itself in tests: config files, users, a real daemon process."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from spool.maildir import Maildir
 from spool.users import Users
+from tests.peers import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Every password a test gave a Site user, for the final scan of the logs (tests/torture/test_zz_secrets.py).
 PASSWORDS: set[str] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
@@ -48,6 +33,49 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def wait_until(predicate, timeout: float, what: str) -> float:
+    """Poll ``predicate()`` from a coroutine until it is truthy; return the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+class RssSampler:
+    """Highest resident set size of one process (default: this one) while the block runs."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.005):
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.start = self.peak = self.process.memory_info().rss
+        self.samples = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self.start = self.peak = self.process.memory_info().rss
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:  # the process is gone: its peak is what was seen
+                return
+            self.samples += 1
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
 
 
 class Site:

@@ -80,6 +80,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 
 __all__ = [
@@ -225,40 +226,31 @@ def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Pope
         time.sleep(0.02)
 
 
-def _proc_stat(pid: int) -> tuple[int, str, int, bool] | None:
-    """(ppid, starttime, session id, is_zombie) of a process, None when gone."""
+def _descendants(pid: int) -> list[psutil.Process]:
+    """All live descendants of pid."""
     try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = data.rsplit(")", 1)[1].split()
-    return int(fields[1]), fields[19], int(fields[3]), fields[0] in ("Z", "X")
+        return [p for p in psutil.Process(pid).children(recursive=True) if not _is_zombie(p)]
+    except psutil.NoSuchProcess:
+        return []
 
 
-def _all_procs() -> dict[int, tuple[int, str, int, bool]]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _proc_stat(int(entry))):
-            out[int(entry)] = st
-    return out
+def _is_zombie(process: psutil.Process) -> bool:
+    try:
+        return process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
 
 
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """All live descendants of pid as (pid, starttime), via /proc."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for p, (ppid, start, _sid, zombie) in _all_procs().items():
-        if not zombie:
-            children.setdefault(ppid, []).append((p, start))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child[0])
-    return out
-
-
-def _session_members(sid: int) -> dict[int, tuple[int, str, int, bool]]:
-    return {p: st for p, st in _all_procs().items() if st[2] == sid and p != os.getpid()}
+def _session_members(sid: int) -> list[psutil.Process]:
+    """Every process of session sid (zombies included) but this one."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and os.getsid(process.pid) == sid:
+                members.append(process)
+        except OSError:  # gone since the listing
+            pass
+    return members
 
 
 def _peer_preexec() -> None:  # runs in the child between fork and exec
@@ -269,44 +261,25 @@ def _peer_preexec() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _listen_table() -> dict[str, int]:
-    """socket inode -> port for every TCP socket in LISTEN state (IPv4/IPv6)."""
-    out = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+def _listening(pid: int, with_children: bool = True) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that pid (or its children) holds."""
+    try:
+        processes = [psutil.Process(pid)] + (_descendants(pid) if with_children else [])
+    except psutil.NoSuchProcess:
+        return set()
+    out = set()
+    for process in processes:
         try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:  # gone, or not ours to look at
             continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A":
-                out[f[9]] = int(f[1].rsplit(":", 1)[1], 16)
+        out.update((c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN)
     return out
 
 
 def listening_ports(pid: int, with_children: bool = True) -> set[int]:
     """TCP ports (IPv4/IPv6) in LISTEN state whose sockets pid (or its children) holds."""
-    table = _listen_table()
-    inodes = _socket_inodes(pid, with_children)
-    return {port for inode, port in table.items() if inode in inodes}
-
-
-def _socket_inodes(pid: int, with_children: bool = True) -> set[str]:
-    pids = [pid] + ([p for p, _ in _descendants(pid)] if with_children else [])
-    inodes = set()
-    for p in pids:
-        try:
-            fds = os.listdir(f"/proc/{p}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{p}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    return inodes
+    return {port for _address, port in _listening(pid, with_children)}
 
 
 _LIVE: set[_Peer] = set()
@@ -429,13 +402,15 @@ class _Peer:
                     logs += f"\n--- {self.output_path}:\n{_tail(self.output_path)}"
                 raise PeerStartError(f"{self.name} exited with {self.proc.returncode}\n{logs}",
                                      port_conflict="in use" in logs)
-            table = _listen_table()  # snapshot first, then our sockets: no false "taken"
-            inodes = _socket_inodes(self.proc.pid)
-            if ports <= {port for inode, port in table.items() if inode in inodes}:
+            # every listener first, then ours: one opened in between is not taken as another's
+            listeners = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN}
+            ours = _listening(self.proc.pid)
+            if ports <= {port for _address, port in ours}:
                 # a socket in LISTEN state held by our process: connections are
                 # queued from now on (no probe connection needed)
                 return
-            taken = {port for inode, port in table.items() if port in ports and inode not in inodes}
+            taken = {port for address, port in listeners - ours if port in ports}
             if taken:  # some daemons (clamd) keep running without their TCP port
                 raise PeerStartError(f"{self.name}: port(s) {sorted(taken)} taken by another process",
                                      port_conflict=True)
@@ -481,11 +456,10 @@ class _Peer:
             start = time.monotonic()
             killed = False
             while True:
-                members = _session_members(sid)
-                for p, (_ppid, _start, _sid, zombie) in members.items():
-                    if zombie:
+                for member in _session_members(sid):
+                    if _is_zombie(member):
                         try:
-                            os.waitpid(p, os.WNOHANG)
+                            os.waitpid(member.pid, os.WNOHANG)
                         except ChildProcessError:
                             pass
                 members = _session_members(sid)
@@ -493,11 +467,11 @@ class _Peer:
                     break
                 waited = time.monotonic() - start
                 if waited > 3 and not killed:
-                    for p, st in members.items():
-                        if not st[3]:
+                    for member in members:
+                        if not _is_zombie(member):
                             try:
-                                os.kill(p, signal.SIGKILL)
-                            except ProcessLookupError:
+                                member.kill()
+                            except psutil.NoSuchProcess:
                                 pass
                     killed = True
                 if waited > 6:

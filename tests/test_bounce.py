@@ -9,9 +9,10 @@ import time
 import pytest
 from flufl.bounce import scan_message
 
-from gateway import bounce, outcome
-from gateway.expiry import expire
-from gateway.relay import flush
+from gateway.mail import dsn, outcome
+from gateway.office import bounce
+from gateway.relay.expiry import expire
+from gateway.relay.flush import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from tests.harness import wait_for
 from tests.test_relay import Office, message
@@ -40,10 +41,10 @@ def notice_of(o: Office, m) -> email.message.EmailMessage:
 
 def test_dsn_is_a_valid_multipart_report():
     headers = b"From: Alice <alice@office.test>\r\nTo: x@example.com\r\nSubject: the original\r\n\r\nbody not returned\r\n"
-    data = bounce.build_dsn(hostname="mail.office.test", sender="alice@office.test", qid="Q1", arrival=time.time() - 60,
-                            action=bounce.FAILED, original_headers=headers, entries=[
-                                bounce.Entry("x@example.com", None, "5.1.1", "550 5.1.1 no such user"),
-                                bounce.Entry("y@example.com", "list@office.test", "5.2.2", "552 5.2.2 mailbox full")])
+    data = bytes(dsn.build(hostname="mail.office.test", sender="alice@office.test", qid="Q1", arrival=time.time() - 60,
+                            action=dsn.FAILED, original_headers=headers, entries=[
+                                dsn.Entry("x@example.com", None, "5.1.1", "550 5.1.1 no such user"),
+                                dsn.Entry("y@example.com", "list@office.test", "5.2.2", "552 5.2.2 mailbox full")]))
     assert b"\n" not in data.replace(b"\r\n", b"")  # CRLF only
     msg = parse(data)
     assert msg.get_content_type() == "multipart/report"
@@ -211,3 +212,18 @@ def test_cli_queue_bounce_and_flush(site, smtp_sink):
     out = r.stdout.decode()
     assert f"{going} <y@example.com> delivered: 250" in out and "1 delivered, 0 deferred, 0 bounced" in out
     assert [m.rcpts for m in smtp_sink.wait_messages(1)] == [["y@example.com"]]
+
+
+def test_a_message_left_final_by_a_kill_is_settled_by_the_next_delivery_pass(office):
+    """kill -9 between recording the last outcome and settling left a fully delivered
+    message in the queue for good (the kill torture's "queue did not drain")."""
+    done = office.send("alice@example.com", ["bob@office.test"], message("delivered, not settled"))
+    office.queue.record(done, "bob@office.test", DELIVERED, 250, "2.0.0 delivered to mailbox")
+    failed = office.send("alice@office.test", ["x@example.com"], message("bounced, nobody told"))
+    office.queue.record(failed, "x@example.com", BOUNCED, 550, "5.1.1 no such user")
+    assert sorted(office.queue.finished()) == sorted([done, failed])
+    office.deliver_local()  # a restarted daemon's first pass
+    assert office.queue.get(done) is None and office.queue.get(failed) is None
+    [bounce_msg] = office.mailbox("alice")  # the bounce alice never got, delivered
+    assert bounce_msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert office.queue.messages() == []

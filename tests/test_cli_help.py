@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gateway.cli import app
+from gateway.cli.app import app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.harness import free_port
+from tests.peers import free_port
 from tests.test_session import submit
 
 pytestmark = pytest.mark.timeout(120)

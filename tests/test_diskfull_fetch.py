@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tests.torture.checker import make_message, mailbox_ids
+from tests.torture.checker import mailbox_ids, make_message
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(180)]
 

@@ -11,7 +11,8 @@ import sys
 import aiosmtplib
 import pytest
 
-from tests.harness import ROOT, free_port, wait_for
+from tests.harness import ROOT, wait_for
+from tests.peers import free_port
 
 pytestmark = pytest.mark.timeout(240)
 

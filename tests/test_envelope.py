@@ -1,8 +1,16 @@
 """Multidrop envelope extraction, in memory: which header, which copy of it, never To/Cc unless asked."""
 import pytest
 
-from gateway.envelope import (Envelope, envelope_recipients, header_block, headers, message_digest, message_id,
-                              received_for, return_path)
+from gateway.fetch.envelope import (
+    Envelope,
+    envelope_recipients,
+    header_block,
+    headers,
+    message_digest,
+    message_id,
+    received_for,
+    return_path,
+)
 
 LIST_MAIL = (b"Return-Path: <list-bounces@lists.test>\r\n"
              b"Delivered-To: carol@office.test\r\n"

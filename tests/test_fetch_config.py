@@ -4,8 +4,8 @@ import time
 import pytest
 
 from gateway.config import loads, parse_window
-from gateway.errors import ConfigError
-from gateway.fetch import in_window
+from gateway.fetch.plan import in_window
+from gateway.mail.errors import ConfigError
 
 BASE = """
 [server]

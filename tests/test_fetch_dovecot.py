@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from gateway import config as config_mod
-from gateway.deliver import LocalDelivery
-from gateway.directory import Directory
-from gateway.fetch import fetch_all
+from gateway.delivery.worker import LocalDelivery
+from gateway.fetch.imap import fetch_all
+from gateway.office.directory import Directory
 from spool.fetchstate import AccountLock
 from spool.queue import Catalogue, Queue
 from spool.users import Users
-from tests.harness import Site
+from tests.harness import RssSampler, Site
 from tests.peers import have, run_fetchmail
 
 pytestmark = pytest.mark.peer
@@ -454,31 +454,6 @@ def test_connection_cut_mid_fetch_loses_nothing_and_duplicates_nothing(fs, isp):
 
 
 # ---------------------------------------------------------------- big and many
-
-
-class RssSampler:
-    """Highest resident set size of this process while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        import psutil
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.done.wait(0.005):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
 
 
 @pytest.mark.timeout(240)

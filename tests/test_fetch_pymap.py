@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from imapclient import IMAPClient
 
-from tests.harness import free_port, wait_port
-from tests.peers import have, make_self_signed_cert
+from tests.peers import free_port, have, make_self_signed_cert, wait_port
 from tests.test_fetch_dovecot import ISP_PASSWORD, CuttingProxy, FetchSite, message
 
 pytest.importorskip("pymap")

@@ -25,17 +25,11 @@ from modem.link import open_link
 from modem.pty_server import PtyModemServer
 from modem.settings import LinkSettings, Route
 from modem.simulator import SimKnobs
+from tests.harness import wait_until
 
 FAST_DIALER = {"redial_delay": 0.1, "guard_time": 0.3, "command_timeout": 2}
 
 
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 # --- settings ---------------------------------------------------------------------------

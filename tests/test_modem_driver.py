@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gateway.cli_modem import modem_app
+from gateway.cli.modem import modem_app
 from modem.driver import HayesModem
 from modem.errors import DialFailed, ModemNotResponding, PortUnavailable
 from modem.hayes import DialPlan, ResultCode
 from modem.pty_server import PtyModemServer
 from modem.simulator import SimKnobs, SimLine, register_line, unregister_line
+from tests.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = 0.2  # short escape guard time keeps +++ hang-ups quick; the driver waits a bit longer
@@ -55,13 +56,6 @@ def plan(*numbers: str, **kw) -> DialPlan:
     return DialPlan(numbers=numbers or ("5550100",), **{"redial_delay": 0.1, **kw})
 
 
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 kinds = pytest.mark.parametrize("kind", ["url", "pty"])
@@ -229,7 +223,7 @@ def simulate_cli(tmp_path):
     def start(*args: str) -> tuple[Path, subprocess.Popen]:
         path = tmp_path / "ttySIM"
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from gateway.cli_modem import modem_app; modem_app()", "simulate",
+            [sys.executable, "-c", "from gateway.cli.modem import modem_app; modem_app()", "simulate",
              "--pty", str(path), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(proc)
         deadline = time.monotonic() + 10

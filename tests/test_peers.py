@@ -10,6 +10,7 @@ import socket
 import ssl
 import struct
 
+import psutil
 import pytest
 
 from tests.peers import (
@@ -22,7 +23,6 @@ from tests.peers import (
     PostfixSmarthost,
     SmtpSink,
     _descendants,
-    _proc_stat,
     _session_members,
     fetchmail_rc,
     free_port,
@@ -359,10 +359,10 @@ def test_stop_leaves_no_process(make):
     peer.start()
     directory = peer.dir
     pid = peer.pid
-    tree = [(pid, _proc_stat(pid)[1])] + _descendants(pid)
+    tree = [psutil.Process(pid)] + _descendants(pid)
     peer.stop()
-    assert [p for p, st in tree if _proc_stat(p) and _proc_stat(p)[1] == st] == []  # no zombies either
-    assert _session_members(pid) == {}
+    assert [p for p in tree if p.is_running()] == []  # no zombies either (same pid and start time)
+    assert _session_members(pid) == []
     assert not directory.exists()
 
 

@@ -6,7 +6,15 @@ import email
 
 import pytest
 
-from tests.test_policy_kit import message, pop3, queue_of, send, settled, subjects, submit
+from tests.test_policy_kit import (
+    message,
+    pop3,
+    queue_of,
+    send,
+    settled,
+    subjects,
+    submit,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,7 +91,7 @@ def test_rfc3834_never_answers_null_daemons_lists_bulk_or_auto_submitted(site):
              ("talk-request@lists.test", {})]
     for sender, headers in cases:
         send(site, sender, "bob@office.test", f"from {sender}", headers=headers)
-    # The null sender (a bounce), by sendmail -f '' (gateway.submit answers RCPT after MAIL FROM:<> with 503).
+    # The null sender (a bounce), by sendmail -f '' (gateway.smtp.server answers RCPT after MAIL FROM:<> with 503).
     r = site.cli("sendmail", "-f", "", "bob@office.test", input=message("MAILER-DAEMON@mx.test", "bob", "a bounce"))
     assert r.returncode == 0, r.stderr.decode()
     send(site, "person@outside.test", "bob@office.test", "from a person", headers={"Auto-Submitted": "no"})

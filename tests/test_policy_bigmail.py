@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import threading
 import time
 
 import psutil
@@ -13,6 +12,7 @@ import pytest
 
 from spool.policystate import PolicyState
 from spool.queue import Catalogue
+from tests.harness import RssSampler
 from tests.test_policy_kit import BigClamd, message, pop3, send, settled, submit
 
 ATTACHMENT = 20 * 1024 * 1024
@@ -24,29 +24,6 @@ def big_clamd():
     need("clamd")
     with BigClamd() as server:
         yield server
-
-
-class RSSSampler(threading.Thread):
-    """Peak resident memory of one process, sampled every 20 ms."""
-
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = self.proc.memory_info().rss
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        self.done.set()
-        self.join()
-        return self.peak
 
 
 @pytest.mark.peer
@@ -71,19 +48,17 @@ senders = ["spam.test"]
                    attachment=("blob.bin", blob))
     daemon = psutil.Process(site.proc.pid)
     base = daemon.memory_info().rss
-    sampler = RSSSampler(site.proc.pid)
-    sampler.start()
     started = time.monotonic()
-    d = submit(site, "big@outside.test", "everyone@office.test", data)
+    with RssSampler(site.proc.pid, interval=0.02) as smtp:
+        d = submit(site, "big@outside.test", "everyone@office.test", data)
     assert d.accepted, d
-    smtp_peak = sampler.stop()
+    smtp_peak = smtp.peak
     after_smtp = daemon.memory_info().rss
-    sampler = RSSSampler(site.proc.pid)  # delivery (group -> two Maildirs) and POP3 retrieval
-    sampler.start()
-    settled(site, timeout=120)
-    delivery_peak = sampler.peak
-    got = {u: [m for m in pop3(site, u) if m["Subject"] == "twenty megabytes"] for u in ("alice", "bob")}
-    rest_peak = sampler.stop()
+    with RssSampler(site.proc.pid, interval=0.02) as rest:  # delivery (group -> two Maildirs) and POP3 retrieval
+        settled(site, timeout=120)
+        delivery_peak = rest.peak
+        got = {u: [m for m in pop3(site, u) if m["Subject"] == "twenty megabytes"] for u in ("alice", "bob")}
+    rest_peak = rest.peak
     elapsed = time.monotonic() - started
     mb = 1 << 20
     print(f"\n20 MB attachment ({len(data) / mb:.1f} MiB message): daemon RSS {base / mb:.0f} MiB; "
@@ -97,7 +72,7 @@ senders = ["spam.test"]
     assert "not scanned" not in site.log()  # clamd read all of it
     # The policy stages stream: scanning, expanding and delivering into two Maildirs add next to nothing.
     assert delivery_peak - after_smtp < len(data) // 4
-    # SMTP collects one transaction's DATA in one buffer (gateway.submit) and the scan streams a
+    # SMTP collects one transaction's DATA in one buffer (gateway.smtp.server) and the scan streams a
     # memoryview of it to clamd without copying: about the message's size, once.
     assert smtp_peak - base < 2 * len(data)
     # The whole daemon stays bounded, POP3 retrieval of both copies included.

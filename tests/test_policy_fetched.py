@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy.quarantine import MAILBOX as QUARANTINE
+from gateway.delivery.stages.quarantine import MAILBOX as QUARANTINE
 from tests.harness import wait_for
 from tests.test_policy_kit import EICAR, message, pop3, settled, subjects, wait_mail
 

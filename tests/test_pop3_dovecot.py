@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import wait_port
+from tests.peers import wait_port
 from tests.test_pop3_clients import PASSWORD, login, message, retr, smtp_send
 
 pytestmark = pytest.mark.peer

@@ -15,14 +15,14 @@ import pytest
 from flufl.bounce import scan_message
 
 from gateway import config as config_mod
-from gateway import outcome
-from gateway.deliver import LocalDelivery
-from gateway.directory import Directory
-from gateway.relay import flush
+from gateway.delivery.worker import LocalDelivery
+from gateway.mail import outcome
+from gateway.office.directory import Directory
+from gateway.relay.flush import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from spool.users import Users
-from tests.harness import free_port, wait_for
-from tests.peers import need, run_swaks
+from tests.harness import wait_for
+from tests.peers import free_port, need, run_swaks
 
 pytestmark = pytest.mark.peer
 
@@ -529,7 +529,7 @@ def test_cli_queue_flush_dials_the_link_and_only_sends(site, smtp_sink):
 
 
 def test_rewrite_map_full_address_wins_and_only_sender_headers_change():
-    from gateway.rewrite import SenderRewriter
+    from gateway.relay.rewrite import SenderRewriter
     rw = SenderRewriter([("@office.test", "office@isp.example"), ("Boss@Office.test", "boss@isp.example")])
     assert rw.address("boss@OFFICE.TEST") == "boss@isp.example"
     assert rw.address("alice@office.test") == "office@isp.example"

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from gateway import config as config_mod
-from gateway.relay import flush
+from gateway.relay.flush import flush
 from tests.test_relay import Office, Proxy, message
 
 

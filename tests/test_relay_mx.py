@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from gateway import mx
-from gateway.relay import flush
+from gateway.relay import mx
+from gateway.relay.flush import flush
 from spool.queue import BOUNCED, DEFERRED, DELIVERED
 from tests.test_relay import Office, message
 
@@ -73,7 +73,7 @@ def test_unreachable_name_server_defers_not_bounces():
     """dnspython against a name server that does not answer (a closed port on loopback)."""
     import dns.asyncresolver
 
-    from tests.harness import free_port
+    from tests.peers import free_port
     r = dns.asyncresolver.Resolver(configure=False)
     r.nameservers = ["127.0.0.1"]
     r.port = free_port()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from gateway.relay import flush
+from gateway.relay.flush import flush
 from spool.queue import DEFERRED
 from tests.peers import make_self_signed_cert, need
 from tests.test_relay import Office, message

@@ -12,10 +12,11 @@ import email.policy
 
 import pytest
 
-from gateway.policy.review import FALLBACK
+from gateway.delivery.stages.review import FALLBACK
 from spool.queue import LOCAL
 from tests.test_fetch_dovecot import FetchSite, fill, isp, message  # noqa: F401 (fixture)
-from tests.test_relay import Office, message as relay_message, office  # noqa: F401 (fixture)
+from tests.test_relay import Office, office  # noqa: F401 (fixture)
+from tests.test_relay import message as relay_message
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(120)]
 

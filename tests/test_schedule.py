@@ -4,9 +4,9 @@ import datetime as dt
 import pytest
 import schedule
 
-from gateway import demand, dialtimes
-from gateway.config import DemandConfig, loads
-from gateway.errors import ConfigError
+from gateway.config import DemandConfig, dialtimes, loads
+from gateway.mail.errors import ConfigError
+from gateway.session import demand
 
 FRI = dt.datetime(2026, 11, 27, 17, 45)   # a Friday
 

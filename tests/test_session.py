@@ -1,14 +1,15 @@
 """Dial sessions end to end: simulated modem + line shaper + real smarthost, through the daemon or not."""
 import asyncio
 import subprocess
-import textwrap
 import sys
+import textwrap
 import time
 
 import aiosmtplib
 import pytest
 
-from tests.harness import ROOT, free_port, wait_for
+from tests.harness import ROOT, wait_for
+from tests.peers import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -122,7 +123,7 @@ def test_demand_dials_when_enough_mail_waits_and_the_lock_refuses_a_second_sessi
             import asyncio
             from gateway.config import load
             from gateway.daemon import Spool
-            from gateway.session import Session, SessionContext
+            from gateway.session.session import Session, SessionContext
             cfg = load({str(site.config_path)!r})
             rec = asyncio.run(Session(SessionContext(cfg, Spool(cfg)), "schedule", "send").run())
             print(rec.outcome, rec.errors)

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from tests.harness import ROOT, free_port, wait_for
+from tests.harness import ROOT, wait_for
+from tests.peers import free_port
 from tests.test_session import sim_link, submit
 
 pytestmark = pytest.mark.timeout(180)

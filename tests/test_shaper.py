@@ -9,8 +9,9 @@ import time
 import pytest
 
 from modem.settings import Route
-from modem.shaper import LineShaper
+from modem.shaper import LineShaper, _Direction
 from modem.simulator import SimKnobs, SimLine
+from tests.harness import wait_until
 
 
 @contextlib.asynccontextmanager
@@ -40,13 +41,6 @@ async def off_hook(line: SimLine, shaper: LineShaper) -> None:
     await wait_until(lambda: shaper.is_open, 2.0, "the shaper opening on CONNECT")
 
 
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - start
 
 
 async def read_exactly(reader: asyncio.StreamReader, n: int) -> float:
@@ -58,42 +52,46 @@ async def read_exactly(reader: asyncio.StreamReader, n: int) -> float:
     return time.monotonic()
 
 
+def test_the_line_books_chunks_back_to_back_at_the_connect_rate():
+    # The pace, with the clock given: 4200 bytes are one second of a 33600 bit/s line.
+    line = _Direction(33600)
+    assert line.book(4200, now=10.0) == 11.0
+    assert line.book(4200, now=10.0) == 12.0  # queued behind the first
+    assert line.book(4200, now=12.02) == 13.0  # a sender back a little late keeps the pace
+    assert line.book(4200, now=20.0) == 21.0  # an idle line starts again from now
+
+
 @pytest.mark.timeout(30)
-def test_throughput_each_direction_is_the_connect_rate_within_ten_percent():
-    rate = 33600
-    seconds = 5.5
-    size = int(rate / 8 * seconds)  # 23100 bytes each way
-    result: dict[str, float] = {}
+def test_every_byte_crosses_each_way_and_is_counted():
+    rate = 1_000_000
+    size = 23100
+    result: dict[str, object] = {}
 
     async def scenario():
-        up_done = asyncio.get_running_loop().create_future()
+        up = asyncio.get_running_loop().create_future()
 
         async def serve(reader, writer):
             writer.write(b"d" * size)
-            up_done.set_result(await read_exactly(reader, size))
+            up.set_result(await reader.readexactly(size))
             await writer.drain()
             writer.close()
 
         async with isp(serve) as port, line_and_shaper(port, rate) as (line, shaper):
             await off_hook(line, shaper)
-            start = time.monotonic()
             reader, writer = await asyncio.open_connection(*shaper.addresses[0])
             writer.write(b"u" * size)
-            down_end = await read_exactly(reader, size)
-            up_end = await up_done
+            result.update(down=await reader.readexactly(size), up=await up)
             writer.close()
-            result.update(up=size * 8 / (up_end - start), down=size * 8 / (down_end - start),
-                          elapsed=max(up_end, down_end) - start, bytes_up=shaper.bytes_up,
-                          bytes_down=shaper.bytes_down)
+            result.update(bytes_up=shaper.bytes_up, bytes_down=shaper.bytes_down)
 
     asyncio.run(scenario())
-    print(f"measured {result['up']:.0f} bps up, {result['down']:.0f} bps down over "
-          f"{result['elapsed']:.2f} s at {rate} bps")
-    assert result["elapsed"] >= 5.0
-    assert rate * 0.9 <= result["up"] <= rate * 1.1
-    assert rate * 0.9 <= result["down"] <= rate * 1.1
+    assert result["up"] == b"u" * size and result["down"] == b"d" * size
     assert result["bytes_up"] == result["bytes_down"] == size
 
+
+# Wall-clock figures (throughput within 10 %, sharing, latency) are in bench/shaper_rate.py;
+# the two tests below only check that the shaper is never faster than the line, which a
+# loaded machine cannot make fail.
 
 @pytest.mark.timeout(20)
 def test_connections_share_one_line():
@@ -112,8 +110,7 @@ def test_connections_share_one_line():
             ends = await asyncio.gather(*(read_exactly(r, 2400) for r, _ in conns))
             return max(ends) - start
 
-    elapsed = asyncio.run(scenario())
-    assert 1.8 <= elapsed <= 2.6
+    assert asyncio.run(scenario()) >= 1.8
 
 
 @pytest.mark.timeout(20)
@@ -132,7 +129,7 @@ def test_latency_is_added_each_way():
             assert await reader.readexactly(4) == b"ping"
             return time.monotonic() - start
 
-    assert 0.28 <= asyncio.run(scenario()) <= 0.45
+    assert asyncio.run(scenario()) >= 0.28
 
 
 @pytest.mark.timeout(20)

@@ -8,13 +8,25 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from spool import notices
 from spool.maildir import Maildir
-from spool.queue import DELIVERED, LOCAL, QUEUED, RELAY, Catalogue, Queue, new_queue_id
-from tests.harness import ROOT, wait_for
+from spool.queue import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    LOCAL,
+    QUEUED,
+    RELAY,
+    Catalogue,
+    Queue,
+    new_queue_id,
+)
+from tests.harness import ROOT
 
 
 @pytest.fixture
@@ -45,9 +57,71 @@ def test_failed_catalogue_commit_leaves_no_body(queue):
     def boom(conn, qid):
         raise RuntimeError("simulated failure inside the transaction")
     with pytest.raises(RuntimeError):
-        queue.enqueue("a@x.test", [("b@y.test", RELAY)], b"x", origin="smtp", in_txn=boom)
+        queue.enqueue("a@x.test", [("b@y.test", RELAY)], b"x", origin="smtp", then=boom)
     assert queue.messages() == []
     assert os.listdir(queue.msg) == [] and os.listdir(queue.tmp) == []
+
+
+@dataclass(frozen=True)
+class Said:
+    status: str
+    code: int
+    reply: str
+
+
+def test_a_bounced_recipient_keeps_its_message_until_the_bounce_is_queued_with_its_removal(queue):
+    qid = queue.enqueue("a@x.test", [("b@y.test", RELAY), ("c@y.test", RELAY)], b"x", origin="smtp")
+    removed = queue.record_outcomes(qid, {"b@y.test": Said(DELIVERED, 250, "2.0.0 ok"),
+                                          "c@y.test": Said(BOUNCED, 550, "5.1.1 no such user")},
+                                    remove_settled=True)
+    assert not removed and queue.get(qid) is not None  # nobody told the sender yet
+    sent = notices.queue_bounce(queue, notices.Notice(qid, "a@x.test", RELAY, b"bounce", "bounce", "s"),
+                                ["c@y.test"])
+    assert sent.removed and queue.get(qid) is None and not queue.body_path(qid).exists()
+    assert [m.id for m in queue.messages()] == [sent.notice_id]
+
+
+def test_a_bounce_for_recipients_that_changed_meanwhile_queues_nothing(queue):
+    qid = queue.enqueue("a@x.test", [("b@y.test", RELAY), ("c@y.test", RELAY)], b"x", origin="smtp")
+    queue.record(qid, "b@y.test", BOUNCED, 550, "5.1.1 no such user")
+    queue.record(qid, "c@y.test", BOUNCED, 550, "5.1.1 no such user")
+    with pytest.raises(notices.QueueChanged):
+        notices.queue_bounce(queue, notices.Notice(qid, "a@x.test", RELAY, b"bounce", "bounce", "s"),
+                             ["b@y.test"])
+    assert [m.id for m in queue.messages()] == [qid] and notices.reported(queue, qid) == set()
+    assert os.listdir(queue.msg) == [qid] and os.listdir(queue.tmp) == []
+
+
+def test_one_delay_warning_per_message(queue):
+    qid = queue.enqueue("a@x.test", [("b@y.test", RELAY)], b"x", origin="smtp")
+    warning = notices.Notice(qid, "a@x.test", RELAY, b"warning", "bounce", "s")
+    first = notices.queue_warning(queue, warning)
+    with pytest.raises(notices.QueueChanged):
+        notices.queue_warning(queue, warning)
+    assert queue.get(qid).warned and [m.id for m in queue.messages()] == [qid, first]
+
+
+def test_failing_waiting_recipients_leaves_those_in_flight_unless_told(queue):
+    qid = queue.enqueue("a@x.test", [("b@y.test", RELAY), ("c@y.test", RELAY), ("d@y.test", RELAY)], b"x",
+                        origin="smtp")
+    queue.record(qid, "d@y.test", DELIVERED, 250, "2.0.0 ok")
+    queue.record(qid, "b@y.test", DEFERRED, 451, "4.3.0 busy")
+    [(_, in_flight)] = queue.claim(RELAY, "relay:1:a", limit=1)
+    waiting = ({"b@y.test", "c@y.test"} - {in_flight}).pop()
+
+    def expired(r):
+        return Said(BOUNCED, 554, f"4.4.7 expired; last error: {r.last_code}")
+
+    assert queue.fail_waiting(qid, expired) == 1
+    assert {r.rcpt: r.status for r in queue.get(qid).recipients} == \
+        {waiting: BOUNCED, in_flight: QUEUED if in_flight == "c@y.test" else DEFERRED, "d@y.test": DELIVERED}
+    assert queue.claim_owners("relay:") == ["relay:1:a"]
+    assert queue.fail_waiting(qid, expired, in_flight_too=True) == 1
+    assert [(r.rcpt, r.status, r.last_reply) for r in queue.get(qid).recipients] == [
+        ("b@y.test", BOUNCED, "4.4.7 expired; last error: 451"),
+        ("c@y.test", BOUNCED, "4.4.7 expired; last error: None"),
+        ("d@y.test", DELIVERED, "2.0.0 ok")]
+    assert queue.claim_owners("relay:") == []
 
 
 def test_message_leaves_only_when_every_recipient_is_final(queue):

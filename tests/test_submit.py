@@ -7,7 +7,6 @@ import subprocess
 import aiosmtplib
 import pytest
 
-from gateway.replies import Reply
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,7 +53,7 @@ def test_relay_refused_from_outside_mynetworks_without_auth(running):
     r = swaks(running, "--to", "victim@elsewhere.test", "--from", "spammer@elsewhere.test",
               "--quit-after", "RCPT", outside=True)
     assert r.returncode != 0
-    assert Reply.RELAY_DENIED in r.stdout
+    assert "554 5.7.1 Relay access denied" in r.stdout
     # Local recipients are still accepted from outside.
     r = swaks(running, "--to", "bob@office.test", "--from", "friend@elsewhere.test", outside=True)
     assert r.returncode == 0, r.stdout

@@ -38,7 +38,7 @@ def start_pty_modem(tmp_path):
             stop(proc)
         path = tmp_path / f"ttyS{len(procs)}"
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from gateway.cli_modem import modem_app; modem_app()", "simulate",
+            [sys.executable, "-c", "from gateway.cli.modem import modem_app; modem_app()", "simulate",
              "--pty", str(path), "--busy", "1", "--rate", "33600", "--dial-delay", "0.2"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(proc)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from email.utils import getaddresses
 
-from gateway import address
-from gateway.policy.settings import BlockList
+from gateway.config.policy import BlockList
+from gateway.mail import address
 from gateway.policy.verdict import ACCEPT, Verdict, reject
 
 

@@ -1,7 +1,7 @@
 """Stage 1, size limits: the largest message delivered here.
 
 LAN submissions over the limit are refused at SMTP time (SIZE= and DATA, in
-gateway.submit); this stage covers everything else, above all mail fetched from the ISP,
+gateway.smtp.server); this stage covers everything else, above all mail fetched from the ISP,
 which is quarantined rather than lost.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a policy stage decides about a message, as a value.
 
 ``accept`` lets the message go on to the next stage; ``quarantine`` keeps it out of the
-recipients' mailboxes but never loses it (see gateway.policy.quarantine); ``reject`` is
+recipients' mailboxes but never loses it (see gateway.delivery.stages.quarantine); ``reject`` is
 an SMTP-time refusal or, at delivery, a bounce; ``defer`` tries again later.  Each carries
 an SMTP code, an RFC 3463 status and a reason for the log and the notice.
 """

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
-from gateway.policy.settings import VirusScan
+from gateway.config.policy import VirusScan
 from gateway.policy.verdict import ACCEPT, Verdict, defer, quarantine, reject
 
 log = logging.getLogger("dialmail.virus")

@@ -12,8 +12,8 @@ import logging
 import ssl
 
 from gateway.config import Config, is_loopback
-from gateway.deliver import mailbox_path
-from gateway.errors import ConfigError
+from gateway.mail.errors import ConfigError
+from gateway.policy.throttle import LoginThrottle
 from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts
 from gateway.pop3.protocol import (
     Authenticate,
@@ -26,8 +26,8 @@ from gateway.pop3.protocol import (
     Update,
     line,
 )
-from gateway.pop3.throttle import LoginThrottle
 from gateway.pop3.wire import CHUNK, MessageEncoder
+from spool.maildir import mailbox_path
 from spool.users import Users
 
 log = logging.getLogger("dialmail.pop3")
@@ -140,7 +140,7 @@ class Connection:
             await self._stream(action)
         elif isinstance(action, StartTLS):
             await self.writer.drain()
-            if getattr(self.reader, "_buffer", b""):
+            if await self._cleartext_waiting():
                 # Cleartext that arrived behind STLS would be read as if it came over TLS
                 # (command injection, RFC 2595 section 3.1 / CVE-2011-0411): refuse it.
                 raise ConnectionAbortedError("data sent before the TLS handshake")
@@ -152,6 +152,20 @@ class Connection:
             self.session.update_finished(failed)
         else:
             raise TypeError(f"unknown POP3 action {action!r}")
+
+    async def _cleartext_waiting(self) -> bool:
+        """Whether the client sent anything after STLS that the session has not read yet.
+
+        Reading stops first, so nothing can arrive between this look and the handshake
+        (``start_tls`` resumes it for the TLS layer).  The reader hands over buffered bytes
+        without waiting, so a zero timeout only expires when nothing is buffered.
+        """
+        self.writer.transport.pause_reading()
+        try:
+            async with asyncio.timeout(0):
+                return bool(await self.reader.read(1))
+        except TimeoutError:
+            return False
 
     async def _authenticate(self, action: Authenticate) -> None:
         server, user = self.server, action.user.strip().lower()

@@ -6,7 +6,8 @@ import os
 import random
 from pathlib import Path
 
-from tests.harness import Site, free_port
+from tests.harness import Site
+from tests.peers import free_port
 from tests.torture.checker import make_message
 from tests.torture.tap import Tap
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import load
-from gateway.deliver import LocalDelivery
-from gateway.directory import Directory
-from gateway.fetch import fetch_all
+from gateway.delivery.worker import LocalDelivery
+from gateway.fetch.imap import fetch_all
+from gateway.office.directory import Directory
 from spool.queue import Catalogue, Queue
 from spool.users import Users
 from tests.torture import budget

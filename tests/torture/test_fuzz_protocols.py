@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.pop3.protocol import Close, Response, Session, State, Update
+from gateway.pop3.protocol import Close, Session, State, Update
 from modem.hayes import Info, Result, ResultParser
 from tests.test_pop3_protocol import MAILDROP, Shell
 from tests.torture import budget
@@ -122,7 +122,7 @@ class SubmissionServer:
     def __init__(self, site):
         from gateway.config import load
         from gateway.daemon import Spool
-        from gateway.submit import SubmissionHandler, start_servers
+        from gateway.smtp.server import SubmissionHandler, start_servers
         self.cfg = load(site.config_path)
         self.spool = Spool(self.cfg)
         self.handler = SubmissionHandler(self.cfg, self.spool.queue, self.spool.directory, self.spool.users)

@@ -1,0 +1,145 @@
+"""``dialmail aliases list`` and ``dialmail users vacation``: the delivery policy from the shell."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gateway.cli.app import EX_USAGE, explained, fail, state
+from gateway.cli.users import users_app
+from gateway.config import parse_duration
+
+aliases_app = typer.Typer(help="Aliases, groups, forwards and catch-alls, with what they expand to.",
+                          no_args_is_help=True)
+
+
+def _directory(ctx):
+    from gateway.office.directory import Directory
+    from spool.users import Users
+    cfg = state(ctx).config()
+    return cfg, Directory(cfg, Users(cfg.spool_dir))
+
+
+def _expansion(directory, addr: str) -> str:
+    res = directory.resolve(addr, pick=None)
+    if res is None:
+        return "(nobody: mail bounces)"
+    parts = [f"mailbox {m}" for m in res.mailboxes] + list(res.remote)
+    parts += [f"one member of {g} in turn" for g in res.rotations]
+    return ", ".join(parts) or "(automatic reply only)"
+
+
+def _addresses(cfg, name: str) -> list[str]:
+    return [name] if "@" in name else [f"{name}@{d}" for d in cfg.server.domains]
+
+
+@aliases_app.command("list")
+@explained
+def aliases_list(ctx: typer.Context):
+    """Print every alias, group, forward, catch-all and automatic reply, and where mail to it goes."""
+    cfg, directory = _directory(ctx)
+    pol = cfg.policy
+    typer.echo("ALIASES")
+    for name, targets in sorted(cfg.aliases.items()):
+        if name.startswith("@"):
+            continue
+        for addr in _addresses(cfg, name):
+            typer.echo(f"  {addr:<34} = {', '.join(targets)}\n  {'':<34} -> {_expansion(directory, addr)}")
+    for always in ("postmaster", "abuse"):
+        if always not in cfg.aliases:
+            for addr in _addresses(cfg, always):
+                typer.echo(f"  {addr:<34} (always exists) -> {_expansion(directory, addr)}")
+    typer.echo("CATCH-ALLS")
+    for name, targets in sorted(cfg.aliases.items()):
+        if name.startswith("@"):
+            typer.echo(f"  *{name:<33} = {', '.join(targets)}\n  {'':<34} -> "
+                       f"{_expansion(directory, 'no-such-name-xyzzy' + name)}")
+    typer.echo("GROUPS")
+    for name, group in sorted(pol.groups.items()):
+        flags = group.mode + (", members only" if group.members_only else "")
+        for addr in _addresses(cfg, name):
+            typer.echo(f"  {addr:<34} [{flags}] = {', '.join(group.members)}")
+            if group.mode == "all":
+                typer.echo(f"  {'':<34} -> {_expansion(directory, addr)}")
+    typer.echo("FORWARDS")
+    for user, fwd in sorted(pol.forwards.items()):
+        typer.echo(f"  {user:<34} -> {', '.join(fwd.to)}{' (keeps a copy)' if fwd.keep else ''}")
+    typer.echo("AUTOMATIC REPLIES")
+    for addr, auto in sorted(pol.autoresponders.items()):
+        typer.echo(f"  {addr:<34} answers with {auto.file} (once per sender every {auto.every}s)")
+    from gateway.delivery.stages.autoreply import Responder
+    from spool.policystate import PolicyState
+    from spool.queue import Catalogue, Queue
+    queue = Queue(Catalogue(cfg.spool_dir))
+    responder = Responder(cfg, queue, directory, PolicyState.beside(queue))
+    users = sorted(set(pol.vacations) | {v.user for v in responder.state.vacations()})
+    for user in users:
+        vac = responder.vacation(user)
+        typer.echo(f"  {user:<34} out of office: {'ON' if vac else 'off'}"
+                   f"{' - ' + vac.subject if vac else ''}")
+
+
+def _timestamp(text: Optional[str], end: bool) -> Optional[float]:
+    if not text:
+        return None
+    from gateway.config.policy import parse_when
+    try:
+        return parse_when(text, end=end).timestamp()
+    except ValueError as exc:
+        fail(str(exc), EX_USAGE)
+
+
+@users_app.command("vacation")
+@explained
+def users_vacation(ctx: typer.Context, name: str,
+                   start: Annotated[Optional[str],
+                                    typer.Option(help="First day (2026-07-01 or 2026-07-01T08:00).")] = None,
+                   end: Annotated[Optional[str], typer.Option(help="Last day (inclusive) or end time.")] = None,
+                   subject: Annotated[str, typer.Option(help="Subject of the reply.")] = "Out of office",
+                   message_file: Annotated[Optional[Path], typer.Option(help="Text of the reply (UTF-8).")] = None,
+                   every: Annotated[Optional[str],
+                                    typer.Option(help="Answer one sender at most once per this long "
+                                                      "(default: policy autoreply_every).")] = None,
+                   off: Annotated[bool, typer.Option("--off", help="Turn the out-of-office off.")] = False,
+                   show: Annotated[bool, typer.Option("--show", help="Print the current setting.")] = False):
+    """Turn a user's out-of-office reply on (with dates, subject and text) or off; overrides the config file's vacation table."""
+    from spool.policystate import PolicyState
+    from spool.queue import Catalogue
+    from spool.users import Users
+    cfg = state(ctx).config()
+    user = name.strip().lower()
+    if not Users(cfg.spool_dir).exists(user):
+        fail(f"no such user: {user}", EX_USAGE)
+    st = PolicyState(Catalogue(cfg.spool_dir))
+    if show:
+        v = st.vacation(user)
+        if v is None:
+            conf = cfg.policy.vacations.get(user)
+            typer.echo(f"{user}: {'from the configuration: ' + conf.subject if conf else 'off'}")
+        elif not v.enabled:
+            typer.echo(f"{user}: off")
+        else:
+            when = lambda t: dt.datetime.fromtimestamp(t).isoformat(" ", "minutes") if t else "-"  # noqa: E731
+            typer.echo(f"{user}: on from {when(v.start)} until {when(v.end)}: {v.subject}")
+        return
+    if off:
+        st.vacation_off(user)
+        typer.echo(f"out-of-office of {user} is off")
+        return
+    if message_file is None:
+        fail("give --message-file with the text of the reply (or --off)", EX_USAGE)
+    try:
+        body = message_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {message_file}: {exc}", EX_USAGE)
+    t0, t1 = _timestamp(start, False), _timestamp(end, True)
+    if t0 and t1 and t1 <= t0:
+        fail("--end is before --start", EX_USAGE)
+    try:
+        interval = parse_duration(every) if every else None
+    except ValueError as exc:
+        fail(f"--every: {exc}", EX_USAGE)
+    st.set_vacation(user, t0, t1, subject, body, interval)
+    typer.echo(f"out-of-office of {user} is on{' from ' + start if start else ''}{' until ' + end if end else ''}")

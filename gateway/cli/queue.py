@@ -1,0 +1,174 @@
+"""``dialmail queue`` and ``mailq``: inspect and manage the outbound queue."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import typer
+
+from gateway.cli.app import (
+    EX_TEMPFAIL,
+    EX_USAGE,
+    app,
+    explained,
+    fail,
+    state,
+)
+
+queue_app = typer.Typer(help="Inspect and manage the outbound queue.", no_args_is_help=True)
+
+
+def _queue(ctx):
+    from spool.queue import Catalogue, Queue
+    return Queue(Catalogue(state(ctx).config().spool_dir))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@queue_app.command("list")
+@explained
+def queue_list(ctx: typer.Context):
+    """Show queued messages: id, age, size, sender, recipients and their status."""
+    _print_queue(_queue(ctx))
+
+
+@app.command("mailq")
+@explained
+def mailq(ctx: typer.Context):
+    """Same as 'queue list'."""
+    _print_queue(_queue(ctx))
+
+
+def _print_queue(queue) -> None:
+    msgs = queue.messages()
+    if not msgs:
+        typer.echo("queue is empty")
+        return
+    now = time.time()
+    typer.echo(f"{'ID':<20} {'AGE':>5} {'SIZE':>9}  SENDER / RECIPIENTS")
+    for m in msgs:
+        hold = "  (held)" if m.hold else ""
+        typer.echo(f"{m.id:<20} {_age(now - m.arrival):>5} {m.size:>9}  <{m.sender}>{hold}")
+        for r in m.recipients:
+            detail = r.status
+            if r.status not in ("queued",) and r.last_reply:
+                detail += f": {r.last_code or ''} {r.last_reply}".rstrip()
+            if r.status in ("queued", "deferred") and r.next_retry > now:
+                detail += f" (next try in {_age(r.next_retry - now)})"
+            typer.echo(f"{'':<37}  {r.rcpt} [{r.route}] {detail}")
+    total = sum(m.size for m in msgs)
+    typer.echo(f"-- {len(msgs)} message(s), {total} bytes")
+
+
+def _lookup(queue, qid: str):
+    msg = queue.find(qid)
+    if msg is None:
+        fail(f"no queued message matches {qid!r}", EX_USAGE)
+    return msg
+
+
+@queue_app.command("show")
+@explained
+def queue_show(ctx: typer.Context, qid: str):
+    """Print one queued message: envelope, per-recipient status, then the message itself."""
+    q = _queue(ctx)
+    m = _lookup(q, qid)
+    typer.echo(f"id: {m.id}\nsender: <{m.sender}>\narrived: {time.ctime(m.arrival)}\nsize: {m.size}\n"
+               f"origin: {m.origin} {m.client or ''}\nhold: {'yes' if m.hold else 'no'}")
+    for r in m.recipients:
+        typer.echo(f"recipient: {r.rcpt} route={r.route} status={r.status} attempts={r.attempts}"
+                   f"{' last=' + str(r.last_code) + ' ' + (r.last_reply or '') if r.last_code else ''}")
+    typer.echo("")
+    with q.open_body(m.id) as f:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(f.read())
+
+
+@queue_app.command("hold")
+@explained
+def queue_hold(ctx: typer.Context, qid: str):
+    """Keep a message in the queue without sending it until released."""
+    q = _queue(ctx)
+    q.set_hold(_lookup(q, qid).id, True)
+    typer.echo(f"{qid}: held")
+
+
+@queue_app.command("release")
+@explained
+def queue_release(ctx: typer.Context, qid: str):
+    """Release a held message for the next session."""
+    q = _queue(ctx)
+    m = _lookup(q, qid)
+    q.set_hold(m.id, False)
+    q.reschedule(m.id, 0)
+    typer.echo(f"{qid}: released")
+
+
+@queue_app.command("delete")
+@explained
+def queue_delete(ctx: typer.Context, qid: str):
+    """Delete a message from the queue without a bounce."""
+    q = _queue(ctx)
+    m = _lookup(q, qid)
+    q.remove(m.id)
+    typer.echo(f"{m.id}: deleted")
+
+
+@queue_app.command("bounce")
+@explained
+def queue_bounce(ctx: typer.Context, qid: str):
+    """Return a message to its sender now ("deleted by the administrator") and remove it."""
+    from gateway.mail.outcome import administrator_bounce
+    from gateway.office.bounce import bounce_now
+    cfg = state(ctx).config()
+    q = _queue(ctx)
+    m = _lookup(q, qid)
+    settled = bounce_now(cfg, q, m.id, administrator_bounce())
+    if settled.local:
+        deliver_local_now(cfg, q)
+    notice = f"bounce {settled.bounce_id} to <{m.sender}>" if settled.bounce_id else "no bounce (null sender)"
+    typer.echo(f"{m.id}: bounced, {notice}")
+
+
+@queue_app.command("flush")
+@explained
+def queue_flush(ctx: typer.Context):
+    """Bring the link up and send everything waiting now (back-off ignored); no fetching."""
+    from gateway.relay import flush as relay
+    from gateway.session import link
+    cfg = state(ctx).config()
+    q = _queue(ctx)
+
+    async def send_all() -> relay.FlushResult:
+        # The same bring-up as a dial session's, under the session lock; a line that drops
+        # stops the flush at a message boundary, as in a session.
+        async with link.for_queue_flush(cfg) as carrier_lost:
+            return await relay.flush(cfg, q, stop_event=carrier_lost, force=True)
+
+    result = asyncio.run(send_all())
+    for r in result.results:
+        typer.echo(f"{r.qid} <{r.rcpt}> {r.outcome.status}: {r.outcome.code} {r.outcome.reply}")
+    if result.local_notices:
+        deliver_local_now(cfg, q)
+    typer.echo(f"-- {result.sent} delivered, {result.deferred} deferred, {result.bounced} bounced, "
+               f"{result.messages} message(s), {result.bytes} bytes")
+    if result.error is not None:
+        fail(f"flush stopped: {result.error.code} {result.error.reply}", EX_TEMPFAIL)
+
+
+def deliver_local_now(cfg, q) -> None:
+    """Bounces for local senders go into their mailboxes at once, daemon or not (claims keep
+    a running daemon from delivering the same recipient twice)."""
+    from gateway.delivery.worker import LocalDelivery
+    from gateway.office.directory import Directory
+    from spool.users import Users
+    delivery = LocalDelivery(cfg, q, Directory(cfg, Users(cfg.spool_dir)))
+    while delivery.run_once():
+        pass

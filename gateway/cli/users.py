@@ -1,0 +1,84 @@
+"""``dialmail users``: local users and their argon2-hashed passwords."""
+from __future__ import annotations
+
+import getpass
+import sys
+from typing import Annotated
+
+import typer
+
+from gateway.cli.app import (
+    EX_USAGE,
+    explained,
+    fail,
+    state,
+)
+
+users_app = typer.Typer(help="Local users and their passwords.", no_args_is_help=True)
+
+
+def _users(ctx):
+    from spool.users import Users
+    return Users(state(ctx).config().spool_dir)
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        fail("the passwords differ", EX_USAGE)
+    return first
+
+
+@users_app.command("add")
+@explained
+def users_add(ctx: typer.Context, name: str,
+              password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from "
+                                                                                      "the first line of stdin.")] = False):
+    """Add a local user (a mailbox in every local domain, or only in DOMAIN for NAME@DOMAIN)."""
+    from spool.users import UserError
+    server = state(ctx).config().server
+    domain = name.rpartition("@")[2].strip().lower() if "@" in name else None
+    if domain is not None and not server.is_local_domain(domain):
+        # Mail to such a user would be relayed out to that domain, never into this mailbox.
+        fail(f"{domain} is not a local domain (have: {', '.join(server.domains)}); add it to [server] domains "
+             f"first, or give the bare name to have a mailbox in every local domain", EX_USAGE)
+    try:
+        _users(ctx).add(name, _read_password(password_stdin))
+    except UserError as exc:
+        fail(str(exc), EX_USAGE)
+    typer.echo(f"user {name.lower()} added")
+
+
+@users_app.command("passwd")
+@explained
+def users_passwd(ctx: typer.Context, name: str,
+                 password_stdin: Annotated[bool, typer.Option("--password-stdin")] = False):
+    """Change a user's password."""
+    from spool.users import UserError
+    try:
+        _users(ctx).set_password(name, _read_password(password_stdin))
+    except UserError as exc:
+        fail(str(exc), EX_USAGE)
+    typer.echo(f"password of {name.lower()} changed")
+
+
+@users_app.command("del")
+@explained
+def users_del(ctx: typer.Context, name: str):
+    """Delete a user (the mailbox stays on disk)."""
+    from spool.users import UserError
+    try:
+        _users(ctx).delete(name)
+    except UserError as exc:
+        fail(str(exc), EX_USAGE)
+    typer.echo(f"user {name.lower()} deleted (mailbox kept)")
+
+
+@users_app.command("list")
+@explained
+def users_list(ctx: typer.Context):
+    """List local users."""
+    for name in _users(ctx).names():
+        typer.echo(name)

@@ -1,0 +1,211 @@
+"""The delivery policy: every message delivered locally passes these stages, in this order.
+
+  1. size limits          gateway.policy.size        message-wide
+  2. block lists          gateway.policy.blocklist   message-wide (sender, From:)
+  3. virus scan           gateway.policy.virus       message-wide (clamd INSTREAM)
+  4. alias/group expansion gateway.delivery.stages.expand     per recipient (aliases, groups,
+                                                      round-robin, catch-all, members-only)
+  5. forwarding           gateway.delivery.stages.forward     per recipient: outside targets -> queue
+  6. mailbox delivery     gateway.delivery.stages.mailbox     per recipient: local Maildirs
+  7. automatic replies    gateway.delivery.stages.autoreply   per recipient: autoresponders, vacation
+
+Stages 1-3 decide about the whole message and return a ``Verdict`` (accept / quarantine /
+reject / defer, see gateway.policy.verdict).  For LAN submissions they run at SMTP time
+(gateway.smtp.admission: refused at RCPT or DATA, so the sender hears it) and are not
+repeated at delivery; for everything else, above all mail fetched from the ISP, they run
+here, and what fails them is quarantined (gateway.delivery.stages.quarantine), never dropped, or
+deferred when clamd cannot be reached and ``[virus] on_error = "reject"``.
+
+Each recipient is marked done only after stages 5 to 7 have all finished, and each is
+idempotent (the forwarded copy is remembered, Maildir names are fixed, a reply is queued
+in the same transaction that records the sender as answered), so a crash at any point
+leads to a retry that neither loses nor duplicates.  It also means a message's replies
+are in the queue before the message counts as delivered.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from email.message import Message as EmailHeaders
+
+from gateway.config import Config
+from gateway.delivery.stages import (
+    autoreply,
+    expand,
+    forward,
+    mailbox,
+    quarantine,
+    review,
+)
+from gateway.mail import headers
+from gateway.mail.outcome import Outcome
+from gateway.office import notice
+from gateway.office.directory import Directory
+from gateway.policy import blocklist, size, virus
+from gateway.policy.verdict import ACCEPT, DEFER_ACTION, Verdict
+from gateway.policy.verdict import quarantine as quarantined
+from spool.fsio import is_disk_full
+from spool.policystate import PolicyState
+from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue, Recorded
+
+log = logging.getLogger("dialmail.deliver")
+
+FETCHED = forward.FETCHED
+DOUBLE_BOUNCE = "double-bounce"  # gateway.bounce.DOUBLE_BOUNCE: a failed null-sender message, for review
+
+# Origins whose admission stages already ran at SMTP time, or that we wrote ourselves.
+SCREENED = ("smtp", autoreply.ORIGIN, notice.ORIGIN, DOUBLE_BOUNCE)
+DISK_FULL_RETRY = 60
+
+
+def read_headers(queue: Queue, qid: str) -> EmailHeaders:
+    """The header section of a queued message (bounded: see gateway.mail.headers)."""
+    with queue.open_body(qid) as f:
+        return headers.parse(headers.read(f))
+
+
+class Pipeline:
+    """Runs the stages for the claimed recipients of one queued message (in a worker thread)."""
+
+    def __init__(self, config: Config, queue: Queue, directory: Directory, state: PolicyState | None = None):
+        self.config = config
+        self.settings = config.policy
+        self.queue = queue
+        self.directory = directory
+        self.state = state or PolicyState.beside(queue)
+        self.senders = blocklist.SenderFilter(self.settings.blocklist)
+        self.scanner = virus.ClamdScanner(self.settings.virus)
+        self.responder = autoreply.Responder(config, queue, directory, self.state)
+        self._expired = 0.0
+
+    # ------------------------------------------------------------ stages 1-3
+
+    def admit(self, msg: Message, headers: EmailHeaders) -> Verdict:
+        v = size.check(msg.size, self.settings.max_message_size)
+        if v.accepted:
+            v = self.senders.check(msg.sender, headers.get("From"))
+        if v.accepted and self.scanner.enabled:
+            if self.scanner.too_big(msg.size):
+                log.warning("%s: not scanned for viruses: %d bytes is over virus max_scan_size %d", msg.id,
+                            msg.size, self.settings.virus.max_scan_size)
+            else:
+                with self.queue.open_body(msg.id) as f:
+                    result = self.scanner.scan_file(f)
+                v = self.scanner.verdict(result, fetched=True, what=msg.id)
+        if v.action == "reject":  # nobody to refuse to at delivery: keep it instead
+            return quarantined(v.reason, v.virus)
+        return v
+
+    # ------------------------------------------------------------ the whole run
+
+    def run(self, msg: Message, rcpts: list[str]) -> None:
+        self._expire_markers()
+        by_rcpt = {r.rcpt: r for r in msg.recipients}
+        headers = read_headers(self.queue, msg.id)
+        verdict = ACCEPT if msg.origin in SCREENED else self.admit(msg, headers)
+        if verdict.action == DEFER_ACTION:
+            retry = time.time() + self.config.queue.retry_min
+            for rcpt in rcpts:
+                self.queue.record(msg.id, rcpt, DEFERRED, verdict.code, verdict.reply, next_retry=retry)
+            return
+        if not verdict.accepted:
+            self._quarantine(msg, rcpts, verdict, retry=any(by_rcpt[r].attempts for r in rcpts))
+            return
+        for rcpt in rcpts:
+            self._deliver(msg, rcpt, by_rcpt[rcpt].attempts > 0, headers)
+
+    def _deliver(self, msg: Message, rcpt: str, retry: bool, headers: EmailHeaders) -> None:
+        if msg.origin == DOUBLE_BOUNCE:  # already the last resort: local Maildirs only, never out
+            self._review(msg, rcpt, retry, None)
+            return
+        resolution = expand.resolve(self.directory, self.state, msg, rcpt)
+        if resolution is None:
+            if self._unreturnable(msg):
+                self._review(msg, rcpt, retry, f"no local user or alias {rcpt}")
+                return
+            log.info("%s: to=<%s> status=bounced (no such local user)", msg.id, rcpt)
+            self.queue.record(msg.id, rcpt, BOUNCED, 550, "5.1.1 no such user here")
+            return
+        if resolution.refused_by:
+            if self._unreturnable(msg):
+                self._review(msg, rcpt, retry, f"<{msg.sender}> is not a member of {resolution.refused_by}, "
+                                               f"which takes mail from its members only")
+                return
+            log.info("%s: to=<%s> status=bounced (<%s> is not a member of %s)", msg.id, rcpt, msg.sender,
+                     resolution.refused_by)
+            self.queue.record(msg.id, rcpt, BOUNCED, 550, f"5.7.1 only members may post to {resolution.refused_by}")
+            return
+        done = []
+        try:
+            if resolution.remote:
+                done.append(f"forwarded as {forward.forward(self.queue, self.state, msg, rcpt, resolution.remote, headers)}")
+            for user in resolution.mailboxes:
+                path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers)
+                log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, user, path.name)
+            if resolution.mailboxes:
+                done.insert(0, "delivered to mailbox")
+        except OSError as exc:
+            reason = "disk full" if is_disk_full(exc) else exc.strerror or str(exc)
+            log.warning("%s: to=<%s> status=deferred (local delivery failed: %s)", msg.id, rcpt, reason)
+            self.queue.record(msg.id, rcpt, DEFERRED, 451, f"4.3.0 local delivery failed: {reason}",
+                              next_retry=time.time() + DISK_FULL_RETRY)
+            return
+        try:
+            self.responder.answer(msg, rcpt, resolution, headers)
+        except Exception:  # a reply that cannot be built must not undo a delivery
+            log.exception("%s: to=<%s>: automatic reply failed", msg.id, rcpt)
+        self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
+
+    @staticmethod
+    def _unreturnable(msg: Message) -> bool:
+        """Fetched mail (the ISP's copy is gone) and null-sender mail: a failure has nobody
+        to go back to, so it is kept for review instead of bounced (gateway.delivery.stages.review)."""
+        return msg.origin == FETCHED or not msg.sender
+
+    def _review(self, msg: Message, rcpt: str, retry: bool, reason: str | None) -> None:
+        try:
+            paths = review.keep(self.config, self.directory, self.queue, msg, rcpt, reason, retry)
+        except OSError as exc:
+            why = "disk full" if is_disk_full(exc) else exc.strerror or str(exc)
+            log.warning("%s: to=<%s> status=deferred (keeping it for review failed: %s)", msg.id, rcpt, why)
+            self.queue.record(msg.id, rcpt, DEFERRED, 451, f"4.3.0 local delivery failed: {why}",
+                              next_retry=time.time() + DISK_FULL_RETRY)
+            return
+        where = ", ".join(p.parent.parent.name for p in paths)
+        if reason:
+            log.warning("%s: from=<%s> to=<%s> status=kept for review in %s (%s)", msg.id, msg.sender, rcpt,
+                        where, reason)
+        else:
+            log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, where,
+                     ", ".join(p.name for p in paths))
+        self.queue.record(msg.id, rcpt, DELIVERED, 250,
+                          f"2.0.0 kept for review in {where}: {reason}" if reason else f"2.0.0 delivered to {where}")
+
+    def _quarantine(self, msg: Message, rcpts: list[str], verdict: Verdict, retry: bool) -> None:
+        try:
+            path = quarantine.keep(self.config.spool_dir, self.queue, msg, rcpts, verdict.reason, retry)
+        except OSError as exc:
+            log.warning("%s: quarantine failed (%s); deferred", msg.id, exc.strerror or exc)
+            for rcpt in rcpts:
+                self.queue.record(msg.id, rcpt, DEFERRED, 451, "4.3.0 quarantine failed",
+                                  next_retry=time.time() + DISK_FULL_RETRY)
+            return
+        log.warning("%s: from=<%s> to=<%s> status=quarantined (%s) in %s", msg.id, msg.sender, ",".join(rcpts),
+                    verdict.reason, path)
+        # Kept is delivered: one commit for all of them, the postmaster's notice included.
+        kept = Outcome(DELIVERED, 250, "2.0.0", f"quarantined: {verdict.reason}")
+        done = Recorded(msg.id, {rcpt: kept for rcpt in rcpts})
+        if verdict.virus and self.settings.virus.notify_postmaster:
+            notice.notify_postmaster(
+                self.config, self.directory, self.queue, f"Virus found in fetched mail: {verdict.virus}",
+                f"A message fetched for {', '.join(rcpts)} contained a virus and was quarantined.\n\n"
+                f"  queue id:  {msg.id}\n  sender:    <{msg.sender}>\n  subject:   {msg.subject or ''}\n"
+                f"  virus:     {verdict.virus}\n  kept in:   {path}\n", then=done)
+        else:
+            self.queue.record_outcomes(msg.id, done.outcomes)
+
+    def _expire_markers(self) -> None:
+        now = time.monotonic()
+        if now - self._expired > 3600:
+            self._expired = now
+            self.state.expire()

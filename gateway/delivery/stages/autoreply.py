@@ -1,0 +1,168 @@
+"""Stage 7, automatic replies: autoresponder addresses and out-of-office, per RFC 3834.
+
+Who answers:
+* an address in ``[autoreply]`` answers every message with its stored document (a whole
+  MIME message, attachments allowed; its Subject and body are sent, addressing headers
+  are replaced);
+* a user with an active out-of-office (``dialmail users vacation`` in the spool, else
+  ``[vacation.USER]``) answers mail that reached their mailbox.
+
+When not to answer (RFC 3834 §2, §3.1): the null sender, MAILER-DAEMON, postmaster,
+owner-*/*-request senders, mail marked ``Auto-Submitted`` (anything but "no"), mailing
+lists (``List-Id`` and the other ``List-*`` headers, ``Precedence: bulk/list/junk``),
+Microsoft's ``X-Auto-Response-Suppress``, one's own address, and a sender already
+answered by the same address within ``every`` (persisted in the spool).
+
+The reply goes out through the queue like any message, to the original envelope sender,
+from the null envelope sender (RFC 3834 §3.3: a reply from the null sender can be
+neither answered by another responder nor bounced back into a loop), with
+``Auto-Submitted: auto-replied``, ``In-Reply-To`` and ``References``; its From: is the
+answering address.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import email.policy
+import email.utils
+import logging
+import time
+from email.message import EmailMessage
+from email.message import Message as EmailHeaders
+from email.parser import BytesParser
+
+from gateway.config import Config
+from gateway.config.policy import Vacation
+from gateway.mail import address
+from gateway.office.directory import Directory, Resolution
+from spool.policystate import PolicyState, Replied
+from spool.queue import LOCAL, RELAY, Message, Queue
+
+log = logging.getLogger("dialmail.autoreply")
+
+ORIGIN = "autoreply"
+_REPLACED = ("From", "To", "Cc", "Bcc", "Date", "Message-ID", "In-Reply-To", "References", "Auto-Submitted",
+             "Return-Path", "Delivered-To", "Received", "Reply-To", "Sender")
+_CRLF = email.policy.compat32.clone(linesep="\r\n")
+
+
+def reason_not_to_answer(sender: str, headers: EmailHeaders, responder: str) -> str | None:
+    """Why this message must not get an automatic reply, or None when it may."""
+    if not sender:
+        return "null sender"
+    if address.is_null_or_daemon(sender):
+        return "sender is a daemon or list address"
+    auto = str(headers.get("Auto-Submitted", "") or "").strip().lower()
+    if auto and not auto.startswith("no"):
+        return f"Auto-Submitted: {auto}"
+    if any(k.lower().startswith("list-") for k in headers.keys()):
+        return "mailing list (List-* header)"
+    if str(headers.get("Precedence", "") or "").strip().lower() in ("bulk", "list", "junk"):
+        return f"Precedence: {headers.get('Precedence')}"
+    suppress = str(headers.get("X-Auto-Response-Suppress", "") or "").lower()
+    if any(w in suppress for w in ("all", "oof", "autoreply")):
+        return "X-Auto-Response-Suppress"
+    if address.normalise(sender).lower() == responder.lower():
+        return "sender is the responder"
+    return None
+
+
+def _threading(orig: EmailHeaders) -> dict[str, str]:
+    out = {}
+    mid = str(orig.get("Message-ID", "") or "").strip()
+    if mid:
+        out["In-Reply-To"] = mid
+        refs = " ".join(str(orig.get("References", "") or "").split())
+        out["References"] = f"{refs} {mid}".strip()
+    return out
+
+
+def vacation_reply(config: Config, responder: str, to: str, vac: Vacation, orig: EmailHeaders) -> bytes:
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = responder
+    msg["To"] = to
+    msg["Subject"] = vac.subject
+    msg["Date"] = email.utils.formatdate(time.time(), localtime=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=config.server.hostname)
+    for k, v in _threading(orig).items():
+        msg[k] = v
+    msg["Auto-Submitted"] = "auto-replied"
+    msg.set_content(vac.body)
+    return msg.as_bytes()
+
+
+def document_reply(config: Config, responder: str, to: str, document: bytes, orig: EmailHeaders) -> bytes:
+    """The stored MIME document with fresh addressing and RFC 3834 headers; its body untouched."""
+    doc = BytesParser(policy=email.policy.compat32).parsebytes(document)
+    for name in _REPLACED:
+        del doc[name]
+    head = [("From", responder), ("To", to), ("Date", email.utils.formatdate(time.time(), localtime=True)),
+            ("Message-ID", email.utils.make_msgid(domain=config.server.hostname)),
+            *_threading(orig).items(), ("Auto-Submitted", "auto-replied")]
+    for name, value in reversed(head):
+        doc._headers.insert(0, (name, value))  # new headers first, the document's own after
+    if "MIME-Version" not in doc:
+        doc["MIME-Version"] = "1.0"
+    return doc.as_bytes(policy=_CRLF)
+
+
+class Responder:
+    def __init__(self, config: Config, queue: Queue, directory: Directory, state: PolicyState):
+        self.config = config
+        self.queue = queue
+        self.directory = directory
+        self.state = state
+        self.policy = config.policy
+
+    def vacation(self, user: str, now: float | None = None) -> Vacation | None:
+        """The user's out-of-office if it is on now: the spool's setting wins over the config's."""
+        now = time.time() if now is None else now
+        stored = self.state.vacation(user)
+        if stored is not None:
+            if not stored.enabled:
+                return None
+            if (stored.start is not None and now < stored.start) or (stored.end is not None and now >= stored.end):
+                return None
+            return Vacation(user, None, None, stored.subject or "Out of office", stored.body or "",
+                            stored.every or self.policy.autoreply_every)
+        vac = self.policy.vacations.get(user)
+        if vac is None or not vac.active(dt.datetime.fromtimestamp(now)):
+            return None
+        return vac
+
+    def answer(self, msg: Message, rcpt: str, resolution: Resolution, headers: EmailHeaders) -> list[str]:
+        """Queue the replies this delivery calls for; returns their queue ids."""
+        queued = []
+        domain = address.split(rcpt)[1]
+        auto = self.policy.autoresponders.get(address.normalise(rcpt).lower())
+        if auto is not None:
+            qid = self._reply(msg, auto.address, auto.every, headers,
+                              lambda to: document_reply(self.config, auto.address, to, auto.file.read_bytes(),
+                                                        headers))
+            queued += [qid] if qid else []
+        for user in resolution.mailboxes:
+            vac = self.vacation(user)
+            if vac is None:
+                continue
+            responder = user if "@" in user else f"{user}@{domain}"
+            qid = self._reply(msg, responder, vac.every, headers,
+                              lambda to: vacation_reply(self.config, responder, to, vac, headers))
+            queued += [qid] if qid else []
+        return queued
+
+    def _reply(self, msg: Message, responder: str, every: int, headers: EmailHeaders, build) -> str | None:
+        sender = address.normalise(msg.sender)
+        why = reason_not_to_answer(sender, headers, responder)
+        now = time.time()
+        if why is None and self.state.replied_since(responder, sender, now - every):
+            why = "already answered recently"
+        if why is None and self.directory.is_local(sender) and not self.directory.exists(sender):
+            why = "local sender address does not exist"
+        if why:
+            log.info("%s: no automatic reply from <%s> to <%s>: %s", msg.id, responder, sender or "", why)
+            return None
+        route = LOCAL if self.directory.is_local(sender) else RELAY
+        body = build(sender)
+        qid = self.queue.enqueue("", [(sender, route)], body, origin=ORIGIN, client=msg.id,
+                                 subject=None, then=Replied(responder, sender, now))
+        log.info("%s: automatic reply from <%s> to <%s> queued as %s", msg.id, responder, sender, qid)
+        return qid

@@ -1,0 +1,614 @@
+"""Flushing the outbound queue while the link is up.
+
+``flush`` opens ONE SMTP connection to the smarthost (EHLO with our hostname, STARTTLS
+per ``[smarthost] starttls`` with certificate verification, AUTH) and sends every due
+``relay`` recipient over it, message after message:
+
+    MAIL FROM (rewritten sender, SIZE, BODY=8BITMIME, SMTPUTF8 as needed)
+    RCPT TO for each recipient not yet final   -- each refusal is that recipient's outcome
+    DATA                                       -- its reply is the accepted ones' outcome
+    RSET after any refusal, so the next message starts clean
+
+Each message's outcomes are stored (and the message settled: bounce, removal) before the
+next message starts, so a drop loses at most the message in flight, whose waiting
+recipients are deferred.  A recipient the server accepted is final and never sent again;
+one in flight when the line dropped after the final "." may be sent twice (RFC 1047,
+unavoidable in SMTP).  On a lost connection, timeout or carrier drop (``stop_event``)
+the flush stops and returns: the dial session decides whether to try again, and the
+message in flight is due again at once (``outcome.next_retry``).  When no connection
+could be made at all (refused, TLS or AUTH failure) every recipient shows the reason in
+the queue but counts no attempt: the office's line or setup says nothing about the mail.
+
+Recipients are claimed in the spool first, so a ``dialmail queue flush`` and a session in
+the daemon never send the same recipient at the same time.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from gateway.config import Config
+from gateway.mail import headers, outcome
+from gateway.mail.outcome import Outcome
+from gateway.office import bounce
+from gateway.relay import mx
+from gateway.relay.expiry import expire
+from gateway.relay.rewrite import SenderRewriter
+from spool.queue import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    FINAL,
+    RELAY,
+    Message,
+    Queue,
+    Recipient,
+)
+
+log = logging.getLogger("dialmail.relay")
+
+FOREVER = 1e18  # "due" horizon for a forced flush: every waiting recipient
+CLAIM_PREFIX = "relay:"  # + pid + ":" + random: the owner of a flush's claims
+
+
+@dataclass(frozen=True)
+class SendProgress:
+    """Passed to ``progress`` after each message the server took (for the session's live view)."""
+    qid: str
+    size: int  # bytes of this message
+    total: int  # bytes the server accepted so far in this flush
+    seconds: float  # since the flush began sending
+    messages: int  # messages sent so far in this flush
+    remaining: int  # messages still to go in this flush
+
+
+Progress = Callable[[SendProgress], None]
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    qid: str
+    rcpt: str
+    outcome: Outcome
+
+
+@dataclass
+class FlushResult:
+    sent: int = 0  # recipients accepted by the server
+    deferred: int = 0  # recipients to be tried again
+    bounced: int = 0  # recipients failed for good (bounce queued)
+    bytes: int = 0  # message bytes the server accepted
+    messages: int = 0  # messages the server accepted (at least one recipient)
+    results: list[RecipientResult] = field(default_factory=list)
+    error: Outcome | None = None  # what ended the flush early (connection, TLS, AUTH, drop)
+    local_notices: int = 0  # bounces/warnings queued for local delivery
+    expired: int = 0  # messages expired before sending
+
+
+class _Stop(Exception):
+    """The flush cannot go on (the connection is gone, or the server refuses this office as a
+    client): record what is in flight and end the flush."""
+
+    def __init__(self, why: Outcome):
+        super().__init__(why.reply)
+        self.why = why
+
+
+@dataclass
+class _Job:
+    """One message and the recipients this flush is to send it to."""
+    qid: str
+    rcpts: list[str]
+
+
+async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.time,
+                progress: Progress | None = None, stop_event: asyncio.Event | None = None, *,
+                force: bool = False, on_local_mail: Callable[[], None] | None = None,
+                lookup: mx.Lookup | None = None, mx_port: int = mx.SMTP_PORT) -> FlushResult:
+    """Send every due relay recipient; see the module doc.  ``force`` ignores back-off."""
+    result = FlushResult()
+    now = clock()
+    expired = await asyncio.to_thread(expire, config, queue, now)
+    result.expired = len(expired.bounced)
+    result.local_notices += expired.local_notices
+    await asyncio.to_thread(_release_dead_claims, queue)
+    owner = f"{CLAIM_PREFIX}{os.getpid()}:{secrets.token_hex(4)}"
+    pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now)
+    try:
+        jobs: dict[str, _Job] = {}
+        for qid, rcpt in pairs:
+            jobs.setdefault(qid, _Job(qid, [])).rcpts.append(rcpt)
+        if jobs:
+            ctx = _Context(config, queue, clock, progress, stop_event, result)
+            ctx.remaining = len(jobs)
+            if config.smarthost.route == "mx":
+                await _flush_mx(ctx, list(jobs.values()), lookup or mx.dns_lookup, mx_port)
+            else:
+                await _flush_smarthost(ctx, list(jobs.values()))
+    finally:
+        await asyncio.to_thread(queue.release_claims, owner)
+        if result.local_notices and on_local_mail is not None:
+            on_local_mail()
+    log.info("flush: %d delivered, %d deferred, %d bounced, %d messages, %d bytes%s", result.sent,
+             result.deferred, result.bounced, result.messages, result.bytes,
+             f"; stopped: {result.error.reply}" if result.error else "")
+    return result
+
+
+def _release_dead_claims(queue: Queue) -> None:
+    """Free recipients claimed by a flush whose process died (a ``queue flush`` killed with
+    -9 while the daemon runs on): without this they would wait for the next daemon start."""
+    for owner in queue.claim_owners(CLAIM_PREFIX):
+        try:
+            pid = int(owner[len(CLAIM_PREFIX):].split(":")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("releasing recipients claimed by a flush that died (%s)", owner)
+            queue.release_claims(owner)
+        except (ValueError, PermissionError):
+            continue
+
+
+class _Context:
+    def __init__(self, config, queue, clock, progress, stop_event, result):
+        self.config: Config = config
+        self.queue: Queue = queue
+        self.clock = clock
+        self.progress = progress
+        self.stop_event = stop_event
+        self.result: FlushResult = result
+        self.rewriter = SenderRewriter(config.smarthost.rewrite)
+        self.started = time.monotonic()
+        self.remaining = 0
+
+    def stopped(self) -> bool:
+        return self.stop_event is not None and self.stop_event.is_set()
+
+    async def record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool = False) -> None:
+        """Store one message's outcomes in one transaction, then settle the message.
+
+        ``unsent``: the connection never got as far as this message (no server, TLS or
+        AUTH refused): the reason is shown in the queue, but it is no attempt and the
+        message stays due for the next session.
+        """
+        settled = await asyncio.to_thread(self._record, qid, outcomes, unsent)
+        for rcpt, o in outcomes.items():
+            self.result.results.append(RecipientResult(qid, rcpt, o))
+            if o.status == DELIVERED:
+                self.result.sent += 1
+            elif o.status == BOUNCED:
+                self.result.bounced += 1
+            else:
+                self.result.deferred += 1
+            log.info("%s: to=<%s> relay=%s status=%s (%s %s)", qid, rcpt, self.config.smarthost.host,
+                     o.status, o.code, o.reply)
+        self.result.local_notices += settled.local
+
+    def _record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool) -> bounce.Settled:
+        q, cfg = self.queue, self.config.queue
+        now = self.clock()
+
+        def retry_at(before: Recipient, o: Outcome) -> float | None:
+            if o.status != DEFERRED or unsent:
+                return None
+            return outcome.next_retry(o, before.last_reply, before.attempts, now, cfg.retry_min, cfg.retry_max)
+
+        # The common case (all delivered) leaves the queue in the commit that records it;
+        # anything to report goes to ``settle``.
+        if q.record_outcomes(qid, outcomes, count_attempt=not unsent, retry_at=retry_at, remove_settled=True):
+            return bounce.Settled(removed=True)
+        return bounce.settle(self.config, q, qid, now=now)
+
+    async def record_all(self, jobs: list[_Job], why: Outcome, unsent: bool = False) -> None:
+        """The same outcome for every recipient of ``jobs`` (no connection, no route)."""
+        for job in jobs:
+            await self.record(job.qid, {r: why for r in job.rcpts}, unsent)
+
+
+# ---------------------------------------------------------------- one SMTP connection
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    port: int
+    starttls: str  # required | opportunistic | off
+    verify: bool
+    ca_file: str | None
+    username: str | None = None
+    password: str | None = None
+
+
+class Connection:
+    """One SMTP session with a server: connect, TLS, AUTH, then message after message."""
+
+    def __init__(self, peer: Peer, helo: str, timeout: float):
+        self.peer = peer
+        self.helo = helo
+        self.timeout = timeout
+        self.smtp: aiosmtplib.SMTP | None = None
+
+    def _tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        if self.peer.ca_file:
+            ctx.load_verify_locations(cafile=self.peer.ca_file)  # in addition to the system's CAs
+        if not self.peer.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def open(self) -> None:
+        """Connect and get ready to send; raises ``_Stop`` with the reason on failure."""
+        p = self.peer
+        smtp = aiosmtplib.SMTP(hostname=p.host, port=p.port, local_hostname=self.helo, timeout=self.timeout,
+                               start_tls=False)
+        where = f"{p.host}:{p.port}"
+        try:
+            await smtp.connect()
+            await smtp.ehlo()
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            raise _Stop(_deferral(outcome.from_reply(exc.code, exc.message))) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise _Stop(outcome.cannot_connect(f"{where}: {_connect_why(exc)}")) from None
+        if p.starttls != "off":
+            if smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(tls_context=self._tls_context(), server_hostname=p.host)
+                    await smtp.ehlo()
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+                    smtp.close()
+                    raise _Stop(outcome.tls_failed(f"{where}: {_why(exc)}")) from None
+            elif p.starttls == "required":
+                await _quit(smtp)
+                raise _Stop(outcome.tls_required_not_offered(where))
+        if p.username:
+            try:
+                await smtp.login(p.username, p.password or "")
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                await _quit(smtp)
+                raise _Stop(outcome.auth_failed(exc.code, exc.message)) from None
+            except aiosmtplib.SMTPException as exc:
+                await _quit(smtp)
+                raise _Stop(outcome.auth_failed(0, _why(exc))) from None
+        self.smtp = smtp
+
+    async def close(self, polite: bool = True) -> None:
+        """QUIT and close; without ``polite`` (the link is gone) just close the socket."""
+        if self.smtp is not None:
+            if polite:
+                await _quit(self.smtp)
+            self.smtp.close()
+            self.smtp = None
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp is not None and self.smtp.is_connected
+
+    @property
+    def size_limit(self) -> int:
+        try:
+            return int((self.smtp.esmtp_extensions.get("size") or "0").split()[0])
+        except (ValueError, IndexError):
+            return 0
+
+    async def send(self, sender: str, rcpts: list[str], data: bytes, utf8: bool,
+                   outcomes: dict[str, Outcome]) -> bool:
+        """One transaction; fills ``outcomes`` as replies arrive.  True if DATA was accepted.
+
+        Raises ``_Stop`` when the connection is gone (recipients without an outcome
+        are then the caller's to defer).
+        """
+        smtp = self.smtp
+        where = f"{self.peer.host}:{self.peer.port}"
+        opts = []
+        if smtp.supports_extension("size"):
+            opts.append(f"SIZE={len(data)}")
+        if smtp.supports_extension("8bitmime") and not data.isascii():
+            opts.append("BODY=8BITMIME")
+        if utf8:
+            opts.append("SMTPUTF8")
+        enc = "utf-8" if utf8 else "ascii"
+        stage = "after MAIL FROM"
+        try:
+            try:
+                await smtp.mail(sender, options=opts, encoding=enc)
+            except aiosmtplib.SMTPSenderRefused as exc:
+                o = outcome.from_reply(exc.code, exc.message)
+                if outcome.refuses_client(o, outcome.MAIL_STAGE):
+                    await self._reset()
+                    raise _Stop(outcome.client_refused(o, where)) from None
+                outcomes.update({r: o for r in rcpts})
+                await self._reset()
+                return False
+            accepted = []
+            stage = "after RCPT TO"
+            for rcpt in rcpts:
+                try:
+                    await smtp.rcpt(rcpt, encoding=enc)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    o = outcome.from_reply(exc.code, exc.message)
+                    if not smtp.is_connected:
+                        outcomes[rcpt] = o
+                        raise _Stop(outcome.lost_connection(f"{where} {stage} ({exc.code} {exc.message})"))
+                    if outcome.refuses_client(o, outcome.RCPT_STAGE):
+                        # Every recipient of every message would meet it: stop the flush,
+                        # keep them all queued, and say why.
+                        await self._reset()
+                        raise _Stop(outcome.client_refused(o, where))
+                    outcomes[rcpt] = o
+            if not accepted:
+                await self._reset()
+                return False
+            stage = "while sending message body"
+            try:
+                reply = await smtp.data(data)
+            except aiosmtplib.SMTPDataError as exc:
+                o = outcome.from_reply(exc.code, exc.message)
+                outcomes.update({r: o for r in accepted})
+                if o.status != DELIVERED:
+                    await self._reset()
+                return False
+            o = outcome.from_reply(reply.code, reply.message)
+            outcomes.update({r: o for r in accepted})
+            return True
+        except aiosmtplib.SMTPTimeoutError:
+            raise _Stop(outcome.timed_out(f"talking to {where} {stage}")) from None
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError) as exc:
+            raise _Stop(outcome.lost_connection(f"{where} {stage}: {_why(exc)}")) from None
+
+    async def _reset(self) -> None:
+        if self.smtp.is_connected:
+            try:
+                await self.smtp.rset()
+            except aiosmtplib.SMTPResponseException:
+                pass
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    with suppress(Exception):
+        if smtp.is_connected:
+            await smtp.quit(timeout=10)
+    smtp.close()
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _connect_why(exc: BaseException) -> str:
+    """Why no connection could be made, in plain words where the cause is a known one."""
+    cause = exc.__cause__ or exc  # aiosmtplib wraps the socket's error
+    if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+        return "connection refused (nothing listens there, or a firewall refuses it)"
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError) or isinstance(cause, TimeoutError):
+        return "no answer (connection timed out)"
+    return _why(exc)
+
+
+def _deferral(o: Outcome) -> Outcome:
+    """A refusal of the whole connection (greeting, EHLO) defers: it is about us, not a recipient."""
+    if o.status == DEFERRED:
+        return o
+    return Outcome(DEFERRED, o.code, "4" + o.dsn[1:], o.reason)
+
+
+# ---------------------------------------------------------------- the message loop
+
+
+async def _flush_smarthost(ctx: _Context, jobs: list[_Job]) -> None:
+    sh = ctx.config.smarthost
+    if not sh.host:
+        ctx.result.error = outcome.cannot_connect("no [smarthost] host configured")
+        await ctx.record_all(jobs, ctx.result.error, unsent=True)
+        return
+    peer = Peer(sh.host, sh.port, sh.starttls, verify=True, ca_file=str(sh.ca_file) if sh.ca_file else None,
+                username=sh.username, password=sh.password() if sh.username else None)
+    await _over_connection(ctx, peer, jobs)
+
+
+async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
+    """Send ``jobs`` to ``peer`` over ``[smarthost] connections`` connections, each taking
+    the next waiting message; False if not even the first connection could be made.
+
+    Every message waits for the server's replies to MAIL, RCPT, DATA and the final dot
+    (about four round trips); with a second connection the line carries that one's
+    message meanwhile instead of idling.  Each connection still settles its message in
+    the spool before it takes the next, so a drop leaves at most one message in flight
+    per connection.
+    """
+    conn = Connection(peer, ctx.config.server.hostname, ctx.config.smarthost.timeout)
+    try:
+        await _abortable(ctx, conn.open())
+    except _Stop as stop:
+        ctx.result.error = stop.why
+        await ctx.record_all(jobs, stop.why, unsent=True)
+        return False
+    waiting = deque(jobs)
+    halted: list[Outcome] = []
+
+    async def send_over(conn: Connection) -> None:
+        try:
+            while waiting and not halted:
+                if ctx.stopped():
+                    ctx.result.error = outcome.lost_connection("(link went down)")
+                    break
+                if not conn.alive:  # the server said 421 and hung up: the rest waits, untouched
+                    ctx.result.error = outcome.lost_connection(f"{peer.host}:{peer.port} (the server closed it)")
+                    break
+                try:
+                    await _send_job(ctx, conn, waiting.popleft())
+                except _Stop as stop:
+                    ctx.result.error = stop.why
+                    halted.append(stop.why)
+                    break
+        finally:
+            await conn.close(polite=not ctx.stopped())
+
+    async def open_and_send() -> None:
+        extra = Connection(peer, ctx.config.server.hostname, ctx.config.smarthost.timeout)
+        try:
+            await _abortable(ctx, extra.open())
+        except _Stop as stop:  # e.g. the server's per-client limit: the first one carries on alone
+            log.info("relay: no extra connection to %s:%d: %s", peer.host, peer.port, stop.why.reply)
+            return
+        await send_over(extra)
+
+    extras = min(ctx.config.smarthost.connections, len(jobs)) - 1
+    async with asyncio.TaskGroup() as group:
+        group.create_task(send_over(conn))
+        for _ in range(extras):
+            group.create_task(open_and_send())
+    return True
+
+
+async def _abortable(ctx: _Context, coro: Awaitable):
+    """Await ``coro`` unless the link goes down first (``stop_event``): then ``_Stop``."""
+    if ctx.stop_event is None:
+        return await coro
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(ctx.stop_event.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # Cancelled from outside: the transfer must not go on as an orphan and finish a
+        # message whose reply nobody would record.
+        task.cancel()
+        raise
+    finally:
+        stopper.cancel()
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _Stop(outcome.lost_connection("(link went down)"))
+    return task.result()
+
+
+def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes]:
+    msg = queue.get(qid)
+    if msg is None:
+        return None, b""
+    try:
+        with queue.open_body(qid) as f:
+            return msg, f.read()
+    except FileNotFoundError:
+        return None, b""
+
+
+def _utf8_headers(msg: Message, data: bytes) -> bool:
+    """Non-ASCII in the header block of a message that came in with SMTPUTF8."""
+    if not msg.smtputf8:
+        return False
+    return not headers.split(data)[0].isascii()
+
+
+async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
+    ctx.remaining -= 1
+    msg, data = await asyncio.to_thread(_load, ctx.queue, job.qid)
+    if msg is None:
+        log.warning("%s: vanished from the queue before sending (deleted?)", job.qid)
+        return
+    by_rcpt = {r.rcpt: r for r in msg.recipients}
+    rcpts = [r for r in job.rcpts if r in by_rcpt and by_rcpt[r].status not in FINAL]
+    if not rcpts:
+        return
+    sender = ctx.rewriter.address(msg.sender)
+    data = ctx.rewriter.message(data)
+    outcomes: dict[str, Outcome] = {}
+    where = f"{conn.peer.host}:{conn.peer.port}"
+    utf8 = not sender.isascii() or _utf8_headers(msg, data) or any(not r.isascii() for r in rcpts)
+    if utf8 and not conn.smtp.supports_extension("smtputf8"):
+        # Only what truly needs SMTPUTF8 fails: ASCII recipients of an ASCII message still go.
+        whole = not sender.isascii() or _utf8_headers(msg, data)
+        failed = [r for r in rcpts if whole or not r.isascii()]
+        outcomes.update({r: outcome.smtputf8_not_offered(where) for r in failed})
+        rcpts = [r for r in rcpts if r not in outcomes]
+        utf8 = False
+        if not rcpts:
+            await ctx.record(job.qid, outcomes)
+            return
+    limit = conn.size_limit
+    if limit and len(data) > limit:
+        outcomes.update({r: outcome.too_big(len(data), limit) for r in rcpts})
+        await ctx.record(job.qid, outcomes)
+        return
+    try:
+        accepted = await _abortable(ctx, conn.send(sender, rcpts, data, utf8, outcomes))
+    except _Stop as stop:
+        for r in rcpts:
+            outcomes.setdefault(r, stop.why)
+        await ctx.record(job.qid, outcomes)
+        raise
+    await ctx.record(job.qid, outcomes)
+    if accepted:
+        ctx.result.messages += 1
+        ctx.result.bytes += len(data)
+        if ctx.progress is not None:
+            ctx.progress(SendProgress(job.qid, len(data), ctx.result.bytes, time.monotonic() - ctx.started,
+                                      ctx.result.messages, ctx.remaining))
+
+
+# ---------------------------------------------------------------- direct MX delivery
+
+
+async def _flush_mx(ctx: _Context, jobs: list[_Job], lookup: mx.Lookup, port: int) -> None:
+    """One connection per destination domain, to the best MX host that answers."""
+    by_domain: dict[str, list[_Job]] = {}
+    for job in jobs:
+        for rcpt in job.rcpts:
+            domain = rcpt.rpartition("@")[2].lower()
+            group = by_domain.setdefault(domain, [])
+            if group and group[-1].qid == job.qid:
+                group[-1].rcpts.append(rcpt)
+            else:
+                group.append(_Job(job.qid, [rcpt]))
+    ctx.remaining = sum(len(group) for group in by_domain.values())
+    sh = ctx.config.smarthost
+    for domain, domain_jobs in by_domain.items():
+        if ctx.stopped():
+            ctx.result.error = outcome.lost_connection("(link went down)")
+            return
+        route = await mx.plan(domain, lookup)
+        if route.failure is not None:
+            await ctx.record_all(domain_jobs, route.failure)
+            continue
+        # Opportunistic, unverified TLS towards MX hosts (what Postfix calls "may"), unless
+        # the admin requires TLS: then it is verified as for the smarthost.
+        required = sh.starttls == "required"
+        ca = str(sh.ca_file) if sh.ca_file else None
+        for host in route.hosts:
+            peer = Peer(host, port, "required" if required else "opportunistic", verify=required, ca_file=ca)
+            saved_error = ctx.result.error
+            conn = Connection(peer, ctx.config.server.hostname, sh.timeout)
+            try:
+                await _abortable(ctx, conn.open())
+            except _Stop as stop:
+                ctx.result.error = stop.why
+                if host == route.hosts[-1]:
+                    await ctx.record_all(domain_jobs, stop.why, unsent=True)
+                continue
+            ctx.result.error = saved_error
+            try:
+                for job in domain_jobs:
+                    if not conn.alive:
+                        break
+                    await _send_job(ctx, conn, job)
+            except _Stop as stop:
+                ctx.result.error = stop.why
+            finally:
+                await conn.close(polite=not ctx.stopped())
+            break

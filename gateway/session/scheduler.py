@@ -1,0 +1,126 @@
+"""The daemon's triggers: scheduled dial times, dial-on-demand, and queue housekeeping.
+
+Strategies, in the words the code uses:
+  * schedule — ``[schedule] dial`` rules (gateway.config.dialtimes) as jobs of a
+    ``schedule.Scheduler``, polled once a second;
+  * demand — every ``DEMAND_EVERY`` seconds, gateway.demand.decide over the queue and the
+    session history; refusals by the budget are logged once per reason;
+  * expiry — every ``EXPIRE_EVERY`` seconds, queue lifetime and delay warnings are
+    applied even while offline (wall-clock time, never "the link was down").
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+
+import schedule
+
+from gateway.config import dialtimes
+from gateway.session import demand
+
+log = logging.getLogger("dialmail.scheduler")
+
+TICK = 1.0
+DEMAND_EVERY = 15.0
+EXPIRE_EVERY = 300.0
+
+
+class Scheduler:
+    def __init__(self, daemon, clock=time.time):
+        self.daemon = daemon
+        self.config = daemon.config
+        self.clock = clock
+        self.jobs = schedule.Scheduler()
+        dialtimes.install(self.jobs, self.config.schedule.rules, self._fire)
+        self._last_refusal: str | None = None
+
+    def next_dial(self) -> dt.datetime | None:
+        return self.jobs.get_next_run()
+
+    def _fire(self, rule) -> None:
+        log.info("scheduled dial (%s)", rule.text)
+        if not self.daemon.sessions.start("schedule"):
+            log.info("scheduled dial skipped: a session is already running")
+
+    def snapshot(self) -> tuple[demand.QueueSnapshot, demand.History]:
+        from spool.sessions import SessionLog
+        backlog = self.daemon.spool.queue.relay_backlog(self.config.demand.urgent_senders)
+        now = self.clock()
+        midnight = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        log_ = SessionLog(self.daemon.spool.catalogue)
+        today = [r for r in log_.since(midnight) if r.outcome != "refused"]
+        recent = log_.last(50)
+        last_start = max((r.started for _, r in recent if r.outcome != "refused"), default=None)
+        last_collect = max((r.started for _, r in recent if r.mode in ("both", "fetch") and r.connected_at),
+                           default=None)
+        queue = demand.QueueSnapshot(messages=backlog.messages, bytes=backlog.bytes,
+                                     oldest_urgent=backlog.oldest_urgent)
+        history = demand.History(last_session_start=last_start, last_collection=last_collect,
+                                 sessions_today=len(today),
+                                 minutes_today=sum(r.connected_seconds for r in today) / 60)
+        return queue, history
+
+    def decide(self) -> demand.Decision:
+        """The demand decision now (reads the spool: call it from a worker thread)."""
+        queue, history = self.snapshot()
+        return demand.decide(self.config.demand, queue, history, self.clock())
+
+    def act(self, decision: demand.Decision) -> None:
+        if decision.dial:
+            log.info("dial on demand: %s", decision.reason)
+            self.daemon.sessions.start("demand")
+            self._last_refusal = None
+        elif decision.refused and decision.reason != self._last_refusal:
+            log.warning("not dialling: %s", decision.reason)
+            self._last_refusal = decision.reason
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_demand = loop.time() + 2.0
+        next_expire = loop.time()
+        while True:
+            self.jobs.run_pending()
+            now = loop.time()
+            if now >= next_demand:
+                next_demand = now + DEMAND_EVERY
+                if not self.daemon.sessions.busy and _demand_configured(self.config.demand):
+                    try:
+                        decision = await asyncio.to_thread(self.decide)
+                        if not self.daemon.sessions.busy:
+                            self.act(decision)
+                    except Exception:
+                        log.exception("demand check failed")
+            if now >= next_expire:
+                next_expire = now + EXPIRE_EVERY
+                await self._expire()
+            await asyncio.sleep(TICK)
+
+    async def _expire(self) -> None:
+        from gateway.relay.expiry import expire
+        try:
+            result = await asyncio.to_thread(expire, self.config, self.daemon.spool.queue, self.clock())
+        except Exception:
+            log.exception("queue expiry pass failed")
+            return
+        if result and self.daemon.worker:
+            self.daemon.worker.kick()
+
+
+def _demand_configured(cfg) -> bool:
+    return any(v is not None for v in (cfg.min_messages, cfg.min_bytes, cfg.urgent_after, cfg.collect_every))
+
+
+async def service(daemon):
+    from gateway.session.runner import SessionRunner
+    if getattr(daemon, "sessions", None) is None:
+        daemon.sessions = SessionRunner(daemon)
+    sched = daemon.scheduler = Scheduler(daemon)
+    task = daemon.spawn(sched.run(), "scheduler")
+    nxt = sched.next_dial()
+    log.info("scheduler started; next scheduled dial %s", nxt.strftime("%a %H:%M") if nxt else "none")
+
+    async def stop():
+        task.cancel()
+    return stop

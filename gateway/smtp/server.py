@@ -1,0 +1,345 @@
+"""SMTP submission from the LAN: aiosmtpd in the daemon's own loop, policy as handler hooks.
+
+Relay rules (what keeps this from being an open relay):
+  * a recipient in a local domain is accepted if somebody here has that address,
+    else ``550 5.1.1``;
+  * any other recipient only from ``[server] mynetworks`` or after AUTH, else
+    ``554 5.7.1 relay access denied``.
+AUTH is offered only under TLS, except to loopback clients; failed AUTH attempts are
+answered slowly and then locked out per client address (``[smtp] max_auth_failures``).
+
+A message is answered 250 only after ``spool.queue`` has it on disk (see its order of
+operations); a spool write failure answers 452 and keeps nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import SMTP as SMTPProtocol
+
+from gateway.config import Config, is_loopback
+from gateway.mail import address
+from gateway.mail import headers as mail_headers
+from gateway.office.directory import Directory
+from gateway.policy.throttle import LoginThrottle
+from gateway.smtp.replies import Reply
+from spool.fsio import free_bytes, is_disk_full
+from spool.queue import LOCAL, RELAY, Queue
+from spool.users import Users
+
+log = logging.getLogger("dialmail.submit")
+
+# aiosmtpd logs every client line at INFO, AUTH exchanges included: keep it quiet.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def peer_is_loopback(peer) -> bool:
+    return is_loopback(peer[0] if isinstance(peer, tuple) else str(peer))
+
+
+def peer_ip(session: Session) -> str:
+    peer = session.peer
+    return peer[0] if isinstance(peer, tuple) else str(peer)
+
+
+@dataclass
+class Accepted:
+    qid: str
+    local: int
+    remote: int
+
+
+class SubmissionHandler:
+    """aiosmtpd hooks: each returns the reply; none touches the transport."""
+
+    def __init__(self, config: Config, queue: Queue, directory: Directory, users: Users,
+                 on_queued=None, policy=None):
+        self.config = config
+        self.queue = queue
+        self.directory = directory
+        self.users = users
+        self.on_queued = on_queued or (lambda accepted: None)
+        self.policy = policy  # optional gateway.delivery.pipeline hooks (block lists, virus scan)
+        self.hostname = config.server.hostname
+        self.auth_throttle = LoginThrottle(config.smtp.max_auth_failures, config.smtp.auth_lockout)
+
+    # ------------------------------------------------------------ AUTH
+
+    def authenticate(self, server, session: Session, envelope: Envelope, mechanism: str, auth_data) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user = auth_data.login.decode("utf-8", "replace")
+        ok = self.users.verify(user, auth_data.password.decode("utf-8", "replace"))
+        log.info("auth %s user=%s from=%s", "ok" if ok else "failed", user, peer_ip(session))
+        if not ok:
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=user)
+
+    # ------------------------------------------------------------ hooks
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        # aiosmtpd reads pipelined commands in order; say so (RFC 2920).
+        out = [r for r in responses if not r.startswith("250 HELP")]
+        last = responses[-1]
+        out.insert(1, "250-PIPELINING")
+        out.append("250-ENHANCEDSTATUSCODES")
+        out.append("250 HELP" if last.startswith("250 HELP") else last.replace("250 ", "250-", 1))
+        if not out[-1].startswith("250 "):
+            out[-1] = out[-1].replace("250-", "250 ", 1)
+        return out
+
+    async def handle_MAIL(self, server, session, envelope, addr, mail_options):
+        size = _size_option(mail_options)
+        limit = self.config.smtp.max_message_size
+        if size is not None and size > limit:
+            return Reply.TOO_BIG.format(limit=limit)
+        try:
+            free = await asyncio.to_thread(free_bytes, self.queue.dir)
+        except OSError:
+            free = 0
+        if free < (size or 0) + self.config.smtp.min_free_space:
+            log.warning("refusing mail from=<%s>: only %d bytes free in the spool", addr, free)
+            return Reply.NO_SPACE
+        sender = address.normalise(addr) if addr else ""
+        if self.policy is not None:
+            refusal = await self.policy.check_sender(sender, peer_ip(session))
+            if refusal:
+                return refusal
+        # aiosmtpd takes an empty mail_from for "no MAIL yet" and would answer RCPT with
+        # 503; the null sender (bounces, auto-replies) is kept as "<>" until DATA.
+        envelope.mail_from = sender or NULL_SENDER
+        envelope.mail_options.extend(mail_options)
+        return Reply.OK
+
+    async def handle_RCPT(self, server, session, envelope, addr, rcpt_options):
+        rcpt = address.normalise(addr)
+        if len(envelope.rcpt_tos) >= 1000:
+            return Reply.TOO_MANY_RCPTS
+        if self.directory.is_local(rcpt):
+            if not self.directory.exists(rcpt):
+                log.info("reject rcpt=<%s> from=%s: no such user", rcpt, peer_ip(session))
+                return Reply.NO_SUCH_USER
+        elif not (session.authenticated or self.config.server.in_mynetworks(peer_ip(session))):
+            log.warning("reject rcpt=<%s> from=%s: relay access denied", rcpt, peer_ip(session))
+            return Reply.RELAY_DENIED
+        elif not address.is_plain(rcpt) and not address.needs_smtputf8(rcpt):
+            return Reply.BAD_ADDRESS
+        if self.policy is not None:
+            refusal = await self.policy.check_recipient(_sender(envelope), rcpt, peer_ip(session))
+            if refusal:
+                return refusal
+        envelope.rcpt_tos.append(rcpt)
+        envelope.rcpt_options.extend(rcpt_options)
+        return Reply.OK
+
+    async def handle_DATA(self, server, session, envelope):
+        data: bytes = envelope.original_content or envelope.content
+        if len(data) > self.config.smtp.max_message_size:
+            return Reply.TOO_BIG.format(limit=self.config.smtp.max_message_size)
+        peer = peer_ip(session)
+        headers = mail_headers.of(data)  # read once, here, for everything below
+        if self.policy is not None:
+            refusal = await self.policy.check_content(_sender(envelope), envelope.rcpt_tos, data, headers, peer)
+            if refusal:
+                return refusal
+        received = self._received(session, envelope)
+        routes = [(r, LOCAL if self.directory.is_local(r) else RELAY) for r in envelope.rcpt_tos]
+        try:
+            qid = await asyncio.to_thread(
+                self.queue.enqueue, _sender(envelope), routes, [received, data], origin="smtp", client=peer,
+                message_id=headers.get("Message-ID"), subject=headers.get("Subject"),
+                urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8))
+        except OSError as exc:
+            reason = "disk full" if is_disk_full(exc) else (exc.strerror or str(exc))
+            log.error("spool write failed from=<%s> client=%s: %s; answered 452, nothing kept",
+                      _sender(envelope), peer, reason)
+            return Reply.NO_SPACE if is_disk_full(exc) else Reply.LOCAL_ERROR
+        local = sum(1 for _, route in routes if route == LOCAL)
+        log.info("%s: from=<%s> size=%d nrcpt=%d (local %d, remote %d) client=%s%s", qid, _sender(envelope),
+                 len(data), len(routes), local, len(routes) - local, peer,
+                 f" user={session.auth_data}" if session.authenticated else "")
+        self.on_queued(Accepted(qid, local, len(routes) - local))
+        return Reply.QUEUED.format(qid=qid)
+
+    def _received(self, session: Session, envelope: Envelope) -> bytes:
+        helo = session.host_name or "unknown"
+        proto = "ESMTP"
+        if session.ssl:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        for_part = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        line = (f"Received: from {helo} ([{peer_ip(session)}])\r\n\tby {self.hostname} (dialmail) with {proto}"
+                f"{for_part};\r\n\t{email.utils.formatdate(time.time(), localtime=True)}\r\n")
+        return line.encode("utf-8", "replace")
+
+
+NULL_SENDER = "<>"
+
+
+def _sender(envelope: Envelope) -> str:
+    return "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+
+
+def _size_option(options: list[str]) -> int | None:
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
+
+
+def _is_urgent(headers) -> bool:
+    try:
+        prio = str(headers.get("X-Priority", "")).strip()[:1]
+        imp = str(headers.get("Importance", "")).strip().lower()
+    except Exception:
+        return False
+    return prio == "1" or imp == "high"
+
+
+class SubmissionSession(Session):
+    """aiosmtpd's Session without its legacy ``login_data`` warning.
+
+    aiosmtpd 1.4 itself assigns ``session.login_data`` after every successful AUTH, even
+    with an ``authenticator`` returning ``AuthResult`` (whose ``auth_data`` is what we
+    read), and the deprecated property logs a warning on each assignment.  Here it is a
+    plain attribute that nothing reads.
+    """
+
+    login_data = None
+
+
+class SubmissionProtocol(SMTPProtocol):
+    """aiosmtpd's SMTP with AUTH allowed in the clear only for loopback peers."""
+
+    live: "set[SubmissionProtocol]" = set()  # open connections, for a graceful shutdown
+
+    def _create_session(self) -> Session:
+        return SubmissionSession(self.loop)
+
+    def connection_made(self, transport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self._auth_require_tls = not peer_is_loopback(self.session.peer)
+            SubmissionProtocol.live.add(self)
+
+    def connection_lost(self, error) -> None:
+        SubmissionProtocol.live.discard(self)
+        super().connection_lost(error)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, with the message collected in ONE bytearray.
+
+        aiosmtpd keeps a list with one bytearray per line and joins it at the end: for a
+        50 MB message of 78-byte lines that is ~90 MB of line objects plus the joined
+        copy (the daemon peaked at 5 x the message size).  Here each line, unstuffed, is
+        appended to one buffer that the handler gets as it is (no final copy).  Replies,
+        limits and the order of events are aiosmtpd's.  It reads aiosmtpd's private
+        ``_reader``/``_writer`` (no public equivalent), so aiosmtpd is pinned in pyproject.toml
+        and tests/test_submit_upstream.py fails when the upstream code it copies changes.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        body = bytearray()
+        limit = self.data_size_limit
+        size = 0
+        refusal = None  # replied once the client has sent the whole message (RFC 5321 4.2.5)
+        partial = False  # inside a line longer than the reader's limit
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                log.info("connection lost during DATA")
+                self._writer.close()
+                raise
+            except asyncio.LimitOverrunError as exc:
+                refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
+                body = bytearray()
+                await self._reader.read(exc.consumed)
+                partial = True
+                continue
+            if partial:  # the end of an overlong line
+                partial = False
+                continue
+            if line == b".\r\n":
+                break
+            size += len(line)
+            if refusal:
+                continue
+            if limit and size > limit:
+                refusal = "552 Error: Too much mail data"
+                body = bytearray()
+            elif len(line) > self.line_length_limit:
+                refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                body = bytearray()
+            elif line[:1] == b".":
+                body += memoryview(line)[1:]
+            else:
+                body += line
+        if refusal:
+            await self.push(refusal)
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = body
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # Password guessing: a locked-out address is refused before any password is
+        # looked at; each recent failure from the address slows the next answer.
+        throttle: LoginThrottle = self.event_handler.auth_throttle
+        ip = peer_ip(self.session)
+        if throttle.locked_out(ip):
+            log.warning("auth refused from=%s: too many failed logins", ip)
+            await self.push(Reply.AUTH_LOCKED)
+            return
+        await asyncio.sleep(throttle.delay(ip))
+        await super().smtp_AUTH(arg)
+        if self.session.authenticated:
+            throttle.succeeded(ip)
+        elif arg:
+            throttle.failed(ip)
+
+
+def tls_context(cert, key) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def start_servers(config: Config, handler: SubmissionHandler) -> list[asyncio.base_events.Server]:
+    loop = asyncio.get_running_loop()
+    ctx = tls_context(config.smtp.tls_cert, config.smtp.tls_key)
+    servers = []
+
+    def factory():
+        return SubmissionProtocol(handler, hostname=config.server.hostname, ident="dialmail",
+                                  data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
+                                  tls_context=ctx, authenticator=handler.authenticate,
+                                  auth_require_tls=True, timeout=300)
+
+    for listen in config.smtp.listen:
+        server = await loop.create_server(factory, listen.host, listen.port, reuse_address=True)
+        servers.append(server)
+        log.info("SMTP listening on %s", listen)
+    return servers
