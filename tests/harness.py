@@ -15,7 +15,7 @@ import psutil
 
 from spool.maildir import Maildir
 from spool.users import Users
-from tests.peers import free_port, wait_port
+from tests.peers import PeerStartError, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,15 +149,36 @@ class Site:
                               input=input, capture_output=True, timeout=timeout, check=check, cwd=ROOT)
 
     def start(self, wait: bool = True) -> subprocess.Popen:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config_path), "run"],
-                                     stdout=log, stderr=log, cwd=ROOT)
-        log.close()
-        if wait:
-            # The POP3 service starts after SMTP: a test may talk to either at once.
-            wait_port("127.0.0.1", self.smtp_port, proc=self.proc)
-            wait_port("127.0.0.1", self.pop3_port, proc=self.proc)
+        # A port free when chosen can be taken before the daemon binds it (another test's
+        # client, on 127.0.0.2 too): the daemon then says "cannot listen on" and exits, and
+        # the site moves to new ports.  Any other failure to start is raised with the log.
+        for attempt in range(3):
+            seen = len(self.log())
+            log = open(self.log_path, "ab")
+            self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config_path), "run"],
+                                         stdout=log, stderr=log, cwd=ROOT)
+            log.close()
+            if not wait:
+                return self.proc
+            try:
+                # The POP3 service starts after SMTP: a test may talk to either at once.
+                wait_port("127.0.0.1", self.smtp_port, proc=self.proc)
+                wait_port("127.0.0.1", self.pop3_port, proc=self.proc)
+                return self.proc
+            except PeerStartError as exc:
+                said = self.log()[seen:]
+                if "cannot listen on" not in said or attempt == 2:
+                    raise PeerStartError(f"{exc}; the daemon said:\n{said[-3000:]}") from None
+                self._move_ports()
         return self.proc
+
+    def _move_ports(self) -> None:
+        text = self.config_path.read_text()
+        for attr in ("smtp_port", "pop3_port"):
+            old, new = getattr(self, attr), free_port()
+            text = text.replace(f":{old}\"", f":{new}\"")
+            setattr(self, attr, new)
+        self.config_path.write_text(text)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         if self.proc is None:

@@ -241,3 +241,30 @@ def test_sendmail_bare_names_are_local_users_not_the_smarthost(running, name, us
     assert b"[relay]" not in running.cli("queue", "list").stdout
     # the sender is qualified too: a reply goes back to a local user
     assert re.search(rb"Return-Path: <[^@>]+@office\.test>", raw)
+
+
+def test_a_listen_address_in_use_is_one_line_not_a_traceback(site):
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.2", site.smtp_port))
+    taken.listen()
+    try:
+        r = site.cli("run", timeout=30)
+    finally:
+        taken.close()
+    err = r.stderr.decode()
+    assert r.returncode == 78, err
+    assert f"smtp.listen: cannot listen on 127.0.0.2:{site.smtp_port}: " in err and "Traceback" not in err
+
+
+def test_the_test_site_moves_to_new_ports_when_one_is_taken_meanwhile(site):
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.2", site.smtp_port))
+    taken.listen()
+    first = site.smtp_port
+    try:
+        site.start()
+    finally:
+        taken.close()
+    assert site.smtp_port != first and f":{site.smtp_port}\"" in site.config_path.read_text()

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway.config import Config, is_loopback
 from gateway.mail import address
+from gateway.mail.errors import ConfigError
 from gateway.mail import headers as mail_headers
 from gateway.office.directory import Directory
 from gateway.policy.throttle import LoginThrottle
@@ -339,7 +340,12 @@ async def start_servers(config: Config, handler: SubmissionHandler) -> list[asyn
                                   auth_require_tls=True, timeout=300)
 
     for listen in config.smtp.listen:
-        server = await loop.create_server(factory, listen.host, listen.port, reuse_address=True)
+        try:
+            server = await loop.create_server(factory, listen.host, listen.port, reuse_address=True)
+        except OSError as exc:  # one line for the admin, not a traceback
+            for started in servers:
+                started.close()
+            raise ConfigError(f"smtp.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
         servers.append(server)
         log.info("SMTP listening on %s", listen)
     return servers
