@@ -25,8 +25,8 @@ from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway.config import Config, is_loopback
 from gateway.mail import address
-from gateway.mail.errors import ConfigError
 from gateway.mail import headers as mail_headers
+from gateway.mail.errors import ConfigError
 from gateway.office.directory import Directory
 from gateway.policy.throttle import LoginThrottle
 from gateway.smtp.replies import Reply
