@@ -22,7 +22,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway.config import Config, is_loopback
