@@ -32,7 +32,7 @@ async def smtp_guess(port: int, password: str, started: asyncio.Event | None = N
     try:
         await r.readline()  # greeting
         w.write(b"EHLO guesser.test\r\n")
-        while not (line := await r.readline()).startswith(b"250 "):
+        while not (await r.readline()).startswith(b"250 "):
             pass
         if started is not None:
             await started.wait()
