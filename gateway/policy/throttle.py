@@ -1,9 +1,14 @@
-"""Password guessing over POP3: failed logins are answered slowly, then refused.
+"""Password guessing over SMTP AUTH and POP3: failed logins are answered slowly, then refused.
 
 Per client address: each failure within the window delays the answer a little more;
 ``max_failures`` failures within ``lockout`` seconds lock the address out for
-``lockout`` seconds, during which even the right password is refused with
-``-ERR [AUTH]``.  A successful login clears the address's record.
+``lockout`` seconds, during which even the right password is refused.  A successful
+login clears the address's record.
+
+The limit holds under concurrency: a login *reserves* an attempt before its password is
+checked, and an address may have at most ``max_failures`` attempts failed or in flight,
+so 300 guesses sent at once check at most ``max_failures`` passwords; a right password
+whose check finishes after the address was locked out is refused all the same.
 """
 from __future__ import annotations
 
@@ -22,6 +27,27 @@ class LoginThrottle:
         self.clock = clock
         self._failures: dict[str, list[float]] = {}
         self._locked_until: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def reserve(self, address: str) -> bool:
+        """Take one attempt for ``address`` before checking its password; False when the
+        address is locked out or its attempts in flight would pass the limit."""
+        if self.locked_out(address):
+            return False
+        now = self.clock()
+        recent = [t for t in self._failures.get(address, ()) if now - t < self.lockout]
+        if len(recent) + self._in_flight.get(address, 0) >= self.max_failures:
+            return False
+        self._in_flight[address] = self._in_flight.get(address, 0) + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """An attempt reserved but never decided (the client went away)."""
+        n = self._in_flight.get(address, 0) - 1
+        if n > 0:
+            self._in_flight[address] = n
+        else:
+            self._in_flight.pop(address, None)
 
     def locked_out(self, address: str) -> bool:
         until = self._locked_until.get(address)
@@ -34,7 +60,10 @@ class LoginThrottle:
         return True
 
     def failed(self, address: str) -> float:
-        """Record a failed login; returns how long to wait before answering."""
+        """Record a failed login (and end its reservation, if it had one); returns how long
+        to wait before answering."""
+        if address in self._in_flight:
+            self.release(address)
         now = self.clock()
         recent = [t for t in self._failures.get(address, ()) if now - t < self.lockout]
         recent.append(now)
@@ -50,8 +79,15 @@ class LoginThrottle:
             return MAX_DELAY
         return min(FAILURE_DELAY * len(self._failures.get(address, ())), MAX_DELAY)
 
-    def succeeded(self, address: str) -> None:
+    def succeeded(self, address: str) -> bool:
+        """A right password: clears the address's record, unless the address was locked out
+        while the check ran; then False, and the login must be refused."""
+        if address in self._in_flight:
+            self.release(address)
+        if self.locked_out(address):
+            return False
         self._failures.pop(address, None)
+        return True
 
     def _prune(self, now: float) -> None:
         for address in [a for a, times in self._failures.items() if now - times[-1] >= self.lockout]:

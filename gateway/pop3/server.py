@@ -170,12 +170,21 @@ class Connection:
     async def _authenticate(self, action: Authenticate) -> None:
         server, user = self.server, action.user.strip().lower()
         how = f"mechanism={action.mechanism} tls={'yes' if self.session.secure else 'no'}"
-        if server.throttle.locked_out(self.ip):
+        if not server.throttle.reserve(self.ip):  # an attempt is reserved before any password is checked
             log.warning("POP3 login refused user=%s from=%s %s (address locked out)", user, self.ip, how)
             await asyncio.sleep(server.throttle.delay(self.ip))
             self.session.login_refused(Response.LOCKED_OUT)
             return
-        if not await server.users.check(user, action.password):
+        try:
+            ok = await server.users.check(user, action.password)
+        except BaseException:
+            server.throttle.release(self.ip)
+            raise
+        if ok and not server.throttle.succeeded(self.ip):
+            log.warning("POP3 login refused user=%s from=%s %s (address locked out meanwhile)", user, self.ip, how)
+            self.session.login_refused(Response.LOCKED_OUT)
+            return
+        if not ok:
             delay = server.throttle.failed(self.ip)
             locked = server.throttle.locked_out(self.ip)
             log.warning("POP3 login failed user=%s from=%s %s%s", user, self.ip, how,
@@ -183,7 +192,6 @@ class Connection:
             await asyncio.sleep(delay)
             self.session.login_refused(Response.LOCKED_OUT if locked else Response.AUTH_FAILED)
             return
-        server.throttle.succeeded(self.ip)
         if not server.locks.acquire(user):
             log.info("POP3 login refused user=%s from=%s %s (maildrop in use)", user, self.ip, how)
             self.session.login_refused(Response.IN_USE)

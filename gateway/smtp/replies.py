@@ -16,4 +16,7 @@ class Reply:
     SCAN_FAILED = "451 4.7.1 Message could not be scanned for viruses, try again later"
     MEMBERS_ONLY = "550 5.7.1 Only members of this group may send to it"
     AUTH_LOCKED = "454 4.7.0 Too many failed logins from your address, try again later"
+    AUTH_BAD_BASE64 = "501 5.5.2 Can't decode base64"
+    BAD_HELO = "501 5.5.4 Invalid HELO/EHLO argument: control characters are not allowed"
+    AUTH_BAD_PLAIN = "501 5.5.2 Can't split auth value"
     CONTENT_BLOCKED = "550 5.7.1 Message rejected: From address blocked by local policy"

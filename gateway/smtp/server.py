@@ -14,13 +14,15 @@ operations); a spool write failure answers 452 and keeps nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email.utils
 import logging
 import ssl
 import time
 from dataclasses import dataclass
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway.config import Config, is_loopback
@@ -68,19 +70,76 @@ class SubmissionHandler:
         self.on_queued = on_queued or (lambda accepted: None)
         self.policy = policy  # optional gateway.delivery.pipeline hooks (block lists, virus scan)
         self.hostname = config.server.hostname
-        self.auth_throttle = LoginThrottle(config.smtp.max_auth_failures, config.smtp.auth_lockout)
+        # not named auth_*: aiosmtpd takes every handler attribute so named for a mechanism
+        self.login_throttle = LoginThrottle(config.smtp.max_auth_failures, config.smtp.auth_lockout)
 
     # ------------------------------------------------------------ AUTH
+    #
+    # The mechanisms are the handler's own ``auth_PLAIN`` / ``auth_LOGIN`` (aiosmtpd's
+    # documented way to provide them), so the argon2 check runs on the spool's password
+    # thread instead of the event loop, and the login throttle reserves an attempt before
+    # any password is looked at.
+
+    async def auth_PLAIN(self, server, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            data = await server.challenge_auth("")
+            if data is MISSING:
+                return AuthResult(success=False)
+        else:
+            data = _b64(args[1])
+            if data is None:
+                await server.push(Reply.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        try:
+            _authz, login, password = data.split(b"\x00")
+        except ValueError:
+            await server.push(Reply.AUTH_BAD_PLAIN)
+            return AuthResult(success=False, handled=True)
+        return await self._check_password(server, "PLAIN", login, password)
+
+    async def auth_LOGIN(self, server, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await server.push(Reply.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        return await self._check_password(server, "LOGIN", login, password)
+
+    async def _check_password(self, server, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        ip = peer_ip(server.session)
+        user = login.decode("utf-8", "replace")
+        throttle = self.login_throttle
+        if not throttle.reserve(ip):
+            log.warning("auth refused user=%s from=%s: too many failed logins", user, ip)
+            return AuthResult(success=False, handled=False, message=Reply.AUTH_LOCKED)
+        try:
+            ok = await self.users.check(user, password.decode("utf-8", "replace"))
+        except BaseException:
+            throttle.release(ip)
+            raise
+        if ok and throttle.succeeded(ip):
+            log.info("auth ok user=%s from=%s mechanism=%s", user, ip, mechanism)
+            return AuthResult(success=True, auth_data=user)
+        if ok:  # right password, but the address was locked out while it was checked
+            log.warning("auth refused user=%s from=%s: address locked out meanwhile", user, ip)
+            return AuthResult(success=False, handled=False, message=Reply.AUTH_LOCKED)
+        delay = throttle.failed(ip)
+        locked = throttle.locked_out(ip)
+        log.info("auth failed user=%s from=%s mechanism=%s%s", user, ip, mechanism,
+                 " (address now locked out)" if locked else "")
+        await asyncio.sleep(delay)
+        return AuthResult(success=False, handled=False)
 
     def authenticate(self, server, session: Session, envelope: Envelope, mechanism: str, auth_data) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        user = auth_data.login.decode("utf-8", "replace")
-        ok = self.users.verify(user, auth_data.password.decode("utf-8", "replace"))
-        log.info("auth %s user=%s from=%s", "ok" if ok else "failed", user, peer_ip(session))
-        if not ok:
-            return AuthResult(success=False, handled=False)
-        return AuthResult(success=True, auth_data=user)
+        """aiosmtpd's synchronous hook, for a mechanism not implemented above: none is offered."""
+        return AuthResult(success=False, handled=False)
 
     # ------------------------------------------------------------ hooks
 
@@ -187,6 +246,17 @@ NULL_SENDER = "<>"
 
 def _sender(envelope: Envelope) -> str:
     return "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text or "")
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode(), validate=True)
+    except (ValueError, binascii.Error):
+        return None
 
 
 def _size_option(options: list[str]) -> int | None:
@@ -303,10 +373,25 @@ class SubmissionProtocol(SMTPProtocol):
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
+    # A HELO/EHLO argument ends up in our own Received: header: one with a control
+    # character (a bare CR or LF smuggles a header line in) is refused, as Postfix does.
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if _has_control(hostname):
+            await self.push(Reply.BAD_HELO)
+            return
+        await super().smtp_EHLO(hostname)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if _has_control(hostname):
+            await self.push(Reply.BAD_HELO)
+            return
+        await super().smtp_HELO(hostname)
+
     async def smtp_AUTH(self, arg: str) -> None:
-        # Password guessing: a locked-out address is refused before any password is
-        # looked at; each recent failure from the address slows the next answer.
-        throttle: LoginThrottle = self.event_handler.auth_throttle
+        # A locked-out address is refused before any password is looked at; each recent
+        # failure from the address slows the next answer.  A refusal that is not a login
+        # (538 before TLS, a syntax error) is not a failed password and counts for nothing.
+        throttle: LoginThrottle = self.event_handler.login_throttle
         ip = peer_ip(self.session)
         if throttle.locked_out(ip):
             log.warning("auth refused from=%s: too many failed logins", ip)
@@ -314,10 +399,6 @@ class SubmissionProtocol(SMTPProtocol):
             return
         await asyncio.sleep(throttle.delay(ip))
         await super().smtp_AUTH(arg)
-        if self.session.authenticated:
-            throttle.succeeded(ip)
-        elif arg:
-            throttle.failed(ip)
 
 
 def tls_context(cert, key) -> ssl.SSLContext | None:
