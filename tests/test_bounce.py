@@ -227,3 +227,13 @@ def test_a_message_left_final_by_a_kill_is_settled_by_the_next_delivery_pass(off
     [bounce_msg] = office.mailbox("alice")  # the bounce alice never got, delivered
     assert bounce_msg["Subject"] == "Undelivered Mail Returned to Sender"
     assert office.queue.messages() == []
+
+
+def test_mail_from_a_stranger_that_cannot_be_delivered_is_kept_not_bounced_to_a_forged_sender(office):
+    """Backscatter: a client outside mynetworks without AUTH can forge any sender, so a
+    local failure of its mail goes to review instead of to that sender."""
+    qid = office.send("victim@example.com", ["nosuch@office.test"], message("forged"), client="203.0.113.9")
+    office.deliver_local()
+    assert office.queue.get(qid) is None and notices(office) == []
+    [kept] = office.mailbox("postmaster")
+    assert "nosuch@office.test" in kept["X-Dialmail-Review"]

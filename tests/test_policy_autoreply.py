@@ -176,3 +176,43 @@ body = "Away too."
     assert subjects(bob) == ["alice is away", "from alice"]
     # Each reply reached a responder and was not answered: null envelope sender, Auto-Submitted.
     assert site.log().count("no automatic reply") == 2 and "null sender" in site.log()
+
+
+def test_forged_senders_from_outside_get_no_automatic_reply_but_lan_and_auth_do(site, smtp_sink):
+    """Five unauthenticated messages from forged senders to an autoresponder and a user on
+    vacation produced ten replies to the forged addresses through the smarthost."""
+    import smtplib
+    doc = site.dir / "reply.eml"
+    doc.write_text("Subject: Thanks\n\nWe got your mail.\n")
+    site.write_config(f"""
+[smarthost]
+host = "127.0.0.1"
+port = {smtp_sink.port}
+starttls = "off"
+
+[autoreply."info@office.test"]
+file = "{doc}"
+
+[vacation.bob]
+subject = "Away"
+body = "Back on Monday."
+""")
+    site.start()
+    for i in range(5):  # from 127.0.0.2, outside mynetworks, no AUTH
+        with smtplib.SMTP("127.0.0.1", site.smtp_port, source_address=("127.0.0.2", 0), timeout=30) as c:
+            c.sendmail(f"victim{i}@forged.test", ["info@office.test", "bob@office.test"],
+                       f"From: victim{i}@forged.test\r\nSubject: spam {i}\r\n\r\nhi\r\n")
+    with smtplib.SMTP("127.0.0.1", site.smtp_port, source_address=("127.0.0.2", 0), timeout=30) as c:
+        c.login("alice", "alice-pw")  # a logged-in user outside the LAN: a real colleague
+        c.sendmail("alice@office.test", ["bob@office.test"], "Subject: from alice\r\n\r\nhi\r\n")
+    with smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=30) as c:  # 127.0.0.1: in mynetworks
+        c.sendmail("partner@lan.test", ["info@office.test"], "Subject: from the LAN\r\n\r\nhi\r\n")
+    settled(site)
+    q = queue_of(site)
+    try:
+        replies = sorted(r.rcpt for m in q.messages() if m.origin == "autoreply" for r in m.recipients)
+    finally:
+        q.cat.close()
+    assert replies == ["partner@lan.test"]  # alice's reply went into her mailbox (local)
+    assert any(m["Subject"] == "Away" for m in pop3(site, "alice"))
+    assert site.log().count("its sender may be forged") == 10

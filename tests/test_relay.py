@@ -69,6 +69,7 @@ delay_warning = "4h"
 
     def send(self, sender: str, rcpts: list[str], data: bytes, **kw) -> str:
         routes = [(r, LOCAL if r.endswith("@office.test") else RELAY) for r in rcpts]
+        kw.setdefault("client", "127.0.0.1")  # a LAN client, as the SMTP server records it
         return self.queue.enqueue(sender, routes, data, origin="smtp", **kw)
 
     def flush(self, **kw):

@@ -99,6 +99,7 @@ class VirusScan:
 class PolicySettings:
     max_message_size: int
     autoreply_every: int
+    autoreply_to: str  # "trusted": fetched, local, mynetworks or AUTH mail only; "all"
     blocklist: BlockList
     virus: VirusScan
     groups: dict[str, Group] = field(default_factory=dict)
@@ -188,8 +189,9 @@ def _targets(s: _Section, key: str, values: tuple[str, ...]) -> tuple[str, ...]:
 
 def parse(loader, raw: dict, server, smtp) -> PolicySettings:
     domains = server.domains
-    pol = _Section(loader, "policy", raw.get("policy"), {"max_message_size", "autoreply_every"})
+    pol = _Section(loader, "policy", raw.get("policy"), {"max_message_size", "autoreply_every", "autoreply_to"})
     every = pol.convert("autoreply_every", parse_duration, DEFAULT_EVERY)
+    autoreply_to = pol.choice("autoreply_to", ("trusted", "all"), "trusted")
 
     bl = _Section(loader, "blocklist", raw.get("blocklist"), {"senders", "allow"})
     lists = {}
@@ -283,6 +285,6 @@ def parse(loader, raw: dict, server, smtp) -> PolicySettings:
                                    v.convert("every", parse_duration, every))
 
     size = pol.convert("max_message_size", parse_size, smtp.max_message_size)
-    return PolicySettings(max_message_size=size, autoreply_every=every,
+    return PolicySettings(max_message_size=size, autoreply_every=every, autoreply_to=autoreply_to,
                           blocklist=BlockList(lists["senders"], lists["allow"]), virus=virus,
                           groups=groups, forwards=forwards, autoresponders=autos, vacations=vacations)

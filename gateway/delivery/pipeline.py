@@ -156,11 +156,11 @@ class Pipeline:
             log.exception("%s: to=<%s>: automatic reply failed", msg.id, rcpt)
         self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
 
-    @staticmethod
-    def _unreturnable(msg: Message) -> bool:
-        """Fetched mail (the ISP's copy is gone) and null-sender mail: a failure has nobody
-        to go back to, so it is kept for review instead of bounced (gateway.delivery.stages.review)."""
-        return msg.origin == FETCHED or not msg.sender
+    def _unreturnable(self, msg: Message) -> bool:
+        """Fetched mail (the ISP's copy is gone), null-sender mail, and mail from outside whose
+        sender may be forged: a failure has nobody (safe) to go back to, so it is kept for
+        review instead of bounced (gateway.delivery.stages.review)."""
+        return msg.origin == FETCHED or not msg.sender or not review.sender_trusted(self.config, msg)
 
     def _review(self, msg: Message, rcpt: str, retry: bool, reason: str | None) -> None:
         try:

@@ -213,7 +213,8 @@ class SubmissionHandler:
         routes = [(r, LOCAL if self.directory.is_local(r) else RELAY) for r in envelope.rcpt_tos]
         try:
             qid = await asyncio.to_thread(
-                self.queue.enqueue, _sender(envelope), routes, [received, data], origin="smtp", client=peer,
+                self.queue.enqueue, _sender(envelope), routes, [received, data], origin="smtp",
+                client=f"{peer} user={session.auth_data}" if session.authenticated else peer,
                 message_id=headers.get("Message-ID"), subject=headers.get("Subject"),
                 urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8))
         except OSError as exc:

@@ -32,6 +32,7 @@ from email.parser import BytesParser
 
 from gateway.config import Config
 from gateway.config.policy import Vacation
+from gateway.delivery.stages import review
 from gateway.mail import address
 from gateway.office.directory import Directory, Resolution
 from spool.policystate import PolicyState, Replied
@@ -40,6 +41,7 @@ from spool.queue import LOCAL, RELAY, Message, Queue
 log = logging.getLogger("dialmail.autoreply")
 
 ORIGIN = "autoreply"
+TRUSTED = "trusted"
 _REPLACED = ("From", "To", "Cc", "Bcc", "Date", "Message-ID", "In-Reply-To", "References", "Auto-Submitted",
              "Return-Path", "Delivered-To", "Received", "Reply-To", "Sender")
 _CRLF = email.policy.compat32.clone(linesep="\r\n")
@@ -157,6 +159,8 @@ class Responder:
             why = "already answered recently"
         if why is None and self.directory.is_local(sender) and not self.directory.exists(sender):
             why = "local sender address does not exist"
+        if why is None and self.policy.autoreply_to == TRUSTED and not review.sender_trusted(self.config, msg):
+            why = "unauthenticated mail from outside mynetworks: its sender may be forged ([policy] autoreply_to)"
         if why:
             log.info("%s: no automatic reply from <%s> to <%s>: %s", msg.id, responder, sender or "", why)
             return None

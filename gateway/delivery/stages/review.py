@@ -26,6 +26,18 @@ from gateway.office.directory import Directory
 from spool.queue import Message, Queue
 
 FALLBACK = "postmaster"
+SMTP_ORIGIN = "smtp"  # gateway.smtp.server's queue origin; its client is "IP" or "IP user=NAME"
+
+
+def sender_trusted(config: Config, msg: Message) -> bool:
+    """Whether the envelope sender is unlikely to be forged: mail fetched from the office's
+    own ISP account, written on this machine, or from an SMTP client in mynetworks or
+    logged in.  Anyone else can write any sender, and a reply or a bounce to it would go
+    to a stranger through the office's smarthost account (backscatter)."""
+    if msg.origin != SMTP_ORIGIN:
+        return True
+    ip, _, login = (msg.client or "").partition(" ")
+    return login.startswith("user=") or config.server.in_mynetworks(ip)
 
 
 def mailboxes(config: Config, directory: Directory) -> list[str]:
