@@ -168,6 +168,50 @@ class FetchResult:
         return all(a.complete for a in self.accounts)
 
 
+class ProtocolViolation(Exception):
+    """The ISP's server answered against the protocol or against its own word (a missing
+    RFC822.SIZE, a literal larger than it announced): that account's error, never a crash
+    of the fetch loop, and the connection is not used any further."""
+
+
+LITERAL_MARGIN = 64 * 1024  # what a literal may exceed the size the server announced by
+
+
+class LiteralGuard:
+    """Refuses a literal larger than what dialmail asked for, before reading any of it.
+
+    imaplib reads every literal into memory whole, trusting the ``{N}`` the server sends:
+    a server that announced 120 bytes and then sent 700 MiB took 2.2 GB.  The guard sits
+    where imaplib reads a literal; each request sets what it may receive.
+    """
+
+    def __init__(self, client: IMAPClient, default: int):
+        self.default = default
+        self.limit = default
+        imap = client._imap  # imapclient's imaplib connection: literals are read through its read()
+        self._read = imap.read
+
+        self.tripped = False
+
+        def read(size: int) -> bytes:
+            if size > self.limit:
+                self.tripped = True  # the stream is out of step: the connection is only closed now
+                raise ProtocolViolation(f"the server announced a literal of {size} bytes where at most "
+                                        f"{self.limit} were expected; not reading it")
+            return self._read(size)
+        imap.read = read
+
+    def expect(self, size: int) -> "LiteralGuard":
+        self.limit = size + LITERAL_MARGIN
+        return self
+
+    def __enter__(self) -> "LiteralGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.limit = self.default
+
+
 class _Stopped(Exception):
     """stop_event was set: leave the rest for the next session."""
 
@@ -216,7 +260,7 @@ class AccountFetcher:
                     self.result.error = "; ".join(failed) or None
                     self.result.complete = not self.capped and not failed
                 finally:
-                    _close(client)
+                    _close(client, polite=not self.guard.tripped)
         except _Stopped:
             self.result.error = None
         except AlreadyFetching as exc:
@@ -236,6 +280,13 @@ class AccountFetcher:
             self.result.error = f"connection lost: {_text(exc) or 'aborted'}"
         except IMAPClientError as exc:
             self.result.error = f"server said: {_text(exc)}"
+        except ProtocolViolation as exc:
+            log.error("fetch %s: the ISP's server broke the protocol: %s; this account waits for the next "
+                      "session, the others go on", self.name, exc)
+            self.result.error = f"the server broke the protocol: {exc}"
+        except Exception as exc:  # noqa: BLE001 - whatever a server's answer breaks, the other accounts go on
+            log.exception("fetch %s: stopped by an answer dialmail could not handle; the others go on", self.name)
+            self.result.error = f"stopped by an unexpected answer ({type(exc).__name__}: {exc})"
         self.result.seconds = time.monotonic() - started
         log.info("fetch %s", self.result.summary())
         return self.result
@@ -255,6 +306,8 @@ class AccountFetcher:
                 client.starttls(ssl_context=ctx)
         client.login(a.username, password)
         self.uidplus = client.has_capability("UIDPLUS")
+        limit = a.max_message_size or self.config.policy.max_message_size
+        self.guard = LiteralGuard(client, max(limit, a.chunk_size) + LITERAL_MARGIN)
         return client
 
     def check_stop(self) -> None:
@@ -310,7 +363,10 @@ class AccountFetcher:
         sizes: dict[int, int] = {}
         for i in range(0, len(new), SIZE_BATCH):
             for uid, item in client.fetch(new[i:i + SIZE_BATCH], ["RFC822.SIZE"]).items():
-                sizes[uid] = int(item[b"RFC822.SIZE"])
+                size = item.get(b"RFC822.SIZE")
+                if not isinstance(size, int) or size < 0:
+                    raise ProtocolViolation(f"{folder}: no valid RFC822.SIZE for UID {uid} ({size!r})")
+                sizes[uid] = size
         if renumbered:
             self.recognise(client, folder, sizes)
         decided = plan.plan_folder(a, sizes, self.clock(), self.result.fetched, self.result.bytes)
@@ -358,7 +414,8 @@ class AccountFetcher:
 
     def fetch_batch(self, client: IMAPClient, folder: str, batch: list[tuple[int, int]]) -> None:
         self.check_stop()
-        response = client.fetch([uid for uid, _ in batch], ["BODY.PEEK[]"])
+        with self.guard.expect(max(size for _, size in batch)):
+            response = client.fetch([uid for uid, _ in batch], ["BODY.PEEK[]"])
         taken = []
         for uid, size in batch:
             data = _item(response.get(uid, {}), b"BODY[]")
@@ -388,7 +445,8 @@ class AccountFetcher:
 
         def read_piece(offset: int, length: int) -> bytes | None:
             self.check_stop()
-            return _item(client.fetch([uid], [f"BODY.PEEK[]<{offset}.{length}>"]).get(uid, {}), b"BODY[]")
+            with self.guard.expect(length):
+                return _item(client.fetch([uid], [f"BODY.PEEK[]<{offset}.{length}>"]).get(uid, {}), b"BODY[]")
 
         def on_piece(done_bytes: int) -> None:
             if self.report:
@@ -518,8 +576,10 @@ def _item(item: dict, prefix: bytes) -> bytes | None:
     return None
 
 
-def _close(client: IMAPClient) -> None:
+def _close(client: IMAPClient, polite: bool = True) -> None:
     try:
+        if not polite:  # no LOGOUT into a stream that is still sending what was refused
+            raise ConnectionAbortedError
         client.logout()
     except Exception:
         try:
