@@ -55,3 +55,26 @@ def running(site):
     """``site`` with its daemon running."""
     site.start()
     return site
+
+
+@pytest.fixture
+def isp(dovecot):
+    """The ISP's mailbox ``office`` on the Dovecot peer (tests/test_fetch_dovecot.ISP_PASSWORD)."""
+    from tests.test_fetch_dovecot import ISP_PASSWORD
+    dovecot.add_user("office", ISP_PASSWORD)
+    return dovecot
+
+
+@pytest.fixture
+def office(tmp_path):
+    """A factory of offices driven without the daemon (tests/test_relay.Office)."""
+    from tests.test_relay import Office
+    made = []
+
+    def make(*args, **kw):
+        o = Office(tmp_path / f"office{len(made)}", *args, **kw)
+        made.append(o)
+        return o
+    yield make
+    for o in made:
+        o.queue.cat.close()

@@ -123,12 +123,6 @@ def fs(tmp_path):
     s.site.stop()
 
 
-@pytest.fixture
-def isp(dovecot):
-    dovecot.add_user("office", ISP_PASSWORD)
-    return dovecot
-
-
 # ---------------------------------------------------------------- single-drop
 
 

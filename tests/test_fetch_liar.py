@@ -13,7 +13,7 @@ import tracemalloc
 
 import pytest
 
-from tests.test_fetch_dovecot import FetchSite, fill, isp, message  # noqa: F401 (fixture)
+from tests.test_fetch_dovecot import FetchSite, fill, message
 
 pytestmark = [pytest.mark.timeout(120)]
 

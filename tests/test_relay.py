@@ -95,19 +95,6 @@ def message(subject: str, sender: str = "alice@office.test", to: str = "friend@e
             f"Message-ID: <{subject.replace(' ', '-')}@office.test>\r\n{extra_headers}\r\n{body}\r\n").encode()
 
 
-@pytest.fixture
-def office(tmp_path):
-    made = []
-
-    def make(*args, **kw) -> Office:
-        o = Office(tmp_path / f"office{len(made)}", *args, **kw)
-        made.append(o)
-        return o
-    yield make
-    for o in made:
-        o.queue.cat.close()
-
-
 # ---------------------------------------------------------------- a TCP proxy that counts and cuts
 
 

@@ -1,24 +1,9 @@
 """``[smarthost] connections``: a flush over more than one SMTP connection at once."""
 import asyncio
 
-import pytest
-
 from gateway import config as config_mod
 from gateway.relay.flush import flush
-from tests.test_relay import Office, Proxy, message
-
-
-@pytest.fixture
-def office(tmp_path):
-    made = []
-
-    def make(*args, **kw) -> Office:
-        o = Office(tmp_path / f"office{len(made)}", *args, **kw)
-        made.append(o)
-        return o
-    yield make
-    for o in made:
-        o.queue.cat.close()
+from tests.test_relay import Proxy, message
 
 
 def test_two_connections_share_the_queue_and_every_message_goes_once(office, smtp_sink):

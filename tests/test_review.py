@@ -14,8 +14,8 @@ import pytest
 
 from gateway.delivery.stages.review import FALLBACK
 from spool.queue import LOCAL
-from tests.test_fetch_dovecot import FetchSite, fill, isp, message  # noqa: F401 (fixture)
-from tests.test_relay import Office, office  # noqa: F401 (fixture)
+from tests.test_fetch_dovecot import FetchSite, fill, message
+from tests.test_relay import Office
 from tests.test_relay import message as relay_message
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(120)]
