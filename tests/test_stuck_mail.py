@@ -187,3 +187,74 @@ def test_disk_full_during_local_delivery_leaves_nothing_claimed_and_everything_g
             assert spool.queue.messages() == []
         finally:
             spool.close()
+
+
+def _always_on(site, sink_port: int) -> None:
+    site.write_config(f"""
+        [smarthost]
+        host = "127.0.0.1"
+        port = {sink_port}
+        starttls = "off"
+
+        [link]
+        type = "always-on"
+        """)
+
+
+@pytest.mark.timeout(150)
+def test_a_full_disk_never_leaves_the_session_lock_taken(site, smtp_sink):
+    """Whatever the full disk refuses (the lock's pid, the session log, the transcript, the
+    relay's records), the session ends, the lock is free and the next session runs."""
+    import asyncio
+
+    from gateway.session.session import Session, SessionContext
+    from spool.sessions import SessionLock
+    with small_disk(site, "4m"):
+        _always_on(site, smtp_sink.port)
+        config = load(site.config_path)
+        spool = Spool(config)
+        try:
+            for i in range(6):
+                spool.queue.enqueue("alice@office.test", [(f"friend{i}@example.com", RELAY)],
+                                    make_message(f"<out-{i}@office.test>", f"friend{i}@example.com", 3000,
+                                                 sender="alice@office.test"), origin="smtp")
+            filler = fill(site.spool)
+            outcomes = []
+            for _ in range(10):
+                rec = asyncio.run(Session(SessionContext(config, spool), "manual", "send").run())
+                outcomes.append(rec.outcome)
+                assert rec.outcome != "refused", rec.errors
+                assert SessionLock(site.spool).holder() is None
+                assert spool.queue.claim_owners("") == []
+                os.truncate(filler, max(0, filler.stat().st_size - 8_000))
+            filler.unlink()
+            rec = asyncio.run(Session(SessionContext(config, spool), "manual", "send").run())
+            assert rec.outcome == "ok", rec.errors
+            # Nothing went twice, and all of it went.
+            got = Counter(m.message["Message-ID"] for m in smtp_sink.wait_messages(6))
+            assert got == Counter(f"<out-{i}@office.test>" for i in range(6)), (got, outcomes)
+            assert spool.queue.messages() == []
+        finally:
+            spool.close()
+
+
+@pytest.mark.timeout(120)
+def test_queue_flush_on_a_full_disk_says_so_in_one_line_and_sends_nothing(site, smtp_sink):
+    with small_disk(site, "4m"):
+        _always_on(site, smtp_sink.port)
+        q = Queue(Catalogue(site.spool))
+        qid = q.enqueue("alice@office.test", [("friend@example.com", RELAY)],
+                        make_message("<full@office.test>", "friend@example.com", 2000,
+                                     sender="alice@office.test"), origin="smtp")
+        filler = fill(site.spool)
+        r = site.cli("queue", "flush")
+        err = r.stderr.decode()
+        assert r.returncode == 75, r.stdout.decode() + err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "disk is full" in err
+        assert smtp_sink.messages() == []
+        filler.unlink()
+        r = site.cli("queue", "flush")
+        assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+        assert len(smtp_sink.wait_messages(1)) == 1 and q.get(qid) is None
+        q.cat.close()
