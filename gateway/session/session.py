@@ -55,6 +55,7 @@ from gateway.session.events import (
 )
 from gateway.session.transcript import Transcript
 from modem.errors import LinkError
+from spool.fsio import is_disk_full
 from spool.sessions import SessionBusy, SessionLock, SessionLog, SessionRecord
 
 log = logging.getLogger("dialmail.session")
@@ -155,7 +156,10 @@ class Session:
                 slog = SessionLog(self.ctx.spool.catalogue)
                 sid = slog.start(rec)
                 transcript = Transcript(self.config.spool_dir / "sessions" / f"{sid:06d}.log")
-            except Exception as exc:  # the session log's disk is full: no session without a record
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                # No session without a record of it; the lock goes at once (below).
                 return self._not_started(f"cannot start the session log: {exc}")
             # Whatever ends the session (an error, an interrupt, a cancellation), the
             # modem.dialogue logger is given back as it was and the transcript closed
@@ -231,7 +235,10 @@ class Session:
             rec.outcome = self._outcome()
             try:
                 slog.update(sid, rec)
-            except Exception as exc:  # a full disk: the session still ends, and says so
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                # The session still ends (the lock goes, Done is sent) and says so.
                 log.error("session %d: its record could not be stored: %s", sid, exc)
                 rec.errors.append(f"the session record could not be stored: {exc}")
             self.emit(Done(sid, rec.outcome, Summary.of(rec)))
