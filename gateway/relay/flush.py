@@ -19,8 +19,15 @@ message in flight is due again at once (``outcome.next_retry``).  When no connec
 could be made at all (refused, TLS or AUTH failure) every recipient shows the reason in
 the queue but counts no attempt: the office's line or setup says nothing about the mail.
 
+Asked to stop (``finish_event``: an interrupt, the session's max_time) the flush finishes
+the message in flight and takes no other.  Each message is read again just before it is
+sent, so one held or deleted meanwhile stays back; one whose file is gone is deferred with
+that reason.  No message goes out while the spool lacks the room to record what the server
+says about it: a full disk stops the flush instead of sending mail twice.
+
 Recipients are claimed in the spool first, so a ``dialmail queue flush`` and a session in
-the daemon never send the same recipient at the same time.
+the daemon never send the same recipient at the same time; the claims go when the flush
+ends, however it ends, and those of a flush that died are freed by the next one.
 """
 from __future__ import annotations
 
