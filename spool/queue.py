@@ -667,5 +667,7 @@ def _claimant_alive(owner: str) -> bool:
         return False
     except PermissionError:
         pass
-    started = parts[2] if len(parts) > 2 else ""
-    return not started or started == _process_start(pid) or not _process_start(pid)
+    if len(parts) != 4:  # kind:pid or kind:pid:random, named before claims carried a start time
+        return True
+    now_started = _process_start(pid)
+    return not parts[2] or not now_started or parts[2] == now_started
