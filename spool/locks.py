@@ -30,15 +30,23 @@ class PidLock:
         except BlockingIOError:
             os.close(fd)
             raise LockBusy(self.path.read_text().strip() or "?") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            # A full disk refuses the pid: the lock must not stay taken by an fd nobody
+            # holds, or this process would refuse itself until it restarts.
+            os.close(fd)
+            raise
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)  # closing is what frees the lock
 
     def holder(self) -> int | None:
         """The pid holding the lock now, or None when nobody does."""

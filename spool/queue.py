@@ -553,6 +553,42 @@ class Queue:
                                      message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
                                      then=then, orcpts=orcpts)
 
+    # ------------------------------------------------------------ who holds claims
+
+    # Owners handed out by ``new_claimant`` and not yet retired, in this process (every
+    # Queue object of the process shares it: a claim belongs to the process, not the object).
+    _claimants_here: set[str] = set()
+
+    def new_claimant(self, kind: str) -> str:
+        """A fresh owner name for claims: ``kind:pid:start:random``, the pid and start time
+        saying which process holds them (a pid reused after a restart is not the holder).
+
+        It counts as at work in this process until ``retire_claimant``.
+        """
+        pid = os.getpid()
+        owner = f"{kind}:{pid}:{_process_start(pid)}:{secrets.token_hex(4)}"
+        Queue._claimants_here.add(owner)
+        return owner
+
+    def retire_claimant(self, owner: str) -> int:
+        """Release every claim ``owner`` still holds; how many.  If that fails (the disk is
+        full), the claims are left to ``release_dead_claims``, which no longer sees the owner
+        at work here."""
+        Queue._claimants_here.discard(owner)
+        return self.release_claims(owner)
+
+    def release_dead_claims(self) -> list[str]:
+        """Release the claims whose holder is gone; returns those owners.
+
+        Gone: its process died, its pid now belongs to a process started later, or it is
+        this process's and no longer at work (a release that failed, say on a full disk).
+        Owners not named ``kind:pid...`` are left alone.
+        """
+        gone = [owner for owner in self.claim_owners("") if not _claimant_alive(owner)]
+        for owner in gone:
+            self.release_claims(owner)
+        return gone
+
 
 _RECORD = ("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL, "
            "attempts=attempts+?, next_retry=COALESCE(?, next_retry) WHERE msg_id=? AND rcpt=?")
@@ -604,3 +640,34 @@ def _message(row: sqlite3.Row, rcpts: list[sqlite3.Row]) -> Message:
                    subject=row["subject"], urgent=bool(row["urgent"]), smtputf8=bool(row["smtputf8"]),
                    hold=bool(row["hold"]), warned=bool(row["warned"]),
                    recipients=tuple(_recipient(r) for r in rcpts))
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot ("" where /proc cannot say)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def _claimant_alive(owner: str) -> bool:
+    parts = owner.split(":")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return True  # not ours to judge
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return owner in Queue._claimants_here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if len(parts) != 4:  # kind:pid or kind:pid:random, named before claims carried a start time
+        return True
+    now_started = _process_start(pid)
+    return not parts[2] or not now_started or parts[2] == now_started

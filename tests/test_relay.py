@@ -584,3 +584,41 @@ def test_next_retry_drop_is_due_at_once_unless_it_repeats():
     assert outcome.next_retry(drop, "4.2.0 try later", 3, 1000.0, 300, 3600) == 1000.0
     assert outcome.next_retry(drop, drop.reply, 1, 1000.0, 300, 3600) == 1600.0
     assert outcome.next_retry(outcome.from_reply(450, "4.2.0 try later"), None, 0, 1000.0, 300, 3600) == 1300.0
+
+
+def test_a_message_held_or_deleted_during_a_flush_is_not_sent(office, smtp_sink):
+    o = office(smtp_sink.port)
+    first, held, deleted, last = (o.send("alice@office.test", ["friend@example.com"], message(f"m{i}"))
+                                  for i in range(4))
+
+    def admin_meanwhile(p) -> None:  # the administrator acts while the first message goes
+        if p.qid == first:
+            o.queue.set_hold(held, True)
+            o.queue.remove(deleted)
+
+    result = o.flush(progress=admin_meanwhile)
+    assert result.sent == 2 and result.error is None
+    assert sorted(m.message["Subject"] for m in smtp_sink.wait_messages(2)) == ["m0", "m3"]
+    assert o.queue.get(held).hold and o.status(held) == {"friend@example.com": "queued"}
+    assert o.queue.get(deleted) is None and o.queue.get(last) is None
+    assert o.queue.claim_owners("") == []
+
+
+def test_a_message_whose_file_is_gone_is_deferred_with_the_reason_and_expires(office, smtp_sink):
+    o = office(smtp_sink.port)
+    lost = o.send("alice@office.test", ["friend@example.com"], message("lost"))
+    fine = o.send("alice@office.test", ["friend@example.com"], message("fine"))
+    o.queue.body_path(lost).unlink()
+    result = o.flush()
+    assert result.sent == 1 and result.deferred == 1
+    assert [m.message["Subject"] for m in smtp_sink.wait_messages(1)] == ["fine"]
+    [r] = o.queue.get(lost).recipients
+    assert r.status == DEFERRED and r.last_code == 451 and f"queue/msg/{lost} is missing" in r.last_reply
+    assert r.next_retry > time.time() and o.queue.get(fine) is None
+    assert o.queue.claim_owners("") == []
+    # Like any message, it expires: its sender hears of it, and it leaves the queue.
+    result = o.flush(clock=lambda: time.time() + 5 * 86400)
+    assert result.expired == 1 and o.queue.get(lost) is None
+    o.deliver_local()
+    [bounce] = o.mailbox("alice")
+    assert "is missing from the spool" in bounce.as_string()

@@ -171,3 +171,34 @@ def test_ctrl_c_while_dialing_cuts_the_dial_short(site, smtp_sink):
     assert "session 1 interrupted" in live.output, live.output
     log, _ = log_and_status(site)
     assert "interrupted by Ctrl-C while dialing" in log, log
+
+
+def test_sigterm_to_the_daemon_finishes_the_message_in_flight_and_logs_what_was_sent(site, smtp_sink):
+    """The signal lands while the second message is on the wire: it is finished (abandoned
+    after its final dot it would go again after the restart), nothing else is started, and
+    the session is logged interrupted with the real count."""
+    from spool.queue import Catalogue
+    from spool.sessions import SessionLog
+    slow_site(site, smtp_sink)
+    site.start()
+    submit(site.smtp_port, COUNT, size=SIZE)
+    live = Live(site, "connect-now", "--send-only")
+    live.wait_line("→ sent")
+    assert site.stop(signal.SIGTERM) == 0, site.log()
+    live.finish()
+    captured = smtp_sink.messages()
+    whole = [m for m in captured if m.data.count(b"line of text") == SIZE // 39]
+    assert len(whole) == len(captured) == 2, [len(m.data) for m in captured]
+    cat = Catalogue(site.spool)
+    try:
+        [(_, rec)] = SessionLog(cat).last(1)
+    finally:
+        cat.close()
+    assert rec.outcome == "interrupted" and rec.sent == 2, rec
+    assert queued(site) == COUNT - 2
+    # After the restart the rest goes, and nothing twice.
+    site.start()
+    r = site.cli("connect-now", "--send-only", timeout=120)
+    assert r.returncode == 0, r.stdout.decode()
+    names = [m.message["Subject"] for m in smtp_sink.wait_messages(COUNT, timeout=60)]
+    assert len(names) == COUNT == len(set(names)), names

@@ -143,6 +143,7 @@ def queue_flush(ctx: typer.Context):
     """Bring the link up and send everything waiting now (back-off ignored); no fetching."""
     from gateway.relay import flush as relay
     from gateway.session import link
+    from spool.fsio import is_disk_full
     cfg = state(ctx).config()
     q = _queue(ctx)
 
@@ -152,7 +153,14 @@ def queue_flush(ctx: typer.Context):
         async with link.for_queue_flush(cfg) as carrier_lost:
             return await relay.flush(cfg, q, stop_event=carrier_lost, force=True)
 
-    result = asyncio.run(send_all())
+    try:
+        result = asyncio.run(send_all())
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        # Nothing was sent that is not recorded: the flush refuses to send without room.
+        fail(f"flush stopped: the spool's disk is full ({exc}); the mail waits until there is room",
+             EX_TEMPFAIL)
     for r in result.results:
         typer.echo(f"{r.qid} <{r.rcpt}> {r.outcome.status}: {r.outcome.code} {r.outcome.reply}")
     if result.local_notices:

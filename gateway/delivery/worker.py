@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from gateway.config import Config
 from gateway.delivery.pipeline import Pipeline
+from gateway.mail import outcome
 from gateway.office.bounce import settle
 from gateway.office.directory import Directory
+from spool.fsio import is_disk_full
 from spool.maildir import Maildir, mailbox_path
-from spool.queue import LOCAL, Queue
+from spool.queue import LOCAL, Message, Queue
 
 __all__ = ["LocalDelivery", "DeliveryWorker"]
 
@@ -33,7 +34,6 @@ class LocalDelivery:
         self.config = config
         self.queue = queue
         self.directory = directory
-        self.owner = f"local:{os.getpid()}"
         self.pipeline = Pipeline(config, queue, directory)
         self._leftovers_checked: float | None = None
 
@@ -41,27 +41,71 @@ class LocalDelivery:
         return Maildir(mailbox_path(self.config.spool_dir, user))
 
     def run_once(self, limit: int = 200) -> int:
-        """Deliver what is due; returns the number of recipients handled."""
-        self._settle_leftovers()
-        pairs = self.queue.claim(LOCAL, self.owner, limit=limit)
-        by_msg: dict[str, list[str]] = {}
-        for qid, rcpt in pairs:
-            by_msg.setdefault(qid, []).append(rcpt)
-        for qid, rcpts in by_msg.items():
-            try:
-                self._deliver_message(qid, rcpts)
-            finally:
-                self.queue.release_claims(self.owner, qid)
-        return len(pairs)
+        """Deliver what is due; returns the number of recipients handled.
 
-    def _settle_leftovers(self) -> None:
-        """Settle messages left with every recipient final (a kill -9 between recording the
-        last outcome and settling): their bounce is sent and they leave the queue.  Checked
-        at the first pass and then once a minute."""
+        One message that fails (its file is gone, the disk is full) never stops the
+        others, and whatever ends the pass, no recipient stays claimed.  Recipients of a
+        failed message do not count: a pass that fails on everything returns 0, so the
+        worker waits for its next kick or minute instead of spinning on a full disk.
+        """
+        self._look_after()
+        owner = self.queue.new_claimant(LOCAL)
+        handled = 0
+        try:
+            try:
+                pairs = self.queue.claim(LOCAL, owner, limit=limit)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                log.warning("local delivery waits: the spool's disk is full")
+                return 0
+            by_msg: dict[str, list[str]] = {}
+            for qid, rcpt in pairs:
+                by_msg.setdefault(qid, []).append(rcpt)
+            for qid, rcpts in by_msg.items():
+                try:
+                    self._deliver_message(qid, rcpts)
+                    handled += len(rcpts)
+                except Exception as exc:
+                    self._failed(qid, rcpts, exc)
+        finally:
+            # A claim released unrecorded counts as an attempt: the next try looks for a
+            # copy this pass may have linked already.  Should even the release fail (a full
+            # disk), the claims no longer belong to any pass of this process, and
+            # ``release_dead_claims`` frees them at the next pass that finds room.
+            try:
+                self.queue.retire_claimant(owner)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._leftovers_checked = None
+                log.warning("local delivery: the spool's disk is full; claims are released once there is room")
+        return handled
+
+    def _failed(self, qid: str, rcpts: list[str], exc: Exception) -> None:
+        # The message may be left with every recipient final (its settling failed):
+        # look for such leftovers at the next pass, not a minute later.
+        self._leftovers_checked = None
+        if is_disk_full(exc):
+            log.warning("%s: local delivery stopped: the spool's disk is full; will retry", qid)
+            return
+        msg = self.queue.get(qid)
+        if msg is not None and not self.queue.body_path(qid).exists():
+            self._body_missing(msg, rcpts)
+            return
+        log.exception("%s: local delivery failed; will retry", qid)
+
+    def _look_after(self) -> None:
+        """At the first pass and then once a minute: settle messages left with every
+        recipient final (a kill -9, or a full disk, between recording the last outcome and
+        settling: their bounce is sent and they leave the queue), and free recipients
+        claimed by workers that are gone."""
         now = time.monotonic()
         if self._leftovers_checked is not None and now - self._leftovers_checked < LEFTOVER_CHECK:
             return
         self._leftovers_checked = now
+        for owner in self.queue.release_dead_claims():
+            log.warning("released recipients claimed by a worker that is gone (%s)", owner)
         for qid in self.queue.finished():
             log.info("%s: every recipient was final but the message was still queued; settling it", qid)
             settle(self.config, self.queue, qid)
@@ -70,9 +114,22 @@ class LocalDelivery:
         msg = self.queue.get(qid)
         if msg is None:
             return
+        if not self.queue.body_path(qid).exists():
+            self._body_missing(msg, rcpts)
+            return
         # size -> block lists -> virus -> expansion -> forwarding -> mailbox -> replies
         self.pipeline.run(msg, rcpts)
         settle(self.config, self.queue, qid)
+
+    def _body_missing(self, msg: Message, rcpts: list[str]) -> None:
+        """Record the loss where ``dialmail queue list`` shows it; the message waits for the
+        administrator (restore the file or delete the message) and expires like any other."""
+        why = outcome.body_missing(msg.id)
+        log.error("%s: from=<%s> to=<%s> status=deferred (%s)", msg.id, msg.sender, ",".join(rcpts), why.reply)
+        waiting = {r.rcpt: r for r in msg.recipients}
+        retry = time.time() + self.config.queue.retry_max
+        self.queue.record_outcomes(msg.id, {r: why for r in rcpts if r in waiting},
+                                   retry_at=lambda _before, _o: retry)
 
 
 class DeliveryWorker:

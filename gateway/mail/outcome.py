@@ -104,6 +104,24 @@ def expired(lifetime: int, last: str | None) -> Outcome:
     return Outcome(BOUNCED, 554, "4.4.7", reason)
 
 
+def body_missing(qid: str) -> Outcome:
+    """The queue still lists the message but its file is gone (removed by hand, a damaged
+    disk): nothing can be sent or delivered.  Deferred, so it waits visibly in the queue for
+    the administrator and expires with the queue lifetime like any message."""
+    return Outcome(DEFERRED, 451, "4.3.0", f"the message file queue/msg/{qid} is missing from the spool; "
+                                           "nothing to deliver until it is restored")
+
+
+def stopped_early() -> Outcome:
+    """The flush was asked to stop (an interrupt, the session's max_time) between messages."""
+    return Outcome(DEFERRED, 421, "4.4.2", "the session was stopped; the rest waits for the next one")
+
+
+def spool_full(what: str) -> Outcome:
+    """The spool's disk has no room to record what happens to the mail (RFC 3463 4.3.1)."""
+    return Outcome(DEFERRED, 452, "4.3.1", f"the spool's disk is full ({what}); the mail waits until there is room")
+
+
 def administrator_bounce() -> Outcome:
     return Outcome(BOUNCED, 554, "5.0.0", "deleted by the administrator")
 

@@ -19,16 +19,21 @@ message in flight is due again at once (``outcome.next_retry``).  When no connec
 could be made at all (refused, TLS or AUTH failure) every recipient shows the reason in
 the queue but counts no attempt: the office's line or setup says nothing about the mail.
 
+Asked to stop (``finish_event``: an interrupt, the session's max_time) the flush finishes
+the message in flight and takes no other.  Each message is read again just before it is
+sent, so one held or deleted meanwhile stays back; one whose file is gone is deferred with
+that reason.  No message goes out while the spool lacks the room to record what the server
+says about it: a full disk stops the flush instead of sending mail twice.
+
 Recipients are claimed in the spool first, so a ``dialmail queue flush`` and a session in
-the daemon never send the same recipient at the same time.
+the daemon never send the same recipient at the same time; the claims go when the flush
+ends, however it ends, and those of a flush that died are freed by the next one.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
-import os
-import secrets
 import ssl
 import time
 from collections import deque
@@ -45,6 +50,7 @@ from gateway.office import bounce
 from gateway.relay import mx
 from gateway.relay.expiry import expire
 from gateway.relay.rewrite import SenderRewriter
+from spool.fsio import free_bytes, is_disk_full
 from spool.queue import (
     BOUNCED,
     DEFERRED,
@@ -59,7 +65,6 @@ from spool.queue import (
 log = logging.getLogger("dialmail.relay")
 
 FOREVER = 1e18  # "due" horizon for a forced flush: every waiting recipient
-CLAIM_PREFIX = "relay:"  # + pid + ":" + random: the owner of a flush's claims
 
 
 @dataclass(frozen=True)
@@ -114,30 +119,51 @@ class _Job:
 
 async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.time,
                 progress: Progress | None = None, stop_event: asyncio.Event | None = None, *,
+                finish_event: asyncio.Event | None = None,
                 force: bool = False, on_local_mail: Callable[[], None] | None = None,
-                lookup: mx.Lookup | None = None, mx_port: int = mx.SMTP_PORT) -> FlushResult:
-    """Send every due relay recipient; see the module doc.  ``force`` ignores back-off."""
-    result = FlushResult()
+                lookup: mx.Lookup | None = None, mx_port: int = mx.SMTP_PORT,
+                result: FlushResult | None = None) -> FlushResult:
+    """Send every due relay recipient; see the module doc.  ``force`` ignores back-off.
+
+    ``stop_event``: the link is gone, abandon the message in flight.  ``finish_event``:
+    asked to stop (an interrupt, max_time), so finish the message in flight, whose
+    abandoning after the final dot would send it twice, and take no other.  ``result``
+    is filled as the flush goes, so a caller cut off meanwhile still has the figures.
+    """
+    result = FlushResult() if result is None else result
     now = clock()
-    expired = await asyncio.to_thread(expire, config, queue, now)
-    result.expired = len(expired.bounced)
-    result.local_notices += expired.local_notices
-    await asyncio.to_thread(_release_dead_claims, queue)
-    owner = f"{CLAIM_PREFIX}{os.getpid()}:{secrets.token_hex(4)}"
-    pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now)
+    ctx = _Context(config, queue, clock, progress, stop_event, result, finish_event)
+    owner = queue.new_claimant(RELAY)
     try:
+        try:
+            expired = await asyncio.to_thread(expire, config, queue, now)
+            result.expired = len(expired.bounced)
+            result.local_notices += expired.local_notices
+            await asyncio.to_thread(_release_dead_claims, queue)
+            pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            raise _Stop(outcome.spool_full("before sending")) from None
         jobs: dict[str, _Job] = {}
         for qid, rcpt in pairs:
             jobs.setdefault(qid, _Job(qid, [])).rcpts.append(rcpt)
         if jobs:
-            ctx = _Context(config, queue, clock, progress, stop_event, result)
             ctx.remaining = len(jobs)
             if config.smarthost.route == "mx":
                 await _flush_mx(ctx, list(jobs.values()), lookup or mx.dns_lookup, mx_port)
             else:
                 await _flush_smarthost(ctx, list(jobs.values()))
+    except _Stop as stop:  # the spool's disk is full: nothing more can be recorded
+        result.error = stop.why
     finally:
-        await asyncio.to_thread(queue.release_claims, owner)
+        try:
+            await _unless_disk_full(ctx.record_late(), "what the server took but could not be recorded "
+                                    "will be sent again")
+        finally:
+            # Also when the flush is cancelled or fails: no recipient may stay claimed.
+            await _unless_disk_full(asyncio.to_thread(queue.retire_claimant, owner),
+                                    "a later flush or delivery pass releases the recipients this one claimed")
         if result.local_notices and on_local_mail is not None:
             on_local_mail()
     log.info("flush: %d delivered, %d deferred, %d bounced, %d messages, %d bytes%s", result.sent,
@@ -146,34 +172,51 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
     return result
 
 
+async def _unless_disk_full(step: Awaitable, then: str) -> None:
+    """Run a closing step of the flush; a full disk is said in the log, not raised over
+    the flush's own outcome."""
+    try:
+        await step
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        log.warning("flush: the spool's disk is full; %s", then)
+
+
 def _release_dead_claims(queue: Queue) -> None:
-    """Free recipients claimed by a flush whose process died (a ``queue flush`` killed with
-    -9 while the daemon runs on): without this they would wait for the next daemon start."""
-    for owner in queue.claim_owners(CLAIM_PREFIX):
-        try:
-            pid = int(owner[len(CLAIM_PREFIX):].split(":")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.warning("releasing recipients claimed by a flush that died (%s)", owner)
-            queue.release_claims(owner)
-        except (ValueError, PermissionError):
-            continue
+    """Free recipients claimed by a worker that is gone (a ``queue flush`` killed with -9
+    while the daemon runs on, a flush whose release met a full disk): without this they
+    would wait for the next daemon start."""
+    for owner in queue.release_dead_claims():
+        log.warning("released recipients claimed by a worker that is gone (%s)", owner)
 
 
 class _Context:
-    def __init__(self, config, queue, clock, progress, stop_event, result):
+    def __init__(self, config, queue, clock, progress, stop_event, result, finish_event=None):
         self.config: Config = config
         self.queue: Queue = queue
         self.clock = clock
         self.progress = progress
         self.stop_event = stop_event
+        self.finish_event = finish_event
         self.result: FlushResult = result
         self.rewriter = SenderRewriter(config.smarthost.rewrite)
         self.started = time.monotonic()
         self.remaining = 0
+        # Outcomes the server gave that a full disk kept from being recorded: tried again
+        # as the flush ends, so the mail the server took is not sent a second time.
+        self.unrecorded: list[tuple[str, dict[str, Outcome], bool]] = []
 
     def stopped(self) -> bool:
+        return any(e is not None and e.is_set() for e in (self.stop_event, self.finish_event))
+
+    def link_gone(self) -> bool:
         return self.stop_event is not None and self.stop_event.is_set()
+
+    def why_stopped(self) -> Outcome:
+        if self.link_gone():
+            return outcome.lost_connection("(link went down)")
+        return outcome.stopped_early()
 
     async def record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool = False) -> None:
         """Store one message's outcomes in one transaction, then settle the message.
@@ -182,7 +225,24 @@ class _Context:
         AUTH refused): the reason is shown in the queue, but it is no attempt and the
         message stays due for the next session.
         """
-        settled = await asyncio.to_thread(self._record, qid, outcomes, unsent)
+        try:
+            settled = await asyncio.to_thread(self._record, qid, outcomes, unsent)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            self.unrecorded.append((qid, outcomes, unsent))
+            raise _Stop(outcome.spool_full(f"recording the outcome of {qid}")) from None
+        self._count(qid, outcomes, settled)
+
+    async def record_late(self) -> None:
+        """Record what a full disk refused earlier in this flush, if there is room now."""
+        while self.unrecorded:
+            qid, outcomes, unsent = self.unrecorded[0]
+            settled = await asyncio.to_thread(self._record, qid, outcomes, unsent)
+            self.unrecorded.pop(0)
+            self._count(qid, outcomes, settled)
+
+    def _count(self, qid: str, outcomes: dict[str, Outcome], settled: bounce.Settled) -> None:
         for rcpt, o in outcomes.items():
             self.result.results.append(RecipientResult(qid, rcpt, o))
             if o.status == DELIVERED:
@@ -208,7 +268,15 @@ class _Context:
         # anything to report goes to ``settle``.
         if q.record_outcomes(qid, outcomes, count_attempt=not unsent, retry_at=retry_at, remove_settled=True):
             return bounce.Settled(removed=True)
-        return bounce.settle(self.config, q, qid, now=now)
+        try:
+            return bounce.settle(self.config, q, qid, now=now)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # The outcomes are stored; the bounce and removal wait for room (local
+            # delivery settles messages left with every recipient final).
+            log.warning("%s: outcome recorded; settling it waits for room on the spool's disk", qid)
+            return bounce.Settled()
 
     async def record_all(self, jobs: list[_Job], why: Outcome, unsent: bool = False) -> None:
         """The same outcome for every recipient of ``jobs`` (no connection, no route)."""
@@ -444,7 +512,7 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         try:
             while waiting and not halted:
                 if ctx.stopped():
-                    ctx.result.error = outcome.lost_connection("(link went down)")
+                    ctx.result.error = ctx.why_stopped()
                     break
                 if not conn.alive:  # the server said 421 and hung up: the rest waits, untouched
                     ctx.result.error = outcome.lost_connection(f"{peer.host}:{peer.port} (the server closed it)")
@@ -456,7 +524,7 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
                     halted.append(stop.why)
                     break
         finally:
-            await conn.close(polite=not ctx.stopped())
+            await conn.close(polite=not ctx.link_gone())
 
     async def open_and_send() -> None:
         extra = Connection(peer, ctx.config.server.hostname, ctx.config.smarthost.timeout)
@@ -498,15 +566,26 @@ async def _abortable(ctx: _Context, coro: Awaitable):
     return task.result()
 
 
-def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes]:
+def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes | None]:
+    """The message as it is now (None: deleted meanwhile) and its body (None: the file is gone)."""
     msg = queue.get(qid)
     if msg is None:
-        return None, b""
+        return None, None
     try:
         with queue.open_body(qid) as f:
             return msg, f.read()
     except FileNotFoundError:
-        return None, b""
+        return msg, None
+
+
+# Free space the spool must have before another message goes out: what the server says
+# about it has to be recorded, or it would be sent again.  A few pages of the catalogue's
+# log suffice; this leaves a wide margin.
+ROOM_TO_RECORD = 1_000_000
+
+
+def _room_to_record(queue: Queue) -> bool:
+    return free_bytes(queue.dir) >= ROOM_TO_RECORD
 
 
 def _utf8_headers(msg: Message, data: bytes) -> bool:
@@ -518,13 +597,25 @@ def _utf8_headers(msg: Message, data: bytes) -> bool:
 
 async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
     ctx.remaining -= 1
+    if not await asyncio.to_thread(_room_to_record, ctx.queue):
+        raise _Stop(outcome.spool_full(f"less than {ROOM_TO_RECORD} bytes free"))
+    # Read again just before sending: the administrator may have held, deleted or bounced
+    # it since the flush claimed it.
     msg, data = await asyncio.to_thread(_load, ctx.queue, job.qid)
     if msg is None:
-        log.warning("%s: vanished from the queue before sending (deleted?)", job.qid)
+        log.info("%s: deleted from the queue before it was sent", job.qid)
+        return
+    if msg.hold:
+        log.info("%s: held by the administrator; not sent", job.qid)
         return
     by_rcpt = {r.rcpt: r for r in msg.recipients}
     rcpts = [r for r in job.rcpts if r in by_rcpt and by_rcpt[r].status not in FINAL]
     if not rcpts:
+        return
+    if data is None:
+        missing = outcome.body_missing(job.qid)
+        log.error("%s: not sent: %s", job.qid, missing.reply)
+        await ctx.record(job.qid, {r: missing for r in rcpts})
         return
     sender = ctx.rewriter.address(msg.sender)
     data = ctx.rewriter.message(data)
@@ -580,7 +671,7 @@ async def _flush_mx(ctx: _Context, jobs: list[_Job], lookup: mx.Lookup, port: in
     sh = ctx.config.smarthost
     for domain, domain_jobs in by_domain.items():
         if ctx.stopped():
-            ctx.result.error = outcome.lost_connection("(link went down)")
+            ctx.result.error = ctx.why_stopped()
             return
         route = await mx.plan(domain, lookup)
         if route.failure is not None:
@@ -606,9 +697,12 @@ async def _flush_mx(ctx: _Context, jobs: list[_Job], lookup: mx.Lookup, port: in
                 for job in domain_jobs:
                     if not conn.alive:
                         break
+                    if ctx.stopped():
+                        ctx.result.error = ctx.why_stopped()
+                        break
                     await _send_job(ctx, conn, job)
             except _Stop as stop:
                 ctx.result.error = stop.why
             finally:
-                await conn.close(polite=not ctx.stopped())
+                await conn.close(polite=not ctx.link_gone())
             break

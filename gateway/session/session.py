@@ -7,8 +7,13 @@
 
 An interrupt (Ctrl-C or SIGTERM to the process running the session, ``dialmail
 hangup``) ends the session as max_time does: online, both sides stop at the next safe
-point and the line is hung up; before that (hook, dialing) the step is cut short.  The
-session is then logged "interrupted", with what it was doing and who interrupted it.
+point (the relay finishes the message in flight, the fetch the one it is taking) and the
+line is hung up; before that (hook, dialing) the step is cut short.  The session is then
+logged "interrupted", with what it was doing, who interrupted it and what it moved.
+
+Whatever ends a session (an error, a full disk under the session log or the transcript,
+a cancellation), the session lock is given back: the next session is never refused by
+one that is over.
 
 Being offline is not a failure: nothing here runs unless a session was asked for, and
 a refused or failed dial never counts against a message (only wall-clock queue lifetime
@@ -50,6 +55,7 @@ from gateway.session.events import (
 )
 from gateway.session.transcript import Transcript
 from modem.errors import LinkError
+from spool.fsio import is_disk_full
 from spool.sessions import SessionBusy, SessionLock, SessionLog, SessionRecord
 
 log = logging.getLogger("dialmail.session")
@@ -78,7 +84,8 @@ class Session:
         self.record = SessionRecord(trigger=trigger, mode=mode, started=clock())
         self.emit_cb = emit or (lambda event: None)
         self.clock = clock
-        self.stop = asyncio.Event()
+        self.stop = asyncio.Event()  # stop at the next safe point
+        self.line_gone = asyncio.Event()  # carrier lost or idle: abandon what is in flight
         self.stop_reason: str | None = None
         self.last_activity = time.monotonic()
         self.transcript: Transcript | None = None
@@ -87,13 +94,19 @@ class Session:
         self.interrupted_while: str | None = None
         self._task: asyncio.Task | None = None
         self._cut = False  # interrupt() cancelled this session's own task
+        self._fetched_so_far = [0, 0]  # messages and bytes spooled, from the fetch's progress reports
 
     # ------------------------------------------------------------ events
 
     def emit(self, event: Event) -> None:
         self.last_activity = time.monotonic()
         if self.transcript is not None:
-            self.transcript.event(event)
+            try:
+                self.transcript.event(event)
+            except OSError as exc:  # a full disk: the transcript is given up, never the session
+                log.warning("session transcript %s abandoned: %s", self.transcript.path, exc)
+                self.record.errors.append(f"transcript abandoned: {exc.strerror or exc}")
+                self.transcript = None
         try:
             self.emit_cb(event)
         except Exception:  # a broken progress display must never break the session
@@ -109,8 +122,8 @@ class Session:
         """End the session early because ``by`` asked (Ctrl-C, SIGTERM, dialmail hangup).
 
         Online, both sides stop at the next safe point, as at max_time: the relay
-        abandons the message in flight (it stays queued) and the fetch stops between
-        messages; then the line is hung up.  A before-session command or a dial still
+        finishes the message in flight (abandoned after its final dot it would be sent
+        again) and the fetch stops between messages; then the line is hung up.  A before-session command or a dial still
         in progress has nothing to keep, so it is cut short at once.
         """
         if self.interrupted_by is not None:
@@ -136,14 +149,22 @@ class Session:
             rec.ended = self.clock()
             self.emit(Refused(str(exc)))
             return rec
+        except OSError as exc:  # a full disk refuses even the lock file's pid
+            return self._not_started(f"cannot take the session lock: {exc.strerror or exc}")
         try:
-            slog = SessionLog(self.ctx.spool.catalogue)
-            sid = slog.start(rec)
+            try:
+                slog = SessionLog(self.ctx.spool.catalogue)
+                sid = slog.start(rec)
+                transcript = Transcript(self.config.spool_dir / "sessions" / f"{sid:06d}.log")
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                # No session without a record of it; the lock goes at once (below).
+                return self._not_started(f"cannot start the session log: {exc}")
             # Whatever ends the session (an error, an interrupt, a cancellation), the
             # modem.dialogue logger is given back as it was and the transcript closed
             # before the lock goes: the next session starts with nothing of this one.
-            with Transcript(self.config.spool_dir / "sessions" / f"{sid:06d}.log") as transcript, \
-                    transcript.dialogue():
+            with transcript, transcript.dialogue():
                 self.transcript = transcript
                 rec.transcript = str(transcript.path)
                 try:
@@ -152,6 +173,15 @@ class Session:
                     self.transcript = None
         finally:
             lock.release()
+        return rec
+
+    def _not_started(self, why: str) -> SessionRecord:
+        rec = self.record
+        log.error("session not started: %s", why)
+        rec.outcome = "failed"
+        rec.errors.append(why)
+        rec.ended = self.clock()
+        self.emit(Error(why))
         return rec
 
     async def _logged(self, sid: int, slog: SessionLog) -> None:
@@ -165,8 +195,8 @@ class Session:
             deadline = asyncio.create_task(self._deadline(cfg.session.max_time))
             try:
                 # At max_time both sides are asked to stop at the next safe point (the
-                # relay abandons the message in flight, which stays queued); only if they
-                # do not within the grace period is the session cut off outright.
+                # relay finishes the message in flight); only if they do not within the
+                # grace period is the session cut off outright.
                 async with asyncio.timeout(cfg.session.max_time + STOP_GRACE):
                     await self._online()
             except TimeoutError:
@@ -203,7 +233,14 @@ class Session:
             rec.cost = round(cfg.session.cost_per_call * (1 if rec.connected_at else 0)
                              + cfg.session.cost_per_minute * minutes, 4)
             rec.outcome = self._outcome()
-            slog.update(sid, rec)
+            try:
+                slog.update(sid, rec)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                # The session still ends (the lock goes, Done is sent) and says so.
+                log.error("session %d: its record could not be stored: %s", sid, exc)
+                rec.errors.append(f"the session record could not be stored: {exc}")
             self.emit(Done(sid, rec.outcome, Summary.of(rec)))
 
     async def _deadline(self, seconds: float) -> None:
@@ -261,6 +298,7 @@ class Session:
                 self.record.carrier_lost = True
                 reason = info.loss_reason or "carrier lost"
                 self.record.errors.append(f"carrier lost: {reason}")
+                self.line_gone.set()
                 self.halt(f"carrier lost: {reason}")
                 return
             counters = (info.bytes_up, info.bytes_down)
@@ -269,6 +307,7 @@ class Session:
                 self.last_activity = time.monotonic()
             if idle and time.monotonic() - self.last_activity > idle:
                 self.record.errors.append(f"nothing moved for {idle}s; hung up")
+                self.line_gone.set()
                 self.halt("idle timeout")
                 return
             try:
@@ -302,11 +341,15 @@ class Session:
         # A session someone asked for, or the retry after a dropped line, sends everything
         # waiting (as postqueue -f does); scheduled and demand sessions respect back-off.
         force = self.record.trigger in ("manual", "retry", "flush")
-        result = await relay.flush(self.config, spool.queue, clock=self.clock, progress=self._send_progress,
-                                   stop_event=self.stop, force=force, on_local_mail=self.ctx.kick_delivery)
-        self.record.sent += result.sent
-        self.record.deferred += result.deferred
-        self.record.bounced += result.bounced
+        result = relay.FlushResult()
+        try:
+            await relay.flush(self.config, spool.queue, clock=self.clock, progress=self._send_progress,
+                              stop_event=self.line_gone, finish_event=self.stop, force=force,
+                              on_local_mail=self.ctx.kick_delivery, result=result)
+        finally:  # also when the session is cut off: what was sent is counted
+            self.record.sent += result.sent
+            self.record.deferred += result.deferred
+            self.record.bounced += result.bounced
         why = None
         if result.error is not None:
             why = f"send: {result.error.reply}"
@@ -320,8 +363,14 @@ class Session:
     async def _fetch(self) -> None:
         from gateway.fetch import imap as fetch
         spool = self.ctx.spool
-        result = await fetch.fetch_all(self.config, spool.queue, spool.catalogue, spool.directory,
-                                       clock=self.clock, progress=self._fetch_progress, stop_event=self.stop)
+        self._fetched_so_far = [0, 0]
+        try:
+            result = await fetch.fetch_all(self.config, spool.queue, spool.catalogue, spool.directory,
+                                           clock=self.clock, progress=self._fetch_progress, stop_event=self.stop)
+        except asyncio.CancelledError:  # cut off: count what the progress reports showed spooled
+            self.record.fetched += self._fetched_so_far[0]
+            self.record.fetched_bytes += self._fetched_so_far[1]
+            raise
         self.record.fetched += result.fetched
         self.record.fetched_bytes += getattr(result, "bytes", 0)
         whys = [f"fetch: {err}" for err in getattr(result, "errors", []) or []]
@@ -334,6 +383,8 @@ class Session:
         if p.partial:
             self.emit(FetchedPiece(p.uid, p.size, p.done_bytes))
             return
+        self._fetched_so_far[0] += 1
+        self._fetched_so_far[1] += p.size
         self.emit(Fetched(f"{p.account}/{p.folder}/{p.uid}", p.size, p.bytes, done=p.messages,
                           left=max(0, p.planned_messages - p.messages)))
 

@@ -36,6 +36,7 @@ class Transcript:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.file = open(path, "a", encoding="utf-8")
+        self.failed = False
 
     def __enter__(self) -> Transcript:
         return self
@@ -44,16 +45,26 @@ class Transcript:
         self.close()
 
     def write(self, text: str) -> None:
+        """Add lines; the first failure (a full disk) is raised, later lines are dropped."""
+        if self.failed:
+            return
         stamp = time.strftime("%H:%M:%S")
-        for line in str(text).splitlines() or [""]:
-            self.file.write(f"{stamp} {mask(line)}\n")
-        self.file.flush()
+        try:
+            for line in str(text).splitlines() or [""]:
+                self.file.write(f"{stamp} {mask(line)}\n")
+            self.file.flush()
+        except OSError:
+            self.failed = True
+            raise
 
     def event(self, event: Event) -> None:
         self.write(describe(event))
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # what did not fit stays unwritten; closing must not fail the session
+            self.failed = True
 
     @contextlib.contextmanager
     def dialogue(self) -> Iterator[None]:
