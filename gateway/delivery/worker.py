@@ -19,7 +19,7 @@ from gateway.delivery.pipeline import Pipeline
 from gateway.office.bounce import settle
 from gateway.office.directory import Directory
 from spool.maildir import Maildir, mailbox_path
-from spool.queue import LOCAL, Queue
+from spool.queue import LOCAL, DamagedBody, Queue
 
 __all__ = ["LocalDelivery", "DeliveryWorker"]
 
@@ -69,6 +69,11 @@ class LocalDelivery:
     def _deliver_message(self, qid: str, rcpts: list[str]) -> None:
         msg = self.queue.get(qid)
         if msg is None:
+            return
+        try:
+            with self.queue.open_body(qid):
+                pass  # a body damaged since it was accepted is held here, not delivered
+        except DamagedBody:
             return
         # size -> block lists -> virus -> expansion -> forwarding -> mailbox -> replies
         self.pipeline.run(msg, rcpts)

@@ -51,6 +51,7 @@ from spool.queue import (
     DELIVERED,
     FINAL,
     RELAY,
+    DamagedBody,
     Message,
     Queue,
     Recipient,
@@ -505,6 +506,8 @@ def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes]:
     try:
         with queue.open_body(qid) as f:
             return msg, f.read()
+    except DamagedBody:
+        return None, b""  # held, with its own log line
     except FileNotFoundError:
         return None, b""
 
