@@ -128,9 +128,14 @@ def _queue(conn: sqlite3.Connection, qdir: Path, bodies: set[str], envelopes: se
     for r in conn.execute("SELECT msg_id, rcpt, status FROM recipients"):
         status.setdefault(r["msg_id"], {})[r["rcpt"]] = r["status"]
     for qid, row in sorted(rows.items()):
+        if qid not in bodies and qid not in envelopes:
+            out.append(Finding("missing-body", qid, "listed, but its body and envelope are gone (finished and "
+                               "removed in commits the catalogue lost, or lost from the disk)",
+                               "remove it from the catalogue, keeping the row in lost+found/"))
+            continue
         if qid not in bodies:
             out.append(Finding("missing-body", qid, "listed, but its body file is gone: the message is lost",
-                               "remove it from the catalogue, keeping its envelope in lost+found/ "
+                               "remove it from the catalogue, keeping its row and envelope in lost+found/ "
                                "(tell its sender by hand)"))
             continue
         body = qdir / "msg" / qid
@@ -150,7 +155,7 @@ def _queue(conn: sqlite3.Connection, qdir: Path, bodies: set[str], envelopes: se
                   f"it as it is or 'dialmail queue bounce {qid}' returns it")
         if size != row["size"]:
             out.append(Finding("body", qid, f"body is {size} bytes, {row['size']} were accepted", advice))
-        elif qf is not None and qf.envelope.sha256 and _digest(body) != qf.envelope.sha256:
+        elif qf is not None and qf.sha256 and _digest(body) != qf.sha256:
             out.append(Finding("body", qid, "body changed since it was accepted (SHA-256 differs)", advice))
         if qf is not None and _behind(qf, status.get(qid, {}), bool(row["hold"])):
             out.append(Finding("behind", qid, "the catalogue is behind its queue file (commits lost)",
@@ -343,8 +348,8 @@ def repair(root: Path, now: float | None = None) -> list[str]:
 def _repair_listed(q: Queue, findings: list[Finding], lost: Path, done: list[str]) -> None:
     for f in findings:
         if f.kind == "missing-body":
-            _keep_row(q, f.subject, lost)
-            done.append(f"{f.subject}: lost body; removed from the catalogue, envelope kept in lost+found/")
+            rebuild.row_to_lost_found(q, f.subject, f.problem)
+            done.append(f"{f.subject}: removed from the catalogue; its row (and envelope) kept in lost+found/")
         elif f.kind == "claim":
             n = q.release_claims(f.subject)
             done.append(f"{f.subject}: released {n} stale claim(s)")
@@ -372,17 +377,3 @@ def _keep(src: Path, dst: Path) -> None:
         n += 1
         target = dst.with_name(f"{dst.name}.{n}")
     os.rename(src, target)
-
-
-def _keep_row(q: Queue, qid: str, lost: Path) -> None:
-    msg = q.get(qid)
-    if msg is None:
-        return
-    lost.mkdir(exist_ok=True, mode=0o700)
-    lines = [f"queue id: {msg.id}", f"sender: <{msg.sender}>", f"arrival: {time.ctime(msg.arrival)}",
-             f"size: {msg.size}", f"origin: {msg.origin} {msg.client or ''}", f"subject: {msg.subject or ''}",
-             f"message-id: {msg.message_id or ''}"]
-    lines += [f"recipient: {r.rcpt} [{r.route}] {r.status}" for r in msg.recipients]
-    (lost / f"{qid}.lost-body.txt").write_text("\n".join(lines) + "\n")
-    _keep(q.envelope_path(qid), lost / f"{qid}.env")
-    q.remove(qid)

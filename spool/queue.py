@@ -426,6 +426,19 @@ class Queue:
         self.hold_damaged(qid, f"its body is {actual} bytes, {row['size']} were accepted")
         raise DamagedBody(qid, row["size"], actual)
 
+    def accept_body(self, qid: str) -> bool:
+        """Take the body as it is now (an administrator releasing a damaged message):
+        its current size and digest become the accepted ones.  True if they changed."""
+        path = self.msg / qid
+        size = path.stat().st_size
+        row = self.cat.execute("SELECT size FROM messages WHERE id=?", (qid,)).fetchone()
+        if row is None or row["size"] == size:
+            return False
+        queuefile.append(self.env / qid, [{"accepted": size, "sha256": queuefile.body_digest(path)}])
+        self.cat.execute("UPDATE messages SET size=? WHERE id=?", (size, qid))
+        log.warning("%s: body accepted as it is now (%d bytes, %d were accepted first)", qid, size, row["size"])
+        return True
+
     def hold_damaged(self, qid: str, why: str) -> None:
         self.set_hold(qid, True)
         log.error("%s: held: %s; it is not delivered until an administrator looks at it "

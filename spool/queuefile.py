@@ -20,6 +20,7 @@ the same change, so the journal is never behind the catalogue:
     {"reported": [rcpts], "notice": qid}   the sender was told of these bounces
     {"hold": true|false}       an administrator's (or a damaged body's) hold
     {"warned": true}           the delay warning went
+    {"accepted": size, "sha256": ...}   an administrator released a damaged body as it is
     {"removed": true}          the message left the queue (deleted, settled)
 
 Waiting states (deferrals, attempts, next retry) are not journalled: after a rebuild a
@@ -105,6 +106,15 @@ class QueueFile:
     hold: bool | None = None  # None: never held nor released since it was queued
     warned: bool = False
     removed: bool = False
+    accepted: tuple[int, str] | None = None  # a damaged body released as it is: its new size, digest
+
+    @property
+    def size(self) -> int:
+        return self.accepted[0] if self.accepted else self.envelope.size
+
+    @property
+    def sha256(self) -> str | None:
+        return self.accepted[1] if self.accepted else self.envelope.sha256
 
 
 class Unreadable(Exception):
@@ -184,4 +194,6 @@ def read(path: Path) -> QueueFile:
             qf.warned = True
         elif "removed" in rec:
             qf.removed = True
+        elif "accepted" in rec:
+            qf.accepted = (int(rec["accepted"]), str(rec.get("sha256") or ""))
     return qf

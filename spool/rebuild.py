@@ -15,6 +15,10 @@ Run at every start (``Queue.recover``) and by ``dialmail spool repair``.  The ru
   lost or cut) catches up: final outcomes, holds, reports, removal.
 * A listed message without a journal (queued by an older dialmail, or its journal lost)
   gets one written from its row.
+* A listed message whose body and envelope are both gone was finished and its files
+  removed in commits the catalogue lost: its row goes (written out to ``lost+found/``
+  for the record, WARNING).  One whose envelope is still there lost its body: it stays
+  listed, reported at ERROR, for ``spool repair``.
 * A body whose size is not the one accepted is held and reported at ERROR.
 * Claims are released (no worker of a previous process is alive).
 
@@ -48,7 +52,7 @@ def recover(q: Queue, release_claims: bool = True) -> dict[str, int]:
     """Every rule of the module doc, in order; the caller holds the queue's write lock.
     ``release_claims=False`` (repair) leaves claims to the caller, who releases only
     those of processes that are gone."""
-    report = {"tmp": 0, "orphans": 0, "imported": 0, "settled": 0, "lost_found": 0, "missing": 0,
+    report = {"tmp": 0, "orphans": 0, "imported": 0, "settled": 0, "lost_found": 0, "missing": 0, "vanished": 0,
               "journals": 0, "reconciled": 0, "damaged": 0, "claims": 0, "created": int(q.cat.created)}
     for name in sorted(os.listdir(q.tmp)):
         path = q.tmp / name
@@ -89,7 +93,14 @@ def recover(q: Queue, release_claims: bool = True) -> dict[str, int]:
             to_lost_found(q, qid, "an envelope without its body")
             report["lost_found"] += 1
     for qid, (size, held) in rows.items():
+        if qid not in bodies and qid not in envelopes:
+            row_to_lost_found(q, qid, "listed, but both its files are gone: it was finished and removed in "
+                              "commits the catalogue lost")
+            report["vanished"] += 1
+            continue
         if qid not in bodies:
+            log.error("%s: listed, but its body file is gone (its envelope is kept); "
+                      "'dialmail spool repair' moves what is left to lost+found/", qid)
             report["missing"] += 1
             continue
         if qid not in envelopes:
@@ -131,8 +142,10 @@ def import_message(q: Queue, qf: queuefile.QueueFile) -> bool:
     size = (q.msg / env.qid).stat().st_size
     log.warning("%s: not in the catalogue; queued again from its queue file (from <%s>, %d recipient(s) "
                 "waiting)", env.qid, env.sender, left)
-    if size != env.size:
-        q.hold_damaged(env.qid, f"its body is {size} bytes, {env.size} were accepted")
+    if qf.accepted:
+        q.cat.execute("UPDATE messages SET size=? WHERE id=?", (qf.size, env.qid))
+    if size != qf.size:
+        q.hold_damaged(env.qid, f"its body is {size} bytes, {qf.size} were accepted")
     return True
 
 
@@ -231,6 +244,26 @@ def write_journal(q: Queue, qid: str) -> None:
     log.warning("%s: had no queue envelope; written from the catalogue", qid)
 
 
+def row_to_lost_found(q: Queue, qid: str, why: str) -> None:
+    """Write a listed message's row out to ``lost+found/<qid>.row.txt`` and drop it."""
+    msg = q.get(qid)
+    if msg is None:
+        return
+    q.lost_found.mkdir(exist_ok=True, mode=0o700)
+    lines = [f"why: {why}", f"queue id: {msg.id}", f"sender: <{msg.sender}>", f"arrival: {time.ctime(msg.arrival)}",
+             f"size: {msg.size}", f"origin: {msg.origin} {msg.client or ''}", f"subject: {msg.subject or ''}",
+             f"message-id: {msg.message_id or ''}"]
+    lines += [f"recipient: {r.rcpt} [{r.route}] {r.status} {r.last_code or ''} {r.last_reply or ''}".rstrip()
+              for r in msg.recipients]
+    (q.lost_found / f"{qid}.row.txt").write_text("\n".join(lines) + "\n")
+    fsync_dir(q.lost_found)
+    env = q.env / qid
+    if env.exists():
+        os.rename(env, q.lost_found / f"{qid}.env")
+    q.remove(qid)
+    log.warning("%s: %s; its catalogue row is kept in %s", qid, why, q.lost_found / f"{qid}.row.txt")
+
+
 def to_lost_found(q: Queue, qid: str, why: str) -> Path:
     """Keep whatever is left of ``qid`` (body, envelope) in ``lost+found/`` for a person to read."""
     q.lost_found.mkdir(exist_ok=True, mode=0o700)
@@ -268,6 +301,9 @@ def describe(report: dict[str, int]) -> list[tuple[int, str]]:
     if r.get("damaged"):
         out.append((logging.ERROR, f"recovery: {r['damaged']} message(s) held: body size differs from the size "
                     "accepted ('dialmail spool check' lists them)"))
+    if r.get("vanished"):
+        out.append((logging.WARNING, f"recovery: {r['vanished']} listed message(s) had neither body nor envelope "
+                    "(finished in commits the catalogue lost); their rows are kept in lost+found/"))
     if r.get("missing"):
         out.append((logging.ERROR, f"recovery: {r['missing']} queued message(s) have lost their body files "
                     "('dialmail spool check' lists them)"))

@@ -106,9 +106,10 @@ def queue_release(ctx: typer.Context, qid: str):
     """Release a held message for the next session."""
     q = _queue(ctx)
     m = _lookup(q, qid)
+    changed = q.accept_body(m.id)  # a body held as damaged goes as it is now
     q.set_hold(m.id, False)
     q.reschedule(m.id, 0)
-    typer.echo(f"{qid}: released")
+    typer.echo(f"{qid}: released" + (" (its body as it is now)" if changed else ""))
 
 
 @queue_app.command("delete")

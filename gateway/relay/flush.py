@@ -499,7 +499,7 @@ async def _abortable(ctx: _Context, coro: Awaitable):
     return task.result()
 
 
-def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes]:
+def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes | None]:
     msg = queue.get(qid)
     if msg is None:
         return None, b""
@@ -507,7 +507,7 @@ def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes]:
         with queue.open_body(qid) as f:
             return msg, f.read()
     except DamagedBody:
-        return None, b""  # held, with its own log line
+        return None, None  # held by the spool, which logged why
     except FileNotFoundError:
         return None, b""
 
@@ -522,6 +522,8 @@ def _utf8_headers(msg: Message, data: bytes) -> bool:
 async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
     ctx.remaining -= 1
     msg, data = await asyncio.to_thread(_load, ctx.queue, job.qid)
+    if data is None:
+        return
     if msg is None:
         log.warning("%s: vanished from the queue before sending (deleted?)", job.qid)
         return
