@@ -131,6 +131,9 @@ def import_message(q: Queue, qf: queuefile.QueueFile) -> bool:
     env = qf.envelope
     with q.cat.transaction() as conn:
         insert_envelope(conn, env)
+        # Whether a local delivery was under way when the catalogue lost it is unknown: count
+        # an attempt, so delivery looks for a copy in the Maildir before making one.
+        conn.execute("UPDATE recipients SET attempts=1 WHERE msg_id=? AND route='local'", (env.qid,))
         _apply(conn, qf)
         if env.then:
             replay(conn, env.qid, env.then)
