@@ -387,3 +387,46 @@ def test_an_old_spool_without_queue_envelopes_gets_them_written(office, smtp_sin
     os.truncate(o.cfg.spool_dir / CATALOGUE, 0)
     assert restart(o)["imported"] == 1
     drained(o, smtp_sink, ["old"], {})
+
+
+# ---------------------------------------------------------------- what the queueing stood for
+
+
+def test_a_fetched_message_queued_again_keeps_its_isp_copy_recorded_as_taken(tmp_path):
+    """The fetcher must not take the same UID again after the catalogue was lost."""
+    from spool.fetchstate import Copy, FetchState, Taking
+    spool = tmp_path / "spool"
+    cat = Catalogue(spool)
+    q = Queue(cat)
+    FetchState(cat)
+    taking = Taking(Copy("isp", "INBOX", 42, 120, "digest", delete=True), now=time.time(),
+                    recipients=("bob@office.test",), msgid="mid-digest")
+    qid = q.enqueue("friend@example.com", [("bob@office.test", "local")], b"Subject: x\r\n\r\nx\r\n",
+                    origin="fetch", then=taking)
+    cat.close()
+    os.truncate(spool / CATALOGUE, 0)
+    cat = Catalogue(spool)
+    try:
+        assert Queue(cat).recover()["imported"] == 1
+        state = FetchState(cat)
+        assert list(state.taken("isp", "INBOX")) == [42] and state.pending_deletion("isp", "INBOX") == [42]
+        assert state.delivered_to(["bob@office.test"], "mid-digest") == {"bob@office.test"}
+        assert cat.execute("SELECT qid FROM fetch_uids").fetchone()[0] == qid
+    finally:
+        cat.close()
+
+
+def test_a_reported_bounce_is_not_reported_again_after_the_catalogue_is_lost(office, smtp_sink):
+    from spool import notices
+    o = office(smtp_sink.port)
+    qid = o.send("alice@office.test", ["gone@example.com", "later@example.com"], message("partly"))
+    o.queue.record(qid, "gone@example.com", "bounced", 550, "5.1.1 no such user")
+    sent = notices.queue_bounce(o.queue, notices.Notice(qid, "alice@office.test", "local", b"Subject: b\r\n\r\nb\r\n",
+                                                        "bounce", "b"), ["gone@example.com"])
+    o.queue.cat.close()
+    os.truncate(catalogue(o), 0)
+    report = restart(o)
+    assert report["imported"] == 2
+    assert notices.reported(o.queue, qid) == {"gone@example.com"}
+    assert o.status(qid) == {"gone@example.com": "bounced", "later@example.com": "queued"}
+    assert o.queue.get(sent.notice_id) is not None
