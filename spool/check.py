@@ -32,7 +32,7 @@ from pathlib import Path
 
 from spool import queuefile, rebuild
 from spool.locks import PidLock
-from spool.queue import CATALOGUE, Catalogue, Queue, catalogue_problem
+from spool.queue import CATALOGUE, Catalogue, Queue, catalogue_problem, is_damage
 
 MAILDIR_TMP_AGE = 36 * 3600   # qmail: a tmp/ file this old is a delivery that died
 QUEUE_TMP_AGE = 3600          # younger ones may be a message being written right now
@@ -100,6 +100,8 @@ def _open_readonly(db: Path) -> tuple[sqlite3.Connection | None, str | None]:
             if not {"messages", "recipients"} <= tables:
                 problem = "it has no queue tables"
     except sqlite3.DatabaseError as exc:
+        if not is_damage(exc):
+            raise  # busy or unreadable is not damage: never a reason to move the catalogue aside
         return None, str(exc)
     if problem is not None:
         conn.close()
