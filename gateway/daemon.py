@@ -19,6 +19,7 @@ from gateway.mail.errors import OperationalError
 from gateway.office.directory import Directory
 from gateway.smtp.admission import SubmissionPolicy
 from gateway.smtp.server import SubmissionHandler, SubmissionProtocol, start_servers
+from spool import rebuild
 from spool.locks import LockBusy, PidLock
 from spool.queue import Catalogue, Queue
 from spool.users import Users
@@ -95,11 +96,8 @@ class Daemon:
         self.lock.acquire()
         self.spool = Spool(self.config)
         report = await asyncio.to_thread(self.spool.queue.recover)
-        if any(report.values()):
-            log.info("recovery: removed %(tmp)d partial and %(orphans)d unacknowledged bodies, "
-                     "released %(claims)d claims", report)
-        if report.get("missing"):
-            log.error("recovery: %d queued messages have lost their body files", report["missing"])
+        for level, line in rebuild.describe(report):
+            log.log(level, line)
         self.worker = DeliveryWorker(self.spool.delivery)
         self.spawn(self.worker.run(), "local-delivery")
         self.handler = SubmissionHandler(self.config, self.spool.queue, self.spool.directory, self.spool.users,

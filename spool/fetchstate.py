@@ -26,11 +26,11 @@ import os
 import re
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from spool.queue import Catalogue
+from spool.queue import Catalogue, journal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fetch_folders (
@@ -146,11 +146,27 @@ class Taking:
         if not self.msgid:
             return
         dups = FetchState.record_delivered(conn, c.account, self.recipients, self.msgid, self.now)
+        all_of_them = len(dups) == len(self.recipients)
+        journal(conn, qid, [{"dropped": r} for r in dups] + ([{"removed": True}] if all_of_them else []))
         for rcpt in dups:
             conn.execute("DELETE FROM recipients WHERE msg_id=? AND rcpt=?", (qid, rcpt))
-        if len(dups) == len(self.recipients):
+        if all_of_them:
             conn.execute("DELETE FROM messages WHERE id=?", (qid,))
             self.had_it_all = True
+
+    def journal(self) -> dict:
+        return {"kind": "taking", "copy": asdict(self.copy), "now": self.now, "recipients": list(self.recipients),
+                "msgid": self.msgid}
+
+    @staticmethod
+    def replay(conn: sqlite3.Connection, step: dict, qid: str) -> None:
+        """Record the copy taken again when its message is imported from its queue file
+        (the catalogue lost it): the fetcher then never takes the same UID twice.  The
+        recipients it had already are in the journal as dropped."""
+        c = Copy(**step["copy"])
+        FetchState.record_taken(conn, c.account, c.folder, c.uid, c.size, c.digest, c.delete, qid, step["now"])
+        if step.get("msgid"):
+            FetchState.record_delivered(conn, c.account, step["recipients"], step["msgid"], step["now"])
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,17 @@ class Noticing:
         if self.taken is not None:
             t = self.taken
             FetchState.record_taken(conn, t.account, t.folder, t.uid, t.size, t.digest, t.delete, None, self.now)
+
+    def journal(self) -> dict:
+        # "kind" names the step in a queue file; the notice's own kind travels as "notice".
+        data = {k: v for k, v in asdict(self).items() if k != "kind"}
+        return {**data, "kind": "noticing", "notice": self.kind}
+
+    @staticmethod
+    def replay(conn: sqlite3.Connection, step: dict) -> None:
+        fields = {k: v for k, v in step.items() if k not in ("kind", "notice", "taken")}
+        taken = Copy(**step["taken"]) if step.get("taken") else None
+        Noticing(**fields, kind=step["notice"], taken=taken)(conn, "")
 
 
 class FetchState:

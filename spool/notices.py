@@ -24,7 +24,7 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from spool.queue import BOUNCED, FINAL, Queue
+from spool.queue import BOUNCED, FINAL, Queue, journal
 
 
 class QueueChanged(Exception):
@@ -65,11 +65,7 @@ def queue_bounce(queue: Queue, notice: Notice, rcpts: Iterable[str]) -> Bounced:
 
 def queue_warning(queue: Queue, notice: Notice) -> str:
     """Queue the delay warning ``notice`` unless the message was warned already."""
-    def warned(conn: sqlite3.Connection, _notice_id: str) -> None:
-        if conn.execute("UPDATE messages SET warned=1 WHERE id=? AND warned=0", (notice.about,)).rowcount != 1:
-            raise QueueChanged(notice.about)
-
-    return _enqueue(queue, notice, warned)
+    return _enqueue(queue, notice, MarkWarned(notice.about))
 
 
 def _enqueue(queue: Queue, notice: Notice, then) -> str:
@@ -77,11 +73,43 @@ def _enqueue(queue: Queue, notice: Notice, then) -> str:
                          subject=notice.subject, smtputf8=notice.smtputf8, then=then)
 
 
+@dataclass(frozen=True)
+class MarkWarned:
+    """``then`` of a delay warning: the message it is about is marked warned."""
+    about: str
+
+    def __call__(self, conn: sqlite3.Connection, _notice_id: str) -> None:
+        journal(conn, self.about, [{"warned": True}])
+        if conn.execute("UPDATE messages SET warned=1 WHERE id=? AND warned=0", (self.about,)).rowcount != 1:
+            raise QueueChanged(self.about)
+
+    def journal(self) -> dict:
+        return {"kind": "warned", "about": self.about}
+
+    @staticmethod
+    def replay(conn: sqlite3.Connection, step: dict) -> None:
+        conn.execute("UPDATE messages SET warned=1 WHERE id=?", (step["about"],))
+
+
 class _ReportBounced:
     def __init__(self, qid: str, rcpts: list[str]):
         self.qid = qid
         self.rcpts = rcpts
         self.removed = False
+
+    def journal(self) -> dict:
+        return {"kind": "reported", "about": self.qid, "rcpts": self.rcpts}
+
+    @staticmethod
+    def replay(conn: sqlite3.Connection, step: dict, notice_id: str) -> bool:
+        """Mark the bounces reported when the notice is imported again; True when the
+        message reported on has nothing left waiting and left the queue."""
+        qid = step["about"]
+        if conn.execute("SELECT 1 FROM messages WHERE id=?", (qid,)).fetchone() is None:
+            return False
+        conn.executemany("INSERT OR IGNORE INTO bounce_reported(msg_id, rcpt, notice) VALUES (?,?,?)",
+                         [(qid, r, notice_id) for r in step["rcpts"]])
+        return False
 
     def __call__(self, conn: sqlite3.Connection, notice_id: str) -> None:
         qid = self.qid
@@ -95,8 +123,10 @@ class _ReportBounced:
         left = conn.execute("SELECT COUNT(*) FROM recipients WHERE msg_id=? AND status NOT IN (?,?)",
                             (qid, *FINAL)).fetchone()[0]
         if left == 0:
+            journal(conn, qid, [{"reported": self.rcpts, "notice": notice_id}, {"removed": True}])
             conn.execute("DELETE FROM messages WHERE id=?", (qid,))
         else:
+            journal(conn, qid, [{"reported": self.rcpts, "notice": notice_id}])
             conn.executemany("INSERT INTO bounce_reported(msg_id, rcpt, notice) VALUES (?,?,?)",
                              [(qid, r, notice_id) for r in self.rcpts])
         self.removed = left == 0

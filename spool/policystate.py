@@ -59,6 +59,9 @@ class Replied:
         conn.execute("INSERT OR REPLACE INTO autoreply_sent(responder, sender, at) VALUES (?,?,?)",
                      (self.responder.lower(), self.sender.lower(), self.at))
 
+    def journal(self) -> dict:
+        return {"kind": "replied", "responder": self.responder, "sender": self.sender, "at": self.at}
+
 
 @dataclass(frozen=True)
 class Forwarded:
@@ -69,6 +72,9 @@ class Forwarded:
     def __call__(self, conn: sqlite3.Connection, copy_id: str) -> None:
         conn.execute("INSERT OR REPLACE INTO forwarded(msg_id, rcpt, new_id, at) VALUES (?,?,?,?)",
                      (self.msg_id, self.rcpt, copy_id, time.time()))
+
+    def journal(self) -> dict:
+        return {"kind": "forwarded", "msg_id": self.msg_id, "rcpt": self.rcpt}
 
 
 class PolicyState:

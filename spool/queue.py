@@ -1,23 +1,34 @@
-"""The queue: message bodies as files plus an SQLite catalogue of envelopes.
+"""The queue: message bodies and their envelopes as files, plus an SQLite catalogue.
 
 Every message, whatever its origin (LAN SMTP, sendmail, a fetch from the ISP, a bounce),
 enters here and leaves only when every recipient has a final outcome.  Local recipients
 are then delivered into Maildirs, remote ones relayed in a dial session.
 
+The files are the truth and the catalogue is their index (see ``spool.queuefile`` for
+the envelope journal each message carries): the catalogue can be lost, truncated or
+corrupted and rebuilt from the files alone (``spool.rebuild``).
+
 Order of operations for ``enqueue`` (what makes kill -9 harmless):
 
 1. write the body into ``queue/tmp/<id>`` and fsync it;
-2. rename it to ``queue/msg/<id>`` and fsync ``queue/msg``;
-3. insert the envelope rows and COMMIT (WAL, synchronous=FULL, so the commit is on disk);
-4. only now may the caller say 250 / mark the UID taken / flag the ISP copy.
+2. write its envelope into ``queue/tmp/<id>.env`` and fsync it;
+3. rename the body to ``queue/msg/<id>`` and the envelope to ``queue/env/<id>``, fsync
+   both directories;
+4. insert the envelope rows and COMMIT (WAL, synchronous=FULL, so the commit is on disk);
+5. only now may the caller say 250 / mark the UID taken / flag the ISP copy.
 
-A crash before 3 leaves a body without a row: ``recover()`` removes it, and since the
-client never heard 250 it sends again.  A crash after 3 leaves a complete queued message.
+A crash before 3 leaves a body without an envelope: ``recover()`` removes it, and since
+the client never heard 250 it sends again.  A crash after 3 leaves a complete message:
+recovery imports it from its envelope if the catalogue does not list it (a client that
+missed the 250 then sends a second copy; none is ever lost).  A recipient's final
+outcome, and a message's removal, are appended to its envelope journal before the
+catalogue commit that records them, so the journal is never behind the catalogue.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import sqlite3
@@ -27,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol
 
+from spool import queuefile
 from spool.fsio import fsync_dir, write_file
+
+log = logging.getLogger("dialmail.spool")
 
 # Recipient states.  QUEUED and DEFERRED wait; the others are final.
 QUEUED = "queued"
@@ -113,6 +127,14 @@ class Message:
         return tuple(r for r in self.recipients if r.status not in FINAL)
 
 
+class DamagedBody(OSError):
+    """A queued body no longer has the size it was accepted with; the message is held."""
+
+    def __init__(self, qid: str, expected: int, actual: int):
+        super().__init__(f"{qid}: body is {actual} bytes, {expected} were accepted; held")
+        self.qid, self.expected, self.actual = qid, expected, actual
+
+
 class Result(Protocol):
     """A worker's finding for one recipient, as the queue stores it
     (gateway.mail.outcome.Outcome is one)."""
@@ -161,8 +183,16 @@ def new_queue_id(now: float | None = None) -> str:
 BUSY_TIMEOUT = 30.0
 
 
+class SpoolConnection(sqlite3.Connection):
+    """A catalogue connection that knows its spool, so a step running inside a
+    transaction (``Recorded``, a ``then``) can append to the message's envelope journal."""
+    spool_root: Path
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
+                           factory=SpoolConnection)
+    conn.spool_root = Path(path).parent
     _wal(conn)
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -188,16 +218,64 @@ def _wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.02)
 
 
-class Catalogue:
-    """The spool database: one connection per process, used under a lock from worker threads."""
+CATALOGUE = "dialmail.db"
+REPAIR_HINT = "run 'dialmail spool check' to see what is wrong and 'dialmail spool repair' to rebuild it"
 
-    def __init__(self, root: Path):
+
+class CatalogueDamaged(Exception):
+    """The catalogue fails SQLite's own check (or is not a database at all): nothing may
+    be queued into it; ``dialmail spool repair`` moves it aside and rebuilds it from the
+    queue files."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(f"the spool catalogue {path} is damaged ({detail}); {REPAIR_HINT}")
+        self.path = path
+        self.detail = detail
+
+
+def catalogue_problem(conn: sqlite3.Connection, full: bool = False) -> str | None:
+    """SQLite's verdict on the catalogue file: None when sound, else its first complaint."""
+    rows = [r[0] for r in conn.execute("PRAGMA integrity_check" if full else "PRAGMA quick_check")]
+    return None if rows == ["ok"] else "; ".join(str(r) for r in rows[:3])
+
+
+def is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """A damaged file, as opposed to a busy one (OperationalError: locked, I/O)."""
+    return not isinstance(exc, sqlite3.OperationalError) or "malformed" in str(exc)
+
+
+class Catalogue:
+    """The spool database: one connection per process, used under a lock from worker threads.
+
+    Opening it checks it (``PRAGMA quick_check``): a damaged catalogue raises
+    ``CatalogueDamaged`` instead of taking mail into a malformed file.  ``created`` says
+    the file was missing or empty, so recovery knows to look hard at the queue files.
+    """
+
+    def __init__(self, root: Path, *, check: bool = True):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = self.root / "dialmail.db"
-        self.conn = connect(self.path)
+        self.path = self.root / CATALOGUE
+        self.created = not self.path.exists() or self.path.stat().st_size == 0
+        try:
+            self.conn = connect(self.path)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            raise CatalogueDamaged(self.path, str(exc)) from None
         self.lock = threading.RLock()
-        self.conn.executescript(SCHEMA)
+        try:
+            problem = catalogue_problem(self.conn) if check and not self.created else None
+            if problem is None:
+                self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                self.conn.close()
+                raise
+            problem = str(exc)
+        if problem is not None:
+            self.conn.close()
+            raise CatalogueDamaged(self.path, problem)
 
     def transaction(self) -> "_Txn":
         return _Txn(self)
@@ -237,7 +315,9 @@ class Queue:
         self.dir = catalogue.root / "queue"
         self.tmp = self.dir / "tmp"
         self.msg = self.dir / "msg"
-        for d in (self.tmp, self.msg):
+        self.env = self.dir / "env"
+        self.lost_found = catalogue.root / "lost+found"
+        for d in (self.tmp, self.msg, self.env):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # ------------------------------------------------------------ entering the queue
@@ -296,23 +376,30 @@ class Queue:
         # Header values parsed from raw 8-bit mail carry surrogate escapes that SQLite cannot
         # store; they are only for display, so undecodable bytes become U+FFFD.
         message_id, subject = _storable(message_id), _storable(subject)
-        os.rename(tmp, final)
+        envelope = queuefile.Envelope(
+            qid=qid, sender=sender, arrival=time.time(), size=size, sha256=queuefile.body_digest(tmp),
+            origin=origin, client=client, message_id=message_id, subject=subject, urgent=urgent,
+            smtputf8=smtputf8, recipients=tuple(queuefile.EnvelopeRecipient(r, route, (orcpts or {}).get(r))
+                                                for r, route in rcpts),
+            then=then.journal() if hasattr(then, "journal") else None)
+        env_tmp = self.tmp / f"{qid}.env"
         try:
+            queuefile.write(env_tmp, envelope)
+            # Body first: an envelope in env/ means its body reached msg/ before it.
+            os.rename(tmp, final)
+            os.rename(env_tmp, self.env / qid)
             fsync_dir(self.msg)
+            fsync_dir(self.env)
             with self.cat.transaction() as conn:
-                conn.execute("INSERT INTO messages(id, sender, arrival, size, origin, client, message_id, subject,"
-                             " urgent, smtputf8) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                             (qid, sender, time.time(), size, origin, client, message_id, subject,
-                              int(urgent), int(smtputf8)))
-                conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, rcpt, route, orcpt) VALUES (?,?,?,?)",
-                                 [(qid, r, route, (orcpts or {}).get(r)) for r, route in rcpts])
+                insert_envelope(conn, envelope)
                 if then is not None:
                     then(conn, qid)
         except BaseException:
-            try:
-                os.unlink(final)
-            except OSError:
-                pass
+            for path in (final, self.env / qid, env_tmp, tmp):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             raise
         return qid
 
@@ -321,8 +408,41 @@ class Queue:
     def body_path(self, qid: str) -> Path:
         return self.msg / qid
 
-    def open_body(self, qid: str) -> BinaryIO:
-        return open(self.msg / qid, "rb")
+    def envelope_path(self, qid: str) -> Path:
+        return self.env / qid
+
+    def open_body(self, qid: str, *, check: bool = True) -> BinaryIO:
+        """The body for reading.  With ``check`` a body whose size is no longer the one
+        accepted is not handed out: the message is held, an ERROR says so, and
+        ``DamagedBody`` is raised (``dialmail spool check`` lists it)."""
+        f = open(self.msg / qid, "rb")
+        if not check:
+            return f
+        row = self.cat.execute("SELECT size FROM messages WHERE id=?", (qid,)).fetchone()
+        actual = os.fstat(f.fileno()).st_size
+        if row is None or row["size"] == actual:
+            return f
+        f.close()
+        self.hold_damaged(qid, f"its body is {actual} bytes, {row['size']} were accepted")
+        raise DamagedBody(qid, row["size"], actual)
+
+    def accept_body(self, qid: str) -> bool:
+        """Take the body as it is now (an administrator releasing a damaged message):
+        its current size and digest become the accepted ones.  True if they changed."""
+        path = self.msg / qid
+        size = path.stat().st_size
+        row = self.cat.execute("SELECT size FROM messages WHERE id=?", (qid,)).fetchone()
+        if row is None or row["size"] == size:
+            return False
+        queuefile.append(self.env / qid, [{"accepted": size, "sha256": queuefile.body_digest(path)}])
+        self.cat.execute("UPDATE messages SET size=? WHERE id=?", (size, qid))
+        log.warning("%s: body accepted as it is now (%d bytes, %d were accepted first)", qid, size, row["size"])
+        return True
+
+    def hold_damaged(self, qid: str, why: str) -> None:
+        self.set_hold(qid, True)
+        log.error("%s: held: %s; it is not delivered until an administrator looks at it "
+                  "('dialmail spool check' lists it, 'dialmail queue release %s' sends it as it is)", qid, why, qid)
 
     def get(self, qid: str) -> Message | None:
         with self.cat.lock:
@@ -421,7 +541,10 @@ class Queue:
 
     def record(self, qid: str, rcpt: str, status: str, code: int | None = None, reply: str | None = None,
                next_retry: float | None = None, count_attempt: bool = True) -> None:
-        """Store one recipient's outcome (and drop its claim)."""
+        """Store one recipient's outcome (and drop its claim); a final one goes into the
+        envelope journal first."""
+        if status in FINAL:
+            queuefile.append(self.env / qid, [queuefile.final(rcpt, status, code, reply)])
         self.cat.execute(_RECORD, (status, code, reply, int(count_attempt), next_retry, qid, rcpt))
 
     def record_outcomes(self, qid: str, outcomes: Mapping[str, Result], *, count_attempt: bool = True,
@@ -451,16 +574,20 @@ class Queue:
         with self.cat.transaction() as conn:
             rows = conn.execute(f"SELECT * FROM recipients WHERE msg_id=? AND status NOT IN (?,?){claimed}",
                                 (qid, *FINAL)).fetchall()
+            outcomes = {row["rcpt"]: why(_recipient(row)) for row in rows}
+            journal(conn, qid, [queuefile.final(r, BOUNCED, o.code, o.reply) for r, o in outcomes.items()])
             for row in rows:
-                o = why(_recipient(row))
+                o = outcomes[row["rcpt"]]
                 conn.execute("UPDATE recipients SET status=?, last_code=?, last_reply=?, claim=NULL "
                              "WHERE msg_id=? AND rcpt=?", (BOUNCED, o.code, o.reply, qid, row["rcpt"]))
         return len(rows)
 
     def set_hold(self, qid: str, hold: bool) -> bool:
+        queuefile.append(self.env / qid, [{"hold": hold}])
         return self.cat.execute("UPDATE messages SET hold=? WHERE id=?", (int(hold), qid)).rowcount == 1
 
     def set_warned(self, qid: str) -> None:
+        queuefile.append(self.env / qid, [{"warned": True}])
         self.cat.execute("UPDATE messages SET warned=1 WHERE id=?", (qid,))
 
     def reschedule(self, qid: str, when: float) -> None:
@@ -468,7 +595,8 @@ class Queue:
                          (when, qid))
 
     def remove(self, qid: str) -> None:
-        """Forget a message: catalogue first (the commit is the decision), then the body."""
+        """Forget a message: journal and catalogue first (the commit is the decision), then the files."""
+        queuefile.append(self.env / qid, [{"removed": True}])
         self.cat.execute("DELETE FROM messages WHERE id=?", (qid,))
         self.discard_body(qid)
 
@@ -487,50 +615,40 @@ class Queue:
                                 (qid, *FINAL)).fetchone()[0]
             if left:
                 return False
+            journal(conn, qid, [{"removed": True}])
             conn.execute("DELETE FROM messages WHERE id=?", (qid,))
         self.discard_body(qid)
         return True
 
     def discard_body(self, qid: str) -> None:
-        """A body whose row a committed transaction removed (a crash before this leaves an
-        orphan body, which ``recover`` removes)."""
-        try:
-            os.unlink(self.msg / qid)
-        except FileNotFoundError:
-            pass
+        """The files of a message whose row a committed transaction removed.  Body first: a
+        crash between leaves an envelope saying "removed", which ``recover`` deletes."""
+        for path in (self.msg / qid, self.env / qid):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     # ------------------------------------------------------------ start-up recovery
 
     def recover(self) -> dict[str, int]:
-        """Clean up after a crash: drop unacknowledged bodies, release stale claims.
+        """Clean up after a crash (see ``spool.rebuild.recover`` for every step).
 
-        Files are removed only while no other process is writing a message (the
+        Files are touched only while no other process is writing a message (the
         exclusive side of ``_writing``); if one is, only claims are released.
         """
+        # Imported here: rebuild replays steps defined in spool.fetchstate and spool.notices,
+        # which import this module.
+        from spool import rebuild
         fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return {"tmp": 0, "orphans": 0, "claims": self.release_claims(), "missing": 0}
-            return self._recover()
+            return rebuild.recover(self)
         finally:
             os.close(fd)
-
-    def _recover(self) -> dict[str, int]:
-        removed_tmp = 0
-        for name in os.listdir(self.tmp):
-            os.unlink(self.tmp / name)
-            removed_tmp += 1
-        known = {r["id"] for r in self.cat.execute("SELECT id FROM messages")}
-        orphans = 0
-        for name in os.listdir(self.msg):
-            if name not in known:
-                os.unlink(self.msg / name)
-                orphans += 1
-        missing = [qid for qid in known if not (self.msg / qid).exists()]
-        claims = self.release_claims()
-        return {"tmp": removed_tmp, "orphans": orphans, "claims": claims, "missing": len(missing)}
 
     def __iter__(self) -> Iterator[Message]:
         return iter(self.messages())
@@ -612,6 +730,8 @@ class Recorded:
         if self.retry_at is not None:
             before = {r["rcpt"]: _recipient(r)
                       for r in conn.execute("SELECT * FROM recipients WHERE msg_id=?", (self.qid,))}
+        journal(conn, self.qid, [queuefile.final(rcpt, o.status, o.code, o.reply)
+                                 for rcpt, o in self.outcomes.items() if o.status in FINAL])
         for rcpt, o in self.outcomes.items():
             retry = self.retry_at(before[rcpt], o) if rcpt in before else None
             conn.execute(_RECORD, (o.status, o.code, o.reply, int(self.count_attempt), retry, self.qid, rcpt))
@@ -625,7 +745,25 @@ def _remove_if_settled(conn: sqlite3.Connection, qid: str) -> bool:
                         "WHERE b.msg_id=r.msg_id AND b.rcpt=r.rcpt)))", (qid, *FINAL, BOUNCED)).fetchone()[0]
     if left:
         return False
+    journal(conn, qid, [{"removed": True}])
     return conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1
+
+
+def journal(conn: sqlite3.Connection, qid: str, records: list[dict]) -> None:
+    """Append to ``qid``'s envelope journal from inside a catalogue transaction, before
+    its COMMIT (see spool.queuefile)."""
+    root = getattr(conn, "spool_root", None)
+    if root is not None and records:
+        queuefile.append(root / "queue" / "env" / qid, records)
+
+
+def insert_envelope(conn: sqlite3.Connection, env: "queuefile.Envelope") -> None:
+    conn.execute("INSERT INTO messages(id, sender, arrival, size, origin, client, message_id, subject,"
+                 " urgent, smtputf8) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                 (env.qid, env.sender, env.arrival, env.size, env.origin, env.client, env.message_id, env.subject,
+                  int(env.urgent), int(env.smtputf8)))
+    conn.executemany("INSERT OR IGNORE INTO recipients(msg_id, rcpt, route, orcpt) VALUES (?,?,?,?)",
+                     [(env.qid, r.rcpt, r.route, r.orcpt) for r in env.recipients])
 
 
 def _recipient(r: sqlite3.Row) -> Recipient:

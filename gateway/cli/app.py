@@ -20,6 +20,7 @@ from gateway.mail.errors import (
     PermanentError,
     TransientError,
 )
+from spool.queue import CatalogueDamaged
 
 EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 64, 69, 70, 75, 78
 
@@ -52,6 +53,8 @@ def explained(fn):
             return fn(*args, **kwargs)
         except ConfigError as exc:
             fail(f"configuration error: {exc}", EX_CONFIG)
+        except CatalogueDamaged as exc:
+            fail(f"error: {exc}", EX_TEMPFAIL)
         except PermanentError as exc:
             fail(f"error: {exc}", EX_UNAVAILABLE)
         except (TransientError, OperationalError) as exc:

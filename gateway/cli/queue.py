@@ -86,7 +86,7 @@ def queue_show(ctx: typer.Context, qid: str):
         typer.echo(f"recipient: {r.rcpt} route={r.route} status={r.status} attempts={r.attempts}"
                    f"{' last=' + str(r.last_code) + ' ' + (r.last_reply or '') if r.last_code else ''}")
     typer.echo("")
-    with q.open_body(m.id) as f:
+    with q.open_body(m.id, check=False) as f:
         sys.stdout.flush()
         sys.stdout.buffer.write(f.read())
 
@@ -106,9 +106,10 @@ def queue_release(ctx: typer.Context, qid: str):
     """Release a held message for the next session."""
     q = _queue(ctx)
     m = _lookup(q, qid)
+    changed = q.accept_body(m.id)  # a body held as damaged goes as it is now
     q.set_hold(m.id, False)
     q.reschedule(m.id, 0)
-    typer.echo(f"{qid}: released")
+    typer.echo(f"{qid}: released" + (" (its body as it is now)" if changed else ""))
 
 
 @queue_app.command("delete")

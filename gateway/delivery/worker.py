@@ -20,7 +20,7 @@ from gateway.office.bounce import settle
 from gateway.office.directory import Directory
 from spool.fsio import is_disk_full
 from spool.maildir import Maildir, mailbox_path
-from spool.queue import LOCAL, Message, Queue
+from spool.queue import LOCAL, DamagedBody, Message, Queue
 
 __all__ = ["LocalDelivery", "DeliveryWorker"]
 
@@ -116,6 +116,11 @@ class LocalDelivery:
             return
         if not self.queue.body_path(qid).exists():
             self._body_missing(msg, rcpts)
+            return
+        try:
+            with self.queue.open_body(qid):
+                pass  # a body damaged since it was accepted is held here, not delivered
+        except DamagedBody:
             return
         # size -> block lists -> virus -> expansion -> forwarding -> mailbox -> replies
         self.pipeline.run(msg, rcpts)

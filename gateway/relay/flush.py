@@ -57,6 +57,7 @@ from spool.queue import (
     DELIVERED,
     FINAL,
     RELAY,
+    DamagedBody,
     Message,
     Queue,
     Recipient,
@@ -567,13 +568,16 @@ async def _abortable(ctx: _Context, coro: Awaitable):
 
 
 def _load(queue: Queue, qid: str) -> tuple[Message | None, bytes | None]:
-    """The message as it is now (None: deleted meanwhile) and its body (None: the file is gone)."""
+    """The message as it is now (None: deleted meanwhile, or held by the spool because its
+    body was damaged) and its body (None: the file is gone)."""
     msg = queue.get(qid)
     if msg is None:
         return None, None
     try:
         with queue.open_body(qid) as f:
             return msg, f.read()
+    except DamagedBody:
+        return None, None  # held by the spool, which logged why
     except FileNotFoundError:
         return msg, None
 
@@ -602,6 +606,8 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
     # Read again just before sending: the administrator may have held, deleted or bounced
     # it since the flush claimed it.
     msg, data = await asyncio.to_thread(_load, ctx.queue, job.qid)
+    if data is None:
+        return
     if msg is None:
         log.info("%s: deleted from the queue before it was sent", job.qid)
         return
