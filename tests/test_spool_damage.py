@@ -19,11 +19,8 @@ from gateway.delivery.worker import LocalDelivery
 from gateway.office.directory import Directory
 from spool import check, rebuild
 from spool.queue import CATALOGUE, DELIVERED, RELAY, Catalogue, CatalogueDamaged, Queue
-from tests import test_relay
 from tests.harness import ROOT, wait_for
 from tests.test_relay import Office, message
-
-office = test_relay.office  # the in-process office of the relay tests, as a fixture here too
 
 pytestmark = pytest.mark.peer
 
