@@ -36,8 +36,10 @@ CREATE TABLE IF NOT EXISTS clock_reading (
 """
 
 # NTP slews small errors (at most 0.5 ms per second) and steps big ones (128 ms and up,
-# usually far more); a difference under this between two readings is slewing or jitter.
+# usually far more): a difference under STEP_TOLERANCE, or under what slewing can do in
+# the time between two readings, is no step.
 STEP_TOLERANCE = 2.0
+SLEW_RATE = 500e-6
 
 # How often a running watch saves its reading (the restart check compares against it).
 SAVE_EVERY = 300.0
@@ -132,7 +134,7 @@ class ClockWatch:
             last_wall, last_up = last
             elapsed = up - last_up
             jump = (wall - last_wall) - elapsed
-            if abs(jump) > STEP_TOLERANCE:
+            if abs(jump) > max(STEP_TOLERANCE, SLEW_RATE * elapsed):
                 # Before the step the wall clock ran at most ``elapsed`` past the last reading.
                 step = Step(before=last_wall + elapsed, seconds=jump)
                 self.steps.record(step)
