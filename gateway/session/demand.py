@@ -75,7 +75,8 @@ def _trigger(cfg: DemandConfig, queue: QueueSnapshot, history: History, now: flo
     if cfg.urgent_after is not None and queue.oldest_urgent is not None:
         waiting = since(queue.oldest_urgent, now)
         if waiting >= cfg.urgent_after:
-            return "urgent mail waiting " + (f"{int(waiting)}s" if waiting != LONG_AGO else "since before the clock was set back")
+            return "urgent mail waiting " + (f"{int(waiting)}s" if waiting != LONG_AGO
+                                             else "since before the clock was set back")
     if queue.messages and cfg.min_messages is not None and queue.messages >= cfg.min_messages:
         return f"{queue.messages} messages queued (threshold {cfg.min_messages})"
     if queue.messages and cfg.min_bytes is not None and queue.bytes >= cfg.min_bytes:
