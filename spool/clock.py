@@ -77,7 +77,10 @@ class ClockSteps:
 
     def __init__(self, catalogue: Catalogue):
         self.cat = catalogue
-        self.cat.conn.executescript(SCHEMA)
+        # executescript commits whatever the shared connection has open: under the lock,
+        # so it can never commit half of another thread's transaction.
+        with self.cat.lock:
+            self.cat.conn.executescript(SCHEMA)
 
     @classmethod
     def of(cls, queue: Queue) -> "ClockSteps":

@@ -81,7 +81,8 @@ class SessionRecord:
 class SessionLog:
     def __init__(self, catalogue: Catalogue):
         self.cat = catalogue
-        self.cat.conn.executescript(SCHEMA)
+        with self.cat.lock:  # executescript commits what another thread may have open
+            self.cat.conn.executescript(SCHEMA)
 
     def start(self, record: SessionRecord) -> int:
         cur = self.cat.execute("INSERT INTO sessions(started, trigger, mode, record) VALUES (?,?,?,?)",
