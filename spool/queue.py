@@ -509,14 +509,19 @@ class Queue:
 
     # ------------------------------------------------------------ state changes
 
-    def claim(self, route: str, owner: str, limit: int = 100, now: float | None = None) -> list[tuple[str, str]]:
-        """Atomically take due recipients on ``route`` for ``owner``; returns (msg_id, rcpt) pairs."""
+    def claim(self, route: str, owner: str, limit: int = 100, now: float | None = None,
+              latest: float = float("inf")) -> list[tuple[str, str]]:
+        """Atomically take due recipients on ``route`` for ``owner``; returns (msg_id, rcpt) pairs.
+
+        A next retry later than ``latest`` is due as well: when no back-off is that long,
+        such a time was set by a clock that has since been stepped back.
+        """
         now = time.time() if now is None else now
         with self.cat.transaction() as conn:
             rows = conn.execute(
                 "SELECT r.msg_id, r.rcpt FROM recipients r JOIN messages m ON m.id=r.msg_id "
-                "WHERE r.route=? AND r.status IN ('queued','deferred') AND r.next_retry<=? AND m.hold=0 "
-                "AND r.claim IS NULL ORDER BY r.msg_id LIMIT ?", (route, now, limit)).fetchall()
+                "WHERE r.route=? AND r.status IN ('queued','deferred') AND (r.next_retry<=? OR r.next_retry>?) "
+                "AND m.hold=0 AND r.claim IS NULL ORDER BY r.msg_id LIMIT ?", (route, now, latest, limit)).fetchall()
             conn.executemany("UPDATE recipients SET claim=? WHERE msg_id=? AND rcpt=?",
                              [(owner, r["msg_id"], r["rcpt"]) for r in rows])
         return [(r["msg_id"], r["rcpt"]) for r in rows]

@@ -4,6 +4,11 @@ The lock is an flock on ``<spool>/locks/session``, so a cron-started ``connect-n
 the daemon's scheduler can never bring the link up twice.  The record of a session is
 a row in the spool database, written when the session starts and completed when it ends,
 so even a session cut short by a kill leaves a trace.
+
+Besides wall-clock stamps a record carries the boot clock's reading at its start and its
+time online measured on that clock (spool.clock), so gaps between sessions and connected
+minutes stay true when the wall clock is stepped.  They live in the JSON record: older
+records simply have none.
 """
 from __future__ import annotations
 
@@ -51,11 +56,16 @@ class SessionRecord:
     carrier_lost: bool = False        # the line dropped while online (a retry may follow)
     cost: float = 0.0
     transcript: str | None = None     # path of the dialogue/protocol transcript
+    boot: str | None = None           # spool.clock.boot_id() of the boot it ran on
+    started_uptime: float | None = None  # spool.clock.uptime() at the start
+    online_seconds: float | None = None  # link up to hang-up, on the boot clock
 
     @property
     def connected_seconds(self) -> float:
         if self.connected_at is None:
             return 0.0
+        if self.online_seconds is not None:
+            return self.online_seconds
         return max(0.0, (self.hung_up_at or self.ended or time.time()) - self.connected_at)
 
     def to_json(self) -> str:
@@ -71,7 +81,8 @@ class SessionRecord:
 class SessionLog:
     def __init__(self, catalogue: Catalogue):
         self.cat = catalogue
-        self.cat.conn.executescript(SCHEMA)
+        with self.cat.lock:  # executescript commits what another thread may have open
+            self.cat.conn.executescript(SCHEMA)
 
     def start(self, record: SessionRecord) -> int:
         cur = self.cat.execute("INSERT INTO sessions(started, trigger, mode, record) VALUES (?,?,?,?)",
@@ -86,8 +97,10 @@ class SessionLog:
         rows = self.cat.execute("SELECT id, record FROM sessions ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [(r["id"], SessionRecord.from_json(r["record"])) for r in reversed(rows)]
 
-    def since(self, when: float) -> list[SessionRecord]:
-        rows = self.cat.execute("SELECT record FROM sessions WHERE started>=? ORDER BY id", (when,)).fetchall()
+    def since(self, when: float, until: float = float("inf")) -> list[SessionRecord]:
+        """Sessions started from wall time ``when`` up to ``until``."""
+        rows = self.cat.execute("SELECT record FROM sessions WHERE started>=? AND started<=? ORDER BY id",
+                                (when, until)).fetchall()
         return [SessionRecord.from_json(r["record"]) for r in rows]
 
 

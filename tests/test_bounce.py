@@ -13,6 +13,7 @@ from gateway.mail import dsn, outcome
 from gateway.office import bounce
 from gateway.relay.expiry import expire
 from gateway.relay.flush import flush
+from spool.clock import ClockSteps, ClockWatch, Step
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, LOCAL, RELAY, Catalogue, Queue
 from tests.harness import wait_for
 from tests.test_relay import Office, message
@@ -174,6 +175,65 @@ def test_flush_expires_before_sending(office):
     result = asyncio.run(flush(office.cfg, office.queue, clock=lambda: time.time() + 5 * DAY))
     assert result.expired == 1 and result.sent == 0 and result.error is None  # nothing left to connect for
     assert office.queue.get(qid) is None
+
+
+def test_a_forward_clock_step_bounces_and_warns_nothing_early(office):
+    qid = office.send("alice@office.test", ["far@example.com"], message("queued for minutes"))
+    arrival = office.queue.get(qid).arrival
+    watch = ClockWatch(office.queue.cat, boot="boot-1")  # what the daemon's scheduler runs every second
+    watch.observe(arrival + 60, 1000.0)
+    jumped = arrival + 5 * DAY + 70
+    assert watch.observe(jumped, 1010.0).seconds == 5 * DAY  # ten real seconds; five days on the wall
+
+    result = expire(office.cfg, office.queue, jumped)
+    assert not result.bounced and not result.warned and not notices(office)
+    flushed = asyncio.run(flush(office.cfg, office.queue, clock=lambda: jumped))  # port 9: nobody answers
+    assert flushed.expired == 0 and office.queue.get(qid).recipients[0].status == DEFERRED  # still waiting
+
+    # Four days of real time later the message has been queued four days by both clocks.
+    watch.observe(jumped + 4 * DAY - 80, 1000.0 + 4 * DAY - 70)
+    almost = expire(office.cfg, office.queue, jumped + 4 * DAY - 80)
+    assert not almost.bounced and almost.warned == [qid]  # it has really waited long enough for a warning
+    office.deliver_local()
+    watch.observe(jumped + 4 * DAY - 60, 1000.0 + 4 * DAY - 50)
+    assert expire(office.cfg, office.queue, jumped + 4 * DAY - 60).bounced == [qid]
+    office.deliver_local()
+    expire(office.cfg, office.queue, jumped + 4 * DAY)
+    assert ClockSteps(office.queue.cat).all() == []  # no message left that lived through the step
+
+
+def test_mail_queued_after_a_forward_step_expires_on_time(office):
+    old = office.send("alice@office.test", ["a@example.com"], message("before the step"))
+    arrival = office.queue.get(old).arrival
+    ClockSteps(office.queue.cat).record(Step(before=arrival, seconds=2 * DAY))  # right after it arrived
+    new = office.send("alice@office.test", ["b@example.com"], message("after the step"))
+    assert office.queue.get(new).arrival > arrival
+    later = office.queue.get(new).arrival + 4 * DAY + 1
+    assert expire(office.cfg, office.queue, later).bounced == [new]
+    assert office.queue.get(old) is not None  # two days of this one's wall-clock age were the step
+
+
+def test_a_backward_clock_step_never_bounces_sooner(office):
+    qid = office.send("alice@office.test", ["x@example.com"], message("stepped back"))
+    arrival = office.queue.get(qid).arrival
+    watch = ClockWatch(office.queue.cat, boot="boot-1")
+    watch.observe(arrival + 3 * DAY, 1000.0)
+    watch.observe(arrival + 2 * DAY, 1010.0)  # a day back: the wall clock is now the slower one
+    assert not expire(office.cfg, office.queue, arrival + 4 * DAY - 1).bounced  # real time says 5 days
+    office.deliver_local()  # the delay warning
+    assert expire(office.cfg, office.queue, arrival + 4 * DAY + 1).bounced == [qid]
+
+
+def test_a_retry_time_set_before_a_step_back_does_not_hold_the_mail(office):
+    # Deferred while the clock ran a day fast: its next try is "tomorrow" for the corrected clock.
+    late = office.send("alice@office.test", ["late@example.com"], message("deferred a day ahead"))
+    soon = office.send("alice@office.test", ["soon@example.com"], message("deferred an hour"))
+    now = time.time()
+    office.queue.record(late, "late@example.com", DEFERRED, 451, "4.3.0 busy", next_retry=now + DAY + 300)
+    office.queue.record(soon, "soon@example.com", DEFERRED, 451, "4.3.0 busy", next_retry=now + 3600)
+    result = asyncio.run(flush(office.cfg, office.queue, clock=lambda: now))  # port 9: nobody answers
+    # retry_max is 4 hours: no back-off runs a day, so that one is due; the hour's back-off stands.
+    assert [r.rcpt for r in result.results] == ["late@example.com"]
 
 
 def test_administrator_bounce(office):

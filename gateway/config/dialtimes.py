@@ -160,6 +160,17 @@ class RuleJob(schedule.Job):
         return f"DialRule({self.rule.text!r}, next {self.next_run})"
 
 
+def replan(scheduler: schedule.Scheduler) -> None:
+    """Work out every job's next run again from now: after the wall clock was stepped back.
+
+    The library keeps a next run computed before the step, which now lies as far ahead
+    as the step was long, and every dial until then would be skipped; cron, which reads
+    the clock afresh each minute, would not skip them.
+    """
+    for job in scheduler.jobs:
+        job._schedule_next_run()
+
+
 def install(scheduler: schedule.Scheduler, rules, fire: Callable[[DialRule], None],
             now: Callable[[], dt.datetime] = dt.datetime.now) -> list[RuleJob]:
     jobs = []

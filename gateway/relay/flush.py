@@ -141,7 +141,9 @@ async def flush(config: Config, queue: Queue, clock: Callable[[], float] = time.
             result.expired = len(expired.bounced)
             result.local_notices += expired.local_notices
             await asyncio.to_thread(_release_dead_claims, queue)
-            pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now)
+            # No back-off exceeds retry_max: a retry time further ahead predates a step back of the clock.
+            pairs = await asyncio.to_thread(queue.claim, RELAY, owner, 1_000_000, FOREVER if force else now,
+                                            now + config.queue.retry_max)
         except Exception as exc:
             if not is_disk_full(exc):
                 raise

@@ -6,7 +6,16 @@ Strategies, in the words the code uses:
   * demand — every ``DEMAND_EVERY`` seconds, gateway.demand.decide over the queue and the
     session history; refusals by the budget are logged once per reason;
   * expiry — every ``EXPIRE_EVERY`` seconds, queue lifetime and delay warnings are
-    applied even while offline (wall-clock time, never "the link was down").
+    applied even while offline (wall-clock time, never "the link was down");
+  * clock watch — every tick, the wall clock against the boot clock (spool.clock): a step
+    is recorded for expiry, and a step back re-plans the dial times.
+
+The clock: the intervals between the daemon's own checks run on the event loop's
+monotonic clock.  How long ago the last session or collection was is measured by the boot
+clock when that session ran on this boot, else by the wall clock, where a stamp later than
+now counts as long ago (gateway.session.demand).  The daily budget counts sessions started
+on today's local calendar day of the wall clock, up to now, as cron and Postfix go by the
+wall clock: sessions stamped in the future are not counted.
 """
 from __future__ import annotations
 
@@ -19,6 +28,8 @@ import schedule
 
 from gateway.config import dialtimes
 from gateway.session import demand
+from spool.clock import ClockWatch, Step, boot_id, uptime
+from spool.sessions import SessionLog, SessionRecord
 
 log = logging.getLogger("dialmail.scheduler")
 
@@ -27,13 +38,41 @@ DEMAND_EVERY = 15.0
 EXPIRE_EVERY = 300.0
 
 
+# How many recent sessions are looked at for the last session and the last collection.
+RECENT = 50
+
+
+def history(sessions: SessionLog, now: float, up: float, boot: str) -> demand.History:
+    """The session history ``decide`` weighs, at wall time ``now`` and boot-clock ``up``."""
+    midnight = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    today = [r for r in sessions.since(midnight, until=now) if r.outcome != "refused"]
+    recent = [r for _, r in sessions.last(RECENT) if r.outcome != "refused"]
+
+    def since_last(records: list[SessionRecord]) -> float | None:
+        return min((_since_start(r, now, up, boot) for r in records), default=None)
+
+    return demand.History(
+        since_last_session=since_last(recent),
+        since_last_collection=since_last([r for r in recent if r.mode in ("both", "fetch") and r.connected_at]),
+        sessions_today=len(today), minutes_today=sum(r.connected_seconds for r in today) / 60)
+
+
+def _since_start(rec: SessionRecord, now: float, up: float, boot: str) -> float:
+    if boot and rec.boot == boot and rec.started_uptime is not None:
+        return max(0.0, up - rec.started_uptime)
+    return demand.since(rec.started, now)
+
+
 class Scheduler:
-    def __init__(self, daemon, clock=time.time):
+    def __init__(self, daemon, clock=time.time, up=uptime):
         self.daemon = daemon
         self.config = daemon.config
         self.clock = clock
+        self.uptime = up
+        self.boot = boot_id()
         self.jobs = schedule.Scheduler()
         dialtimes.install(self.jobs, self.config.schedule.rules, self._fire)
+        self.watch = ClockWatch(daemon.spool.catalogue, self.boot)
         self._last_refusal: str | None = None
 
     def next_dial(self) -> dt.datetime | None:
@@ -45,22 +84,10 @@ class Scheduler:
             log.info("scheduled dial skipped: a session is already running")
 
     def snapshot(self) -> tuple[demand.QueueSnapshot, demand.History]:
-        from spool.sessions import SessionLog
         backlog = self.daemon.spool.queue.relay_backlog(self.config.demand.urgent_senders)
-        now = self.clock()
-        midnight = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        log_ = SessionLog(self.daemon.spool.catalogue)
-        today = [r for r in log_.since(midnight) if r.outcome != "refused"]
-        recent = log_.last(50)
-        last_start = max((r.started for _, r in recent if r.outcome != "refused"), default=None)
-        last_collect = max((r.started for _, r in recent if r.mode in ("both", "fetch") and r.connected_at),
-                           default=None)
         queue = demand.QueueSnapshot(messages=backlog.messages, bytes=backlog.bytes,
                                      oldest_urgent=backlog.oldest_urgent)
-        history = demand.History(last_session_start=last_start, last_collection=last_collect,
-                                 sessions_today=len(today),
-                                 minutes_today=sum(r.connected_seconds for r in today) / 60)
-        return queue, history
+        return queue, history(SessionLog(self.daemon.spool.catalogue), self.clock(), self.uptime(), self.boot)
 
     def decide(self) -> demand.Decision:
         """The demand decision now (reads the spool: call it from a worker thread)."""
@@ -81,6 +108,7 @@ class Scheduler:
         next_demand = loop.time() + 2.0
         next_expire = loop.time()
         while True:
+            await self._watch_clock()
             self.jobs.run_pending()
             now = loop.time()
             if now >= next_demand:
@@ -96,6 +124,21 @@ class Scheduler:
                 next_expire = now + EXPIRE_EVERY
                 await self._expire()
             await asyncio.sleep(TICK)
+
+    async def _watch_clock(self) -> None:
+        try:
+            step = await asyncio.to_thread(self.watch.observe, self.clock(), self.uptime())
+        except Exception:
+            log.exception("clock check failed")
+            return
+        if step is not None:
+            self.clock_stepped(step)
+
+    def clock_stepped(self, step: Step) -> None:
+        log.warning("the wall clock was stepped %s by %ds; queue expiry goes by real time for the mail "
+                    "queued before it", "forward" if step.seconds > 0 else "back", abs(step.seconds))
+        if step.seconds < 0:
+            dialtimes.replan(self.jobs)
 
     async def _expire(self) -> None:
         from gateway.relay.expiry import expire

@@ -55,6 +55,7 @@ from gateway.session.events import (
 )
 from gateway.session.transcript import Transcript
 from modem.errors import LinkError
+from spool.clock import boot_id, uptime
 from spool.fsio import is_disk_full
 from spool.sessions import SessionBusy, SessionLock, SessionLog, SessionRecord
 
@@ -81,7 +82,8 @@ class Session:
             raise ValueError(f"mode must be one of {MODES}")
         self.ctx = ctx
         self.config = ctx.config
-        self.record = SessionRecord(trigger=trigger, mode=mode, started=clock())
+        self.record = SessionRecord(trigger=trigger, mode=mode, started=clock(), boot=boot_id(),
+                                    started_uptime=uptime())
         self.emit_cb = emit or (lambda event: None)
         self.clock = clock
         self.stop = asyncio.Event()  # stop at the next safe point
@@ -268,6 +270,7 @@ class Session:
                 self.phase = {"both": "sending and fetching", "send": "sending",
                               "fetch": "fetching"}[rec.mode]
                 rec.connected_at = self.clock()
+                online_since = uptime()
                 rec.connect_rate = info.rate
                 watch = asyncio.create_task(self._watch(info))
                 try:
@@ -279,6 +282,7 @@ class Session:
                     if info.bytes_up is not None:
                         rec.bytes_up, rec.bytes_down = info.bytes_up, info.bytes_down or 0
                     rec.hung_up_at = self.clock()
+                    rec.online_seconds = uptime() - online_since
                     self.phase = "hanging up"
         except LinkError as exc:
             rec.errors.append(str(exc))
