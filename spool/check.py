@@ -51,7 +51,19 @@ class SpoolInUse(Exception):
     """``repair`` needs the daemon stopped."""
 
 
+class CatalogueBusy(Exception):
+    """SQLite could not read the catalogue just now (locked by a writer): try again."""
+
+
 def check(root: Path, now: float | None = None) -> list[Finding]:
+    """Every problem found in the spool at ``root``; changes nothing."""
+    try:
+        return _check(root, now)
+    except sqlite3.OperationalError as exc:
+        raise CatalogueBusy(str(exc)) from None
+
+
+def _check(root: Path, now: float | None = None) -> list[Finding]:
     root = Path(root)
     now = time.time() if now is None else now
     out: list[Finding] = []

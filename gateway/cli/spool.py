@@ -17,12 +17,10 @@ def spool_check(ctx: typer.Context):
 
     Each problem is printed with what 'dialmail spool repair' will do about it; the exit
     status is 1 when something is wrong."""
-    import sqlite3
-
     from spool import check
     try:
         findings = check.check(state(ctx).config().spool_dir)
-    except sqlite3.OperationalError as exc:
+    except check.CatalogueBusy as exc:
         fail(f"cannot read the spool catalogue now ({exc}); try again", EX_TEMPFAIL)
     for f in findings:
         typer.echo(f"{f.subject}: {f.problem}\n    repair will: {f.repair}")
