@@ -152,7 +152,7 @@ def test_certificate_is_verified(fs, isp):
 
 def test_wrong_password_is_an_account_error_not_an_exception(fs, isp):
     fill(isp, "office", [message(1)])
-    fs.pwfile.write_text("wrong\n")
+    fs.pwfile.write_text("not-the-isp-password-3\n")
     fs.configure(fs.account("isp", isp.imap_port, "office", deliver_to="alice"))
     result = fs.fetch()
     assert result.fetched == 0 and "login refused" in result.errors[0]
