@@ -25,7 +25,7 @@ from spool.queue import Queue
 # Bytes kept in memory per transaction before they go to the file: large enough that a
 # 20 MB upload is a few hundred thread hops, small enough that 100 clients stalled in
 # DATA cost a few tens of MB.
-FLUSH_AT = 256 * 1024
+FLUSH_AT = 64 * 1024
 
 
 @dataclass
