@@ -606,8 +606,6 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
     # Read again just before sending: the administrator may have held, deleted or bounced
     # it since the flush claimed it.
     msg, data = await asyncio.to_thread(_load, ctx.queue, job.qid)
-    if data is None:
-        return
     if msg is None:
         log.info("%s: deleted from the queue before it was sent", job.qid)
         return
