@@ -328,6 +328,18 @@ class Queue:
         return qid, self.tmp / qid
 
     @contextlib.contextmanager
+    def receiving(self) -> Iterator[tuple[str, Path]]:
+        """A fresh queue id and tmp path for a body its writer fills over a long time, a
+        piece at a time (SMTP DATA as it arrives); ``enqueue_file`` then queues it.
+
+        Start-up recovery leaves the tmp file alone until the block is left; leaving it
+        does not remove the file: the writer removes what it does not queue.
+        """
+        qid, tmp = self.new_body()
+        with self._writing():
+            yield qid, tmp
+
+    @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """Shared lock held while a message is being written; ``recover`` takes it exclusively."""
         fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)

@@ -1,10 +1,11 @@
 """The aiosmtpd code that gateway.smtp.server copies or reaches into is the code it was written against.
 
-``SubmissionProtocol.smtp_DATA`` is aiosmtpd 1.4's ``SMTP.smtp_DATA`` rewritten to collect
-the message in one buffer, and it (with ``connection_made`` and ``smtp_AUTH``) uses
-aiosmtpd internals that have no public equivalent: ``_reader``/``_writer`` (set in
+``SubmissionProtocol.smtp_DATA`` is aiosmtpd 1.4's ``SMTP.smtp_DATA`` rewritten to write
+the message to the spool as it arrives, and it (with ``connection_made`` and ``smtp_AUTH``)
+uses aiosmtpd internals that have no public equivalent: ``_reader``/``_writer`` (set in
 ``_cb_client_connected``), ``_call_handler_hook``, ``_set_post_data_state``,
-``_create_session`` and ``_auth_require_tls`` (read by ``smtp_EHLO`` and ``smtp_AUTH``).
+``_create_session``, ``_create_envelope``, the idle timer ``_timeout_handle`` (set by
+``_reset_timeout``) and ``_auth_require_tls`` (read by ``smtp_EHLO`` and ``smtp_AUTH``).
 pyproject.toml pins aiosmtpd below 1.5; this test catches a change inside that range.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ RECORDED = {
     "_set_post_data_state": "1dc8a8abca2a81644a605b8ebf427fc7472eeadf5149dd3cf2591fa86b2256e9",
     "_call_handler_hook": "6ff23a6634ea03076444ef30df9fd65b01c4d52e9fda0bd3d99339aacc488d74",
     "_create_session": "22b243e82ff1c7a4956a63363835200a9594c8f401894721f493b99fa2db1bc8",
+    "_create_envelope": "54afceea638744d4ea97af532464ace6ff754e61becd52e64059cdd938e086a0",
+    "_reset_timeout": "fef19b94d28dff319ca0ca9ecc1884e8f419d9f016d1d25380b01d5e85ff3c78",
     "connection_made": "77a45df5065bba343a040b6f6c88de8907b40c80bc03727e7f18ede20d19f4bf",
     "smtp_EHLO": "1d91592dd954c4cd87bf365fc57f0a16e36d9ff911cda1b2b253a4981618f19f",
     "smtp_AUTH": "79078b308377ac485368dfe255ad6d84581da9696acfe55d973a18e2d41f9c5c",
@@ -33,6 +36,8 @@ WHAT_TO_RECHECK = {
     "_set_post_data_state": "check that it is still the one reset after DATA",
     "_call_handler_hook": "check that it still calls handler.handle_DATA(server, session, envelope)",
     "_create_session": "check that SubmissionProtocol._create_session still replaces it",
+    "_create_envelope": "check that SubmissionProtocol._create_envelope still replaces it (post-DATA and RSET)",
+    "_reset_timeout": "check that self._timeout_handle is still the one idle timer smtp_DATA cancels and restarts",
     "connection_made": "check that it still creates self.session (with .peer) before our override reads it, "
                        "and that self.transport is None on the first call",
     "smtp_EHLO": "check that it still reads self._auth_require_tls when offering AUTH",

@@ -79,6 +79,9 @@ class SMTPConfig:
     min_free_space: int
     max_auth_failures: int = 5
     auth_lockout: int = 900
+    # Longest silence allowed between two reads of DATA (Postfix's smtpd_timeout): a slow
+    # but steady upload is never cut, however long the whole message takes.
+    data_timeout: int = 300
 
 
 @dataclass(frozen=True)

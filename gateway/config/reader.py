@@ -93,7 +93,7 @@ def loads(text: str, path: Path | None = None) -> Config:
                               {"hostname", "domains", "spool_dir", "mynetworks", "postmaster"}))
     smtp = _smtp(_Section(loader, "smtp", raw.get("smtp"), {"listen", "max_message_size", "tls_cert", "tls_key",
                                                             "max_connections", "min_free_space",
-                                                            "max_auth_failures", "auth_lockout"}))
+                                                            "max_auth_failures", "auth_lockout", "data_timeout"}))
     pop3 = _pop3(_Section(loader, "pop3", raw.get("pop3"), {"listen", "tls_cert", "tls_key", "allow_plaintext_lan",
                                                             "max_failures", "lockout"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
@@ -185,7 +185,8 @@ def _smtp(s: _Section) -> SMTPConfig:
                       max_connections=s.positive("max_connections", 50),
                       min_free_space=s.convert("min_free_space", parse_size, 20 * 1000**2),
                       max_auth_failures=s.positive("max_auth_failures", 5),
-                      auth_lockout=s.convert("auth_lockout", parse_duration, 900))
+                      auth_lockout=s.convert("auth_lockout", parse_duration, 900),
+                      data_timeout=s.convert("data_timeout", parse_duration, 300))
 
 
 def _pop3(s: _Section) -> POP3Config:

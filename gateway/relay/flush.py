@@ -47,7 +47,7 @@ from gateway.config import Config
 from gateway.mail import headers, outcome
 from gateway.mail.outcome import Outcome
 from gateway.office import bounce
-from gateway.relay import mx
+from gateway.relay import fold, mx
 from gateway.relay.expiry import expire
 from gateway.relay.rewrite import SenderRewriter
 from spool.fsio import free_bytes, is_disk_full
@@ -624,7 +624,8 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
         await ctx.record(job.qid, {r: missing for r in rcpts})
         return
     sender = ctx.rewriter.address(msg.sender)
-    data = ctx.rewriter.message(data)
+    # Submission takes lines over 1,000 octets; the smarthost gets them folded.
+    data = fold.long_lines(ctx.rewriter.message(data))
     outcomes: dict[str, Outcome] = {}
     where = f"{conn.peer.host}:{conn.peer.port}"
     utf8 = not sender.isascii() or _utf8_headers(msg, data) or any(not r.isascii() for r in rcpts)

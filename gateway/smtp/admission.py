@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from gateway.config import Config
 from gateway.mail.headers import Headers
@@ -51,8 +52,10 @@ class SubmissionPolicy:
                 return Reply.MEMBERS_ONLY
         return None
 
-    async def check_content(self, sender: str, rcpts: list[str], data: bytes, headers: Headers,
+    async def check_content(self, sender: str, rcpts: list[str], body: Path, size: int, headers: Headers,
                             ip: str) -> str | None:
+        """``body`` is the message's file in the spool (fsynced, not yet queued), ``size``
+        its length: the scan streams it to clamd and never holds it in memory."""
         for who in blocklist.header_addresses(headers.get("From")):
             entry = self.senders.blocked_by(who)
             if entry:
@@ -61,11 +64,11 @@ class SubmissionPolicy:
         if not self.scanner.enabled:
             return None
         what = f"message from=<{sender}> client={ip}"
-        if self.scanner.too_big(len(data)):
-            log.warning("%s: not scanned for viruses: %d bytes is over virus max_scan_size %d", what, len(data),
+        if self.scanner.too_big(size):
+            log.warning("%s: not scanned for viruses: %d bytes is over virus max_scan_size %d", what, size,
                         self.settings.virus.max_scan_size)
             return None
-        result = await asyncio.to_thread(self.scanner.scan_parts, [data])
+        result = await asyncio.to_thread(self._scan, body)
         verdict = self.scanner.verdict(result, fetched=False, what=what)
         if verdict.action == REJECT_ACTION:
             if self.settings.virus.notify_postmaster:
@@ -80,3 +83,7 @@ class SubmissionPolicy:
         if verdict.action == DEFER_ACTION:
             return Reply.SCAN_FAILED
         return None
+
+    def _scan(self, body: Path) -> virus.ScanResult:
+        with open(body, "rb") as f:
+            return self.scanner.scan_file(f)

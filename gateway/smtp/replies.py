@@ -20,3 +20,4 @@ class Reply:
     BAD_HELO = "501 5.5.4 Invalid HELO/EHLO argument: control characters are not allowed"
     AUTH_BAD_PLAIN = "501 5.5.2 Can't split auth value"
     CONTENT_BLOCKED = "550 5.7.1 Message rejected: From address blocked by local policy"
+    DATA_TIMEOUT = "421 4.4.2 {hostname} Error: timeout exceeded"

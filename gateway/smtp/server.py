@@ -27,10 +27,10 @@ from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway.config import Config, is_loopback
 from gateway.mail import address
-from gateway.mail import headers as mail_headers
 from gateway.mail.errors import ConfigError
 from gateway.office.directory import Directory
 from gateway.policy.throttle import LoginThrottle
+from gateway.smtp.incoming import IncomingBody
 from gateway.smtp.replies import Reply
 from spool.fsio import free_bytes, is_disk_full
 from spool.queue import LOCAL, RELAY, Queue
@@ -199,35 +199,47 @@ class SubmissionHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return Reply.OK
 
-    async def handle_DATA(self, server, session, envelope):
-        data: bytes = envelope.original_content or envelope.content
-        if len(data) > self.config.smtp.max_message_size:
-            return Reply.TOO_BIG.format(limit=self.config.smtp.max_message_size)
+    async def open_body(self, session: Session, envelope: Envelope) -> IncomingBody:
+        """Where the DATA of this transaction goes as it arrives: the spool's tmp file,
+        starting with our Received: header."""
+        return await IncomingBody.open(self.queue, self._received(session, envelope))
+
+    async def handle_DATA(self, server, session, envelope: "SubmissionEnvelope"):
+        body = envelope.body
         peer = peer_ip(session)
-        headers = mail_headers.of(data)  # read once, here, for everything below
+        if body.size > self.config.smtp.max_message_size:
+            return Reply.TOO_BIG.format(limit=self.config.smtp.max_message_size)
+        try:
+            await body.finish()
+            headers = await asyncio.to_thread(body.read_headers)  # read once, here, for everything below
+        except OSError as exc:
+            return self._not_kept(envelope, peer, exc)
         if self.policy is not None:
-            refusal = await self.policy.check_content(_sender(envelope), envelope.rcpt_tos, data, headers, peer)
+            refusal = await self.policy.check_content(_sender(envelope), envelope.rcpt_tos, body.path, body.size,
+                                                      headers, peer)
             if refusal:
                 return refusal
-        received = self._received(session, envelope)
         routes = [(r, LOCAL if self.directory.is_local(r) else RELAY) for r in envelope.rcpt_tos]
         try:
             qid = await asyncio.to_thread(
-                self.queue.enqueue, _sender(envelope), routes, [received, data], origin="smtp",
+                self.queue.enqueue_file, body.qid, body.path, _sender(envelope), routes, origin="smtp",
                 client=f"{peer} user={session.auth_data}" if session.authenticated else peer,
                 message_id=headers.get("Message-ID"), subject=headers.get("Subject"),
                 urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8))
         except OSError as exc:
-            reason = "disk full" if is_disk_full(exc) else (exc.strerror or str(exc))
-            log.error("spool write failed from=<%s> client=%s: %s; answered 452, nothing kept",
-                      _sender(envelope), peer, reason)
-            return Reply.NO_SPACE if is_disk_full(exc) else Reply.LOCAL_ERROR
+            return self._not_kept(envelope, peer, exc)
         local = sum(1 for _, route in routes if route == LOCAL)
         log.info("%s: from=<%s> size=%d nrcpt=%d (local %d, remote %d) client=%s%s", qid, _sender(envelope),
-                 len(data), len(routes), local, len(routes) - local, peer,
+                 body.size, len(routes), local, len(routes) - local, peer,
                  f" user={session.auth_data}" if session.authenticated else "")
         self.on_queued(Accepted(qid, local, len(routes) - local))
         return Reply.QUEUED.format(qid=qid)
+
+    def _not_kept(self, envelope: Envelope, peer: str, exc: OSError) -> str:
+        reason = "disk full" if is_disk_full(exc) else (exc.strerror or str(exc))
+        log.error("spool write failed from=<%s> client=%s: %s; answered 452, nothing kept",
+                  _sender(envelope), peer, reason)
+        return Reply.NO_SPACE if is_disk_full(exc) else Reply.LOCAL_ERROR
 
     def _received(self, session: Session, envelope: Envelope) -> bytes:
         helo = session.host_name or "unknown"
@@ -289,6 +301,14 @@ class SubmissionSession(Session):
     login_data = None
 
 
+class SubmissionEnvelope(Envelope):
+    """aiosmtpd's Envelope, with the message in the spool's tmp file instead of ``content``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body: IncomingBody | None = None
+
+
 class SubmissionProtocol(SMTPProtocol):
     """aiosmtpd's SMTP with AUTH allowed in the clear only for loopback peers."""
 
@@ -308,17 +328,32 @@ class SubmissionProtocol(SMTPProtocol):
         SubmissionProtocol.live.discard(self)
         super().connection_lost(error)
 
+    def _create_envelope(self) -> Envelope:
+        return SubmissionEnvelope()
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA, with the message collected in ONE bytearray.
+        """aiosmtpd's DATA, with the message written to the spool as it arrives.
 
-        aiosmtpd keeps a list with one bytearray per line and joins it at the end: for a
-        50 MB message of 78-byte lines that is ~90 MB of line objects plus the joined
-        copy (the daemon peaked at 5 x the message size).  Here each line, unstuffed, is
-        appended to one buffer that the handler gets as it is (no final copy).  Replies,
-        limits and the order of events are aiosmtpd's.  It reads aiosmtpd's private
-        ``_reader``/``_writer`` (no public equivalent), so aiosmtpd is pinned in pyproject.toml
-        and tests/test_submit_upstream.py fails when the upstream code it copies changes.
+        aiosmtpd collects DATA in memory (one object per line, then a joined copy), so a
+        client that sent 20 MB and stalled before the final dot held 20 MB of the daemon's
+        memory for as long as it liked.  Here each line, unstuffed, goes to the queue's tmp
+        file through ``IncomingBody`` (a small buffer per transaction), and the handler gets
+        that file in ``envelope.body``.  Two more differences from aiosmtpd, on purpose:
+
+        * a line longer than 1,000 octets is taken (the reader hands it over in pieces of
+          its limit) rather than refused, as Postfix does: scan-to-mail copiers and scripts
+          send them.  The message size limit bounds it; the relay folds it on the way out.
+        * the time limit is per read (``[smtp] data_timeout``, Postfix's smtpd_timeout), not
+          one for the whole command: a slow but steady upload is never cut; a client silent
+          for longer is told 421 and disconnected.
+
+        Only ``<CRLF>.<CRLF>`` ends the message (a bare CR or LF around a dot is data: no
+        SMTP smuggling).  Replies, the size limit and the order of events are aiosmtpd's.
+        It reads aiosmtpd's private ``_reader``/``_writer`` and replaces its idle timer
+        (``_timeout_handle``/``_reset_timeout``), which have no public equivalent, so aiosmtpd
+        is pinned in pyproject.toml and tests/test_submit_upstream.py fails when the
+        upstream code it depends on changes.
         """
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
@@ -328,51 +363,71 @@ class SubmissionProtocol(SMTPProtocol):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        body = bytearray()
-        limit = self.data_size_limit
-        size = 0
-        refusal = None  # replied once the client has sent the whole message (RFC 5321 4.2.5)
-        partial = False  # inside a line longer than the reader's limit
-        while self.transport is not None:
+        handler: SubmissionHandler = self.event_handler
+        idle = handler.config.smtp.data_timeout
+        body = await handler.open_body(self.session, self.envelope)
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            # aiosmtpd's timer runs from the DATA command to the end of the message: replaced
+            # by one that each read pushes back.
+            self._timeout_handle.cancel()
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                async with asyncio.timeout(idle) as deadline:
+                    refusal = await self._receive(body, deadline, idle)
+            except TimeoutError:
+                log.info("%r: no data for %ds during DATA: cut", self.session.peer, idle)
+                await self.push(Reply.DATA_TIMEOUT.format(hostname=self.hostname))
+                self.transport.close()
+                return
+            except asyncio.IncompleteReadError:
+                log.info("%r: connection closed during DATA", self.session.peer)
+                self.transport.close()
+                return
             except asyncio.CancelledError:
                 log.info("connection lost during DATA")
                 self._writer.close()
                 raise
+            self._reset_timeout()
+            if refusal:
+                await self.push(refusal)
+                self._set_post_data_state()
+                return
+            self.envelope.body = body
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            body.close()  # removes the tmp file unless the queue took it
+
+    async def _receive(self, body: IncomingBody, deadline: asyncio.Timeout, idle: float) -> str | None:
+        """Read DATA up to its final dot into ``body``; the refusal to answer there, if any."""
+        reader = self._reader
+        loop = self.loop
+        limit = self.data_size_limit
+        size = 0
+        refusal = None  # replied once the client has sent the whole message (RFC 5321 4.2.5)
+        at_line_start = True
+        while True:
+            try:
+                piece = await reader.readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:
-                refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
-                body = bytearray()
-                await self._reader.read(exc.consumed)
-                partial = True
-                continue
-            if partial:  # the end of an overlong line
-                partial = False
-                continue
-            if line == b".\r\n":
-                break
-            size += len(line)
+                # A line longer than the reader's buffer: take what is buffered so far (it
+                # holds no CRLF; a CR at its very end stays behind for the next read).
+                piece = await reader.readexactly(exc.consumed)
+            deadline.reschedule(loop.time() + idle)
+            if at_line_start and piece == b".\r\n":
+                return refusal
+            starts_line, at_line_start = at_line_start, piece.endswith(b"\r\n")
+            size += len(piece)
             if refusal:
                 continue
             if limit and size > limit:
                 refusal = "552 Error: Too much mail data"
-                body = bytearray()
-            elif len(line) > self.line_length_limit:
-                refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
-                body = bytearray()
-            elif line[:1] == b".":
-                body += memoryview(line)[1:]
+                body.refuse()
+            elif starts_line and piece[:1] == b".":
+                await body.write(memoryview(piece)[1:])
             else:
-                body += line
-        if refusal:
-            await self.push(refusal)
-            self._set_post_data_state()
-            return
-        self.envelope.content = self.envelope.original_content = body
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+                await body.write(piece)
 
     # A HELO/EHLO argument ends up in our own Received: header: one with a control
     # character (a bare CR or LF smuggles a header line in) is refused, as Postfix does.

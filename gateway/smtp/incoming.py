@@ -1,0 +1,123 @@
+"""DATA on its way into the spool: the queue's tmp file, filled as the client sends it.
+
+No message is ever held whole in memory.  The SMTP reader hands over each line (or each
+piece of an overlong one), already unstuffed; at most ``FLUSH_AT`` bytes wait here before
+they are written, on a thread, to the tmp file that ``spool.queue`` gave out.  The file
+starts with our Received: header.
+
+The order that keeps the spool honest: write as it comes -> at the final dot, fsync ->
+policy reads the file -> ``Queue.enqueue_file`` renames it into the queue -> 250.
+Whatever is not queued (a refusal, a disk error, a client that went away, a cancelled
+transaction) is removed by ``close``, which the DATA command always calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from gateway.mail import headers as mail_headers
+from spool.queue import Queue
+
+# Bytes kept in memory per transaction before they go to the file: large enough that a
+# 20 MB upload is a few hundred thread hops, small enough that 100 clients stalled in
+# DATA cost a few tens of MB.
+FLUSH_AT = 64 * 1024
+
+
+@dataclass
+class IncomingBody:
+    qid: str
+    path: Path
+    prologue: int  # length of our Received: header at the start of the file
+    file: BinaryIO | None
+    hold: contextlib.ExitStack  # keeps start-up recovery away from the tmp file
+    size: int = 0  # the message's own bytes, unstuffed, without our Received: header
+    error: OSError | None = None  # the first write that failed; answered at the dot
+    pending: bytearray = field(default_factory=bytearray)
+
+    @classmethod
+    async def open(cls, queue: Queue, received: bytes) -> "IncomingBody":
+        """A new tmp file with ``received`` written; a disk error is kept, not raised, so the
+        client can be read to its final dot and then told 452."""
+        return await asyncio.to_thread(cls._open, queue, received)
+
+    @classmethod
+    def _open(cls, queue: Queue, received: bytes) -> "IncomingBody":
+        hold = contextlib.ExitStack()
+        qid, path = hold.enter_context(queue.receiving())
+        body = cls(qid, path, len(received), None, hold)
+        try:
+            body.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            body.file.write(received)
+        except OSError as exc:
+            body._fail(exc)
+        return body
+
+    async def write(self, piece: bytes | memoryview) -> None:
+        self.size += len(piece)
+        if self.file is None:
+            return  # refused or failed: the rest is read and dropped
+        self.pending += piece
+        if len(self.pending) >= FLUSH_AT:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        chunk, self.pending = self.pending, bytearray()
+        try:
+            await asyncio.to_thread(self.file.write, chunk)
+        except OSError as exc:
+            self._fail(exc)
+
+    async def finish(self) -> None:
+        """Everything written and fsynced, as ``enqueue_file`` expects; raises the disk
+        error met on the way, if any (the file is then gone)."""
+        if self.file is not None and self.pending:
+            await self._flush()
+        if self.error is not None:
+            raise self.error
+        try:
+            await asyncio.to_thread(self._sync)
+        except OSError as exc:
+            self._fail(exc)
+            raise
+
+    def _sync(self) -> None:
+        f, self.file = self.file, None
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+
+    def read_headers(self) -> mail_headers.Headers:
+        """The message's header block, parsed (blocking: call it on a thread)."""
+        with open(self.path, "rb") as f:
+            f.seek(self.prologue)
+            return mail_headers.parse(mail_headers.read(f))
+
+    def refuse(self) -> None:
+        """Drop what was written and what is still to come (the message is refused at its dot)."""
+        self._discard()
+
+    def close(self) -> None:
+        """Remove the tmp file unless ``enqueue_file`` took it; let recovery near it again."""
+        self._discard()
+        self.hold.close()
+
+    def _fail(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+        self._discard()  # give the disk back at once; the client is answered at its dot
+
+    def _discard(self) -> None:
+        self.pending = bytearray()
+        f, self.file = self.file, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # gone already once the queue renamed it into msg/
