@@ -79,6 +79,7 @@ class SMTPConfig:
     min_free_space: int
     max_auth_failures: int = 5
     auth_lockout: int = 900
+    max_connections_per_client: int = 10
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class POP3Config:
     allow_plaintext_lan: bool
     max_failures: int
     lockout: int
+    max_connections: int = 50
+    max_connections_per_client: int = 10
 
 
 @dataclass(frozen=True)
