@@ -18,10 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from gateway.config import is_loopback
-
 REPORT_EVERY = 60.0  # seconds between two log lines about refused connections
-LOOPBACK_SPARE = 5  # connections from loopback past the cap: the admin's own client still gets in
+# Connections past the cap for a client on the host itself (127.0.0.1, ::1), so the admin's
+# own client and the web/sendmail tools still get in while the LAN has taken every slot.
+LOOPBACK_SPARE = 5
+HOST_ITSELF = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 DESCRIPTOR_PAUSE = 1.0  # at most this long without accepting once descriptors ran out
 
@@ -65,7 +66,7 @@ class Admission:
         if self.held[ip] >= self.max_per_client:
             self.too_many_from.note()
             return False
-        cap = self.max_connections + (LOOPBACK_SPARE if is_loopback(ip) else 0)
+        cap = self.max_connections + (LOOPBACK_SPARE if ip in HOST_ITSELF else 0)
         if self.total >= cap:
             self.too_many.note()
             return False
