@@ -29,8 +29,8 @@ from spool.users import Users
 
 log = logging.getLogger("dialmail.daemon")
 
-# SIGTERM to exit well inside systemd's TimeoutStopSec: a message in DATA gets this long
-# to arrive; every other connection is told 421 at once.
+# SIGTERM to exit well inside systemd's TimeoutStopSec: a transaction in progress gets this
+# long to finish; every other connection is told 421 at once.
 GRACE = 6.0
 # Descriptors kept out of the connection caps: the spool's files and database, the log,
 # delivery, a fetch and the refusal of one connection more than the caps allow.
@@ -234,17 +234,13 @@ async def _cancel_all(tasks: set[asyncio.Task], tries: int = 20) -> None:
 
 
 async def _drain(servers, grace: float) -> None:
-    """Wait for messages being received to arrive; every other connection is told 421 at once.
-
-    A client between commands, even inside a transaction, has been answered for everything
-    it sent and sends the message again later; one in DATA may be seconds from its 250.
-    """
+    """Wait for connections in a transaction to finish; idle ones are told 421 at once."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while loop.time() < deadline:
         busy = False
         for proto in list(_live_protocols()):
-            if proto.receiving_message:
+            if proto.envelope is not None and proto.envelope.mail_from is not None:
                 busy = True
             elif proto.transport is not None and not proto.transport.is_closing():
                 proto.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")

@@ -302,7 +302,6 @@ class SubmissionProtocol(SMTPProtocol):
     live: "set[SubmissionProtocol]" = set()  # open connections, for a graceful shutdown
     release: Callable[[], None] = staticmethod(lambda: None)  # gives the connection slot back
     junk_commands = 0
-    receiving_message = False  # from 354 to the end of DATA: a shutdown gives it a grace period
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -330,15 +329,9 @@ class SubmissionProtocol(SMTPProtocol):
             self.transport.close()
         return True
 
-    async def push(self, status) -> None:
-        if status[:3] in ("354", b"354"):
-            self.receiving_message = True
-        await super().push(status)
-
     def _set_post_data_state(self) -> None:
         # aiosmtpd's end of every DATA: a message was sent, so the client makes progress
         self.junk_commands = 0
-        self.receiving_message = False
         super()._set_post_data_state()
 
     @syntax("NOOP [ignored]")
