@@ -3,6 +3,7 @@
 Outside clients connect from 127.0.0.2 (not in the test site's mynetworks) to the same
 listening socket as the loopback admin on 127.0.0.1, so they share its accept queue.
 """
+import logging
 import re
 import resource
 import selectors
@@ -14,6 +15,7 @@ import time
 
 import pytest
 
+from gateway.daemon import AcceptFailures
 from gateway.pop3.protocol import NOOP_LIMIT
 from tests.harness import ROOT, Site, wait_for
 from tests.peers import wait_port
@@ -137,6 +139,7 @@ def test_loopback_client_is_served_during_an_idle_flood_past_the_descriptor_limi
         flood_log = site.log().splitlines()[lines_before:]
         assert len(flood_log) < 100, "\n".join(flood_log[:20])
         assert "out of system resource" not in site.log()
+        assert "smtp.max_connections lowered from 1000 to 64, pop3.max_connections from 1000 to 64" in site.log()
     finally:
         for s in sockets:
             s.close()
@@ -307,3 +310,26 @@ def test_sigterm_with_fifty_open_connections_exits_quickly_and_keeps_every_accep
             assert [m for m in delivered if re.search(rb"Subject: " + subject + rb"\r?\n", m)], subject
     finally:
         site.stop()
+
+
+def test_asyncio_accept_errors_are_logged_once_a_minute_with_a_count():
+    """asyncio's own accept loop (any asyncio server in the daemon) logs a traceback per
+    failed accept(); the daemon's filter lets one a minute through."""
+    log = logging.getLogger("test.asyncio-accept")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    keep = Keep()
+    log.addHandler(keep)
+    log.propagate = False
+    log.addFilter(AcceptFailures(every=60))
+    try:
+        for _ in range(1000):
+            log.error("socket.accept() out of system resource\nsocket: <socket>")
+        log.error("something else")
+    finally:
+        log.removeHandler(keep)
+    assert [r.getMessage().splitlines()[0] for r in records] == [
+        "socket.accept() out of system resource", "something else"]

@@ -25,6 +25,7 @@ LOOPBACK_SPARE = 5
 HOST_ITSELF = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 DESCRIPTOR_PAUSE = 1.0  # at most this long without accepting once descriptors ran out
+CLIENT_GONE = (errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN, errno.EINTR, errno.EPERM)
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Refusals:
         self.pending += 1
         now = time.monotonic()
         if now - self.last_report >= REPORT_EVERY:
-            self.log.warning("%s: %d refused in the last %d s", self.what, self.pending, REPORT_EVERY)
+            self.log.warning("%s: %d time(s) since the last report (reported at most every %d s)",
+                             self.what, self.pending, REPORT_EVERY)
             self.pending, self.last_report = 0, now
 
 
@@ -97,43 +99,52 @@ Serve = Callable[[socket.socket, str, Callable[[], None]], Awaitable[None]]
 
 
 class Listener:
-    """One listening socket and its accept loop; ``close``/``wait_closed`` as asyncio.Server."""
+    """The listening sockets of one ``host:port`` (all its addresses, as asyncio binds them)
+    and their accept loops; ``close``/``wait_closed``/``sockets`` as ``asyncio.Server``."""
 
-    def __init__(self, sock: socket.socket, admission: Admission, serve: Serve, refusal: bytes):
-        self.sockets = [sock]
+    def __init__(self, sockets: list[socket.socket], admission: Admission, serve: Serve, refusal: bytes):
+        self.sockets = sockets
         self.admission = admission
         self.serve = serve
         self.refusal = refusal
-        self.task = asyncio.get_running_loop().create_task(self._accept_loop(), name=f"accept {sock.getsockname()}")
+        self.failures = Refusals(admission.log, f"{admission.service} accept() failing, accepting paused")
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._accept_loop(sock), name=f"accept {sock.getsockname()}")
+                      for sock in sockets]
 
     @classmethod
     async def open(cls, host: str, port: int, admission: Admission, serve: Serve, refusal: bytes) -> Listener:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
+        sockets: list[socket.socket] = []
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(100)
-            sock.setblocking(False)
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(100)
+                sock.setblocking(False)
         except BaseException:
-            sock.close()
+            for sock in sockets:
+                sock.close()
             raise
-        return cls(sock, admission, serve, refusal)
+        return cls(sockets, admission, serve, refusal)
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        sock = self.sockets[0]
         while True:
             try:
                 conn, peer = await loop.sock_accept(sock)
             except OSError as exc:
                 if exc.errno in OUT_OF_DESCRIPTORS:
                     await self.admission.wait_for_descriptor()
-                continue  # ECONNABORTED and the like: that client is gone
+                elif exc.errno not in CLIENT_GONE:  # never retried in a tight loop
+                    self.failures.note()
+                    await asyncio.sleep(DESCRIPTOR_PAUSE)
+                continue
             ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
             if not self.admission.admit(ip):
                 try:
@@ -154,13 +165,14 @@ class Listener:
                 raise
 
     def close(self) -> None:
-        # the socket is closed once the accept loop is out of sock_accept (which must
+        # each socket is closed once its accept loop is out of sock_accept (which must
         # unregister it from the selector first)
-        self.task.add_done_callback(lambda _: [sock.close() for sock in self.sockets])
-        self.task.cancel()
+        for sock, task in zip(self.sockets, self.tasks):
+            task.add_done_callback(lambda _, sock=sock: sock.close())
+            task.cancel()
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(self.task, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def _releaser(admission: Admission, ip: str) -> Callable[[], None]:
