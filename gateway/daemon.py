@@ -166,7 +166,7 @@ def fit_connections_to_descriptors(config: Config) -> Config:
     below the limit so the spool, the log and an admin's client still get descriptors.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
+    if soft != hard and hard != resource.RLIM_INFINITY:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
