@@ -7,9 +7,12 @@ progress finish within a grace period, then close).  Signal handlers only set th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import resource
 import signal
+import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -26,7 +29,12 @@ from spool.users import Users
 
 log = logging.getLogger("dialmail.daemon")
 
-GRACE = 30.0
+# SIGTERM to exit well inside systemd's TimeoutStopSec: a transaction in progress gets this
+# long to finish; every other connection is told 421 at once.
+GRACE = 6.0
+# Descriptors kept out of the connection caps: the spool's files and database, the log,
+# delivery, a fetch and the refusal of one connection more than the caps allow.
+DESCRIPTOR_RESERVE = 128
 
 
 class Spool:
@@ -85,6 +93,7 @@ class Daemon:
 
     async def serve(self) -> None:
         self._install_signal_handlers()
+        logging.getLogger("asyncio").addFilter(AcceptFailures())
         try:
             await self.startup()
             self.started.set()
@@ -93,6 +102,7 @@ class Daemon:
             await self.shutdown()
 
     async def startup(self) -> None:
+        self.config = fit_connections_to_descriptors(self.config)
         self.lock.acquire()
         self.spool = Spool(self.config)
         report = await asyncio.to_thread(self.spool.queue.recover)
@@ -116,19 +126,24 @@ class Daemon:
     async def shutdown(self) -> None:
         for server in self.smtp_servers:
             server.close()
+        # SMTP clients are drained while the services stop, not after: both take their
+        # grace at the same time.
+        await asyncio.gather(self._stop_services(), _drain(self.smtp_servers, GRACE))
+        for server in self.smtp_servers:
+            await server.wait_closed()
+        await _cancel_all(self.tasks)
+        if self.spool is not None:
+            self.spool.close()
+        self.lock.release()
+        log.info("dialmail stopped")
+
+    async def _stop_services(self) -> None:
         for stop in reversed(self._stops):
             try:
                 await stop()
             except Exception:
                 log.exception("error while stopping a service")
         self._stops.clear()
-        if self.smtp_servers:
-            await _drain(self.smtp_servers, GRACE)
-        await _cancel_all(self.tasks)
-        if self.spool is not None:
-            self.spool.close()
-        self.lock.release()
-        log.info("dialmail stopped")
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,6 +156,62 @@ class Daemon:
     def _signalled(self, sig: int) -> None:
         self.stop_reason = self.stop_reason or signal.Signals(sig).name
         self.should_exit.set()
+
+
+def fit_connections_to_descriptors(config: Config) -> Config:
+    """Raise the soft descriptor limit to the hard one; lower connection caps that do not fit.
+
+    Each connection holds a descriptor; when they run out, accepting stops, and so do the
+    spool's writes.  The caps of SMTP and POP3 together are kept ``DESCRIPTOR_RESERVE``
+    below the limit so the spool, the log and an admin's client still get descriptors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
+    if soft == resource.RLIM_INFINITY:
+        return config
+    smtp, pop3 = config.smtp.max_connections, config.pop3.max_connections
+    budget = max(2, soft - DESCRIPTOR_RESERVE)
+    if smtp + pop3 <= budget:
+        return config
+    fit_smtp = max(1, budget * smtp // (smtp + pop3))
+    fit_pop3 = max(1, budget - fit_smtp)
+    log.warning("open file limit %d leaves room for %d connections: smtp.max_connections lowered from %d to %d, "
+                "pop3.max_connections from %d to %d (raise LimitNOFILE)", soft, budget, smtp, fit_smtp, pop3, fit_pop3)
+    return dataclasses.replace(
+        config, smtp=dataclasses.replace(config.smtp, max_connections=fit_smtp),
+        pop3=dataclasses.replace(config.pop3, max_connections=fit_pop3))
+
+
+class AcceptFailures(logging.Filter):
+    """Rate-limits asyncio's "accept() out of system resource" error (a traceback each).
+
+    dialmail's own listeners pause and report instead, but any asyncio server in the
+    process (a test peer, a future listener) would log one per attempt, many thousand a
+    second, on the disk the spool lives on.  One a minute passes, with a count.
+    """
+
+    def __init__(self, every: float = 60.0):
+        super().__init__()
+        self.every = every
+        self.last = float("-inf")
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "out of system resource" not in str(record.msg):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.dropped += 1
+            return False
+        if self.dropped:
+            record.msg = f"{record.msg} ({self.dropped} more since the last report)"
+        self.last, self.dropped = now, 0
+        return True
 
 
 async def _cancel_all(tasks: set[asyncio.Task], tries: int = 20) -> None:
@@ -163,7 +234,7 @@ async def _cancel_all(tasks: set[asyncio.Task], tries: int = 20) -> None:
 
 
 async def _drain(servers, grace: float) -> None:
-    """Wait for connections in a transaction to finish; idle ones are closed at once."""
+    """Wait for connections in a transaction to finish; idle ones are told 421 at once."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while loop.time() < deadline:

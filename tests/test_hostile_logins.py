@@ -72,8 +72,11 @@ async def bystander_latency(port: int, until: asyncio.Event) -> list[float]:
 
 @pytest.fixture
 def guarded(tmp_path):
-    site = Site(tmp_path, extra='max_failures = 5\nlockout = "10m"\n')
-    text = site.config_path.read_text().replace('[smtp]\n', '[smtp]\nmax_auth_failures = 5\nauth_lockout = "10m"\n')
+    # connection caps above the burst: what is tested here is the login throttle
+    caps = "max_connections = 400\nmax_connections_per_client = 400\n"
+    site = Site(tmp_path, extra='max_failures = 5\nlockout = "10m"\n' + caps)
+    text = site.config_path.read_text().replace(
+        '[smtp]\n', '[smtp]\nmax_auth_failures = 5\nauth_lockout = "10m"\n' + caps)
     site.config_path.write_text(text)
     site.add_user("alice", "alice-pw")
     site.start()

@@ -82,6 +82,7 @@ class SMTPConfig:
     # Longest silence allowed between two reads of DATA (Postfix's smtpd_timeout): a slow
     # but steady upload is never cut, however long the whole message takes.
     data_timeout: int = 300
+    max_connections_per_client: int = 10
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class POP3Config:
     allow_plaintext_lan: bool
     max_failures: int
     lockout: int
+    max_connections: int = 50
+    max_connections_per_client: int = 10
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,11 @@ def loads(text: str, path: Path | None = None) -> Config:
                               {"hostname", "domains", "spool_dir", "mynetworks", "postmaster"}))
     smtp = _smtp(_Section(loader, "smtp", raw.get("smtp"), {"listen", "max_message_size", "tls_cert", "tls_key",
                                                             "max_connections", "min_free_space",
-                                                            "max_auth_failures", "auth_lockout", "data_timeout"}))
+                                                            "max_auth_failures", "auth_lockout", "data_timeout",
+                                                            "max_connections_per_client"}))
     pop3 = _pop3(_Section(loader, "pop3", raw.get("pop3"), {"listen", "tls_cert", "tls_key", "allow_plaintext_lan",
-                                                            "max_failures", "lockout"}))
+                                                            "max_failures", "lockout", "max_connections",
+                                                            "max_connections_per_client"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
                                     {"host", "port", "starttls", "username", "password_file", "ca_file",
                                      "timeout", "route", "rewrite", "connections"}))
@@ -186,7 +188,8 @@ def _smtp(s: _Section) -> SMTPConfig:
                       min_free_space=s.convert("min_free_space", parse_size, 20 * 1000**2),
                       max_auth_failures=s.positive("max_auth_failures", 5),
                       auth_lockout=s.convert("auth_lockout", parse_duration, 900),
-                      data_timeout=s.convert("data_timeout", parse_duration, 300))
+                      data_timeout=s.convert("data_timeout", parse_duration, 300),
+                      max_connections_per_client=s.positive("max_connections_per_client", 10))
 
 
 def _pop3(s: _Section) -> POP3Config:
@@ -194,7 +197,9 @@ def _pop3(s: _Section) -> POP3Config:
     return POP3Config(listen=_listen_list(s, "listen", ("0.0.0.0:110",)), tls_cert=cert, tls_key=key,
                       allow_plaintext_lan=s.get("allow_plaintext_lan", bool, False),
                       max_failures=s.positive("max_failures", 5),
-                      lockout=s.convert("lockout", parse_duration, 900))
+                      lockout=s.convert("lockout", parse_duration, 900),
+                      max_connections=s.positive("max_connections", 50),
+                      max_connections_per_client=s.positive("max_connections_per_client", 10))
 
 
 def _smarthost(s: _Section) -> SmarthostConfig:

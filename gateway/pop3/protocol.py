@@ -30,6 +30,9 @@ from typing import ClassVar, Protocol
 MAX_LINE = 4096  # RFC 2449 allows 255 octets per command; AUTH responses may be longer
 
 
+NOOP_LIMIT = 100  # NOOPs one session may send (SMTP's junk command limit, for POP3)
+
+
 class Response:
     """Every reply the server sends, named once; tests import the same names."""
     GREETING = "+OK dialmail POP3 server ready"
@@ -72,6 +75,7 @@ class Response:
     LINE_TOO_LONG = "-ERR Line too long"
     IDLE_TIMEOUT = "-ERR Disconnected for inactivity"
     SHUTDOWN = "-ERR [SYS/TEMP] Server shutting down, try again later"
+    TOO_MANY_NOOPS = "-ERR [SYS/TEMP] Too many NOOP commands, closing connection"
 
 
 class State(enum.Enum):
@@ -160,6 +164,7 @@ class Session:
         self.messages: tuple[Message, ...] = ()
         self.deleted: set[int] = set()  # 0-based indexes marked by DELE
         self.retrieved = 0
+        self.noops = 0
         self._inbox = bytearray()
         self._out: list[Action] = []
 
@@ -333,7 +338,13 @@ class Session:
             self._close(Response.BYE)
 
     def _noop(self, arg: str) -> None:
-        self._reply(Response.NOOP)
+        # NOOP keeps the autologout timer from firing: without a limit a client could
+        # hold a connection (and the maildrop lock) for ever.
+        self.noops += 1
+        if self.noops > NOOP_LIMIT:
+            self._close(Response.TOO_MANY_NOOPS)
+        else:
+            self._reply(Response.NOOP)
 
     def _stat(self, arg: str) -> None:
         self._reply(Response.STAT, count=len(self.messages) - len(self.deleted), octets=self._octets())

@@ -13,6 +13,7 @@ import ssl
 
 from gateway.config import Config, is_loopback
 from gateway.mail.errors import ConfigError
+from gateway.policy.connections import Admission, Listener
 from gateway.policy.throttle import LoginThrottle
 from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts
 from gateway.pop3.protocol import (
@@ -34,6 +35,7 @@ log = logging.getLogger("dialmail.pop3")
 
 IDLE_TIMEOUT = 600.0  # RFC 1939: an autologout timer of at least 10 minutes
 STOP_GRACE = 5.0
+TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
 
 
 class POP3Server:
@@ -44,13 +46,15 @@ class POP3Server:
         self.octets = OctetCounts()
         self.throttle = LoginThrottle(config.pop3.max_failures, config.pop3.lockout)
         self.tls = _tls_context(config) if config.pop3.tls_cert else None
-        self.listeners: list[asyncio.base_events.Server] = []
+        self.listeners: list[Listener] = []
         self.connections: set[asyncio.Task] = set()
+        self.admission = Admission("POP3", config.pop3.max_connections, config.pop3.max_connections_per_client, log)
 
     async def start(self) -> None:
         for listen in self.config.pop3.listen:
             try:
-                server = await asyncio.start_server(self._accept, listen.host, listen.port, reuse_address=True)
+                server = await Listener.open(listen.host, listen.port, self.admission, self._serve,
+                                             TOO_MANY_CONNECTIONS)
             except OSError as exc:
                 await self.stop()
                 raise ConfigError(f"pop3.listen: cannot listen on {listen}: {exc.strerror}") from None
@@ -73,6 +77,18 @@ class POP3Server:
         if is_loopback(ip):
             return True
         return self.config.pop3.allow_plaintext_lan and self.config.server.in_mynetworks(ip)
+
+    async def _serve(self, conn, ip: str, release) -> None:
+        """Streams over an accepted socket, as ``asyncio.start_server`` would make them."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+
+        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await self._accept(reader, writer)
+            finally:
+                release()
+        await loop.connect_accepted_socket(lambda: asyncio.StreamReaderProtocol(reader, accepted), conn)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

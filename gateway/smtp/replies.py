@@ -21,3 +21,5 @@ class Reply:
     AUTH_BAD_PLAIN = "501 5.5.2 Can't split auth value"
     CONTENT_BLOCKED = "550 5.7.1 Message rejected: From address blocked by local policy"
     DATA_TIMEOUT = "421 4.4.2 {hostname} Error: timeout exceeded"
+    TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Error: too many connections, try again later"
+    TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many commands that move no mail, closing connection"

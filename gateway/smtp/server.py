@@ -21,6 +21,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
 from aiosmtpd.smtp import SMTP as SMTPProtocol
@@ -29,6 +30,7 @@ from gateway.config import Config, is_loopback
 from gateway.mail import address
 from gateway.mail.errors import ConfigError
 from gateway.office.directory import Directory
+from gateway.policy.connections import Admission, Listener
 from gateway.policy.throttle import LoginThrottle
 from gateway.smtp.incoming import IncomingBody
 from gateway.smtp.replies import Reply
@@ -37,6 +39,11 @@ from spool.queue import LOCAL, RELAY, Queue
 from spool.users import Users
 
 log = logging.getLogger("dialmail.submit")
+
+# Commands that move no mail forward (Postfix's smtpd_junk_command_limit): past this many
+# since the last message a client is told 421 and disconnected, so a NOOP every few
+# minutes cannot hold a connection slot for ever.
+JUNK_COMMAND_LIMIT = 100
 
 # aiosmtpd logs every client line at INFO, AUTH exchanges included: keep it quiet.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -313,6 +320,8 @@ class SubmissionProtocol(SMTPProtocol):
     """aiosmtpd's SMTP with AUTH allowed in the clear only for loopback peers."""
 
     live: "set[SubmissionProtocol]" = set()  # open connections, for a graceful shutdown
+    release: Callable[[], None] = staticmethod(lambda: None)  # gives the connection slot back
+    junk_commands = 0
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -326,10 +335,51 @@ class SubmissionProtocol(SMTPProtocol):
 
     def connection_lost(self, error) -> None:
         SubmissionProtocol.live.discard(self)
+        self.release()
         super().connection_lost(error)
 
     def _create_envelope(self) -> Envelope:
         return SubmissionEnvelope()
+
+    async def _junk(self) -> bool:
+        """Count a command that moves no mail; True when the client was disconnected for it."""
+        self.junk_commands += 1
+        if self.junk_commands <= JUNK_COMMAND_LIMIT:
+            return False
+        log.warning("disconnecting %s: too many commands that move no mail", peer_ip(self.session))
+        await self.push(Reply.TOO_MANY_JUNK.format(host=self.hostname))
+        if self.transport is not None:
+            self.transport.close()
+        return True
+
+    def _set_post_data_state(self) -> None:
+        # aiosmtpd's end of every DATA: a message was sent, so the client makes progress
+        self.junk_commands = 0
+        super()._set_post_data_state()
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_EXPN(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_HELP(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -465,20 +515,24 @@ def tls_context(cert, key) -> ssl.SSLContext | None:
     return ctx
 
 
-async def start_servers(config: Config, handler: SubmissionHandler) -> list[asyncio.base_events.Server]:
+async def start_servers(config: Config, handler: SubmissionHandler) -> list[Listener]:
     loop = asyncio.get_running_loop()
     ctx = tls_context(config.smtp.tls_cert, config.smtp.tls_key)
-    servers = []
+    admission = Admission("SMTP", config.smtp.max_connections, config.smtp.max_connections_per_client, log)
+    refusal = Reply.TOO_MANY_CONNECTIONS.format(host=config.server.hostname).encode() + b"\r\n"
+    servers: list[Listener] = []
 
-    def factory():
-        return SubmissionProtocol(handler, hostname=config.server.hostname, ident="dialmail",
-                                  data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
-                                  tls_context=ctx, authenticator=handler.authenticate,
-                                  auth_require_tls=True, timeout=300)
+    async def serve(conn, ip: str, release: Callable[[], None]) -> None:
+        protocol = SubmissionProtocol(handler, hostname=config.server.hostname, ident="dialmail",
+                                      data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
+                                      tls_context=ctx, authenticator=handler.authenticate,
+                                      auth_require_tls=True, timeout=300)
+        protocol.release = release
+        await loop.connect_accepted_socket(lambda: protocol, conn)
 
     for listen in config.smtp.listen:
         try:
-            server = await loop.create_server(factory, listen.host, listen.port, reuse_address=True)
+            server = await Listener.open(listen.host, listen.port, admission, serve, refusal)
         except OSError as exc:  # one line for the admin, not a traceback
             for started in servers:
                 started.close()
