@@ -38,8 +38,12 @@ test: venv peers
 test-quick: venv
 	$(PY) -m pytest -q -x -m 'not peer'
 
+# The long kill -9 and carrier-drop runs, then the hostile-load tests with their figures.
+HOSTILE = tests/test_hostile_conns.py tests/test_hostile_data.py tests/test_hostile_logins.py \
+	tests/test_hostile_headers.py tests/test_fetch_liar.py
+
 torture: venv peers
-	$(PY) -m pytest -q -ra tests/torture --torture-long
+	$(PY) -m pytest -q -ra tests/torture $(HOSTILE) --torture-long
 
 bench: venv peers
 	$(PY) bench/run.py

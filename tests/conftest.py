@@ -78,3 +78,25 @@ def office(tmp_path):
     yield make
     for o in made:
         o.queue.cat.close()
+
+
+_FIGURES_KEY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def figure(request):
+    """``figure(what, measured)``: a figure a hostile-load test measured, printed at the end
+    of the run (``make torture`` shows them; the README's reliability section quotes them)."""
+    figures = request.config.stash.setdefault(_FIGURES_KEY, [])
+
+    def record(what: str, measured: str) -> None:
+        figures.append((request.node.nodeid.split("::")[-1], what, measured))
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    figures = config.stash.get(_FIGURES_KEY, [])
+    if figures:
+        terminalreporter.section("measured figures")
+        for test, what, measured in figures:
+            terminalreporter.write_line(f"{what}: {measured}  ({test})")

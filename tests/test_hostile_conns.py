@@ -116,7 +116,7 @@ def many_descriptors():
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_loopback_client_is_served_during_an_idle_flood_past_the_descriptor_limit(tmp_path, many_descriptors):
+def test_loopback_client_is_served_during_an_idle_flood_past_the_descriptor_limit(tmp_path, many_descriptors, figure):
     # Caps far above what 256 descriptors allow: the daemon has to fit them itself.
     site = make_site(tmp_path, smtp="max_connections = 1000\nmax_connections_per_client = 1000",
                      pop3="max_connections = 1000\nmax_connections_per_client = 1000")
@@ -127,17 +127,22 @@ def test_loopback_client_is_served_during_an_idle_flood_past_the_descriptor_limi
         sockets += flood(site.smtp_port, 1000)
         sockets += flood(site.pop3_port, 1000)
 
+        waits = []
         for port, greeting in ((site.smtp_port, b"220 mail.office.test"), (site.pop3_port, b"+OK dialmail")):
             started = time.monotonic()
             with connect(port, source="127.0.0.1", timeout=5) as admin:
                 assert read_line(admin).startswith(greeting)
-            assert time.monotonic() - started < 1.0
+            waits.append(time.monotonic() - started)
+        assert max(waits) < 1.0
 
         refused = [s for s in sockets[:1000] if _first_line(s) == SMTP_TOO_MANY]
         assert len(refused) > 500  # the cap, not the descriptor limit, turned them away
         assert [s for s in sockets[1000:] if _first_line(s) == POP3_TOO_MANY]
         flood_log = site.log().splitlines()[lines_before:]
         assert len(flood_log) < 100, "\n".join(flood_log[:20])
+        figure("idle flood of 2,000 connections from 127.0.0.2, daemon limited to 256 descriptors",
+               f"loopback client greeted in {max(waits) * 1000:.0f} ms (SMTP and POP3), "
+               f"{len(flood_log)} log lines written during the flood")
         assert "out of system resource" not in site.log()
         assert "smtp.max_connections lowered from 1000 to 64, pop3.max_connections from 1000 to 64" in site.log()
     finally:
@@ -229,7 +234,7 @@ def test_pop3_noops_past_the_limit_end_the_connection(tmp_path):
         site.stop()
 
 
-def test_sigterm_with_fifty_open_connections_exits_quickly_and_keeps_every_accepted_message(tmp_path):
+def test_sigterm_with_fifty_open_connections_exits_quickly_and_keeps_every_accepted_message(tmp_path, figure):
     site = make_site(tmp_path, smtp="max_connections = 100\nmax_connections_per_client = 100")
     site.add_user("alice")
     for n in range(5):
@@ -292,6 +297,8 @@ def test_sigterm_with_fifty_open_connections_exits_quickly_and_keeps_every_accep
         site.proc.wait(timeout=30)
         took = time.monotonic() - started
         assert took < 10, f"the daemon took {took:.1f} s to exit after SIGTERM"
+        figure("SIGTERM with 50 open connections (10 in DATA, 10 after MAIL FROM, 5 POP3)",
+               f"exited in {took:.1f} s")
         site.proc = None
         for s in idle:
             assert read_all(s) == b"421 4.3.2 Service shutting down, try again later\r\n"

@@ -73,7 +73,7 @@ HELD = 20 * MB
 CHUNK = (b"y" * 998 + b"\r\n") * 1000  # 1 MB of full-length lines
 
 
-def test_unfinished_data_from_many_clients_stays_on_disk_not_in_memory(site):
+def test_unfinished_data_from_many_clients_stays_on_disk_not_in_memory(site, figure):
     # caps above the 100 clients, which all come from one address: what is tested is memory
     smtp_keys(site, "max_connections = 200\nmax_connections_per_client = 200\n")
     site.start()
@@ -106,6 +106,8 @@ def test_unfinished_data_from_many_clients_stays_on_disk_not_in_memory(site):
     print(f"daemon RSS: {before / MB:.1f} MB idle, {during / MB:.1f} MB with {CONNECTIONS} x "
           f"{HELD // MB} MB unfinished DATA (peak {peak / MB:.1f} MB)")
     assert peak < bound, f"peak RSS {peak} over {bound}"
+    figure(f"{CONNECTIONS} clients from 127.0.0.2 each holding {HELD // MB} MB of unfinished DATA",
+           f"daemon RSS {before / MB:.1f} MB idle, peak {peak / MB:.1f} MB (bound {bound / MB:.0f} MB)")
     # The clients are gone: their tmp files are removed, and memory does not keep what
     # they sent (the allocator may keep the few MB of buffers it freed: no exact idle level
     # is promised, only that the 2 GB of DATA never lived in memory).

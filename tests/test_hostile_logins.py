@@ -88,7 +88,7 @@ def checked(site: Site, what: str) -> int:
     return len(re.findall(what, site.log()))
 
 
-def test_300_parallel_smtp_auth_guesses_check_at_most_max_failures_passwords(guarded):
+def test_300_parallel_smtp_auth_guesses_check_at_most_max_failures_passwords(guarded, figure):
     async def burst():
         go = asyncio.Event()
         done = asyncio.Event()
@@ -104,20 +104,27 @@ def test_300_parallel_smtp_auth_guesses_check_at_most_max_failures_passwords(gua
     codes = [r[:3] for r in replies]
     assert codes[-1] != b"235"  # the right password, sent with the burst: refused
     assert codes.count(b"535") <= 5 and codes.count(b"454") >= GUESSERS - 5, sorted(set(codes))
-    assert checked(guarded, r"auth failed user=alice from=127.0.0.2 mechanism=PLAIN") <= 5
+    smtp_checked = checked(guarded, r"auth failed user=alice from=127.0.0.2 mechanism=PLAIN")
+    assert smtp_checked <= 5
     assert max(latency) < 0.25, f"a bystander's POP3 CAPA took {max(latency):.3f} s"
+    figure(f"{GUESSERS} parallel SMTP AUTH PLAIN guesses + the right password",
+           f"{smtp_checked} passwords checked, {codes.count(b'454')} locked out, right password refused; "
+           f"a bystander's POP3 CAPA at most {max(latency) * 1000:.0f} ms")
     # once locked out, even the right password alone is refused
     assert asyncio.run(smtp_guess(guarded.smtp_port, "alice-pw"))[:3] == b"454"
 
 
-def test_300_parallel_pop3_guesses_check_at_most_max_failures_passwords(guarded):
+def test_300_parallel_pop3_guesses_check_at_most_max_failures_passwords(guarded, figure):
     async def burst():
         guesses = [pop3_guess(guarded.pop3_port, f"guess{i}") for i in range(GUESSERS)]
         return await asyncio.gather(*guesses, pop3_guess(guarded.pop3_port, "alice-pw"))
     replies = asyncio.run(burst())
     assert not replies[-1].startswith(b"+OK")
-    assert checked(guarded, r"POP3 login failed user=alice") <= 5
+    pop3_checked = checked(guarded, r"POP3 login failed user=alice")
+    assert pop3_checked <= 5
     assert sum(1 for r in replies if r.startswith(b"-ERR [AUTH]")) >= GUESSERS - 5
+    figure(f"{GUESSERS} parallel POP3 guesses + the right password",
+           f"{pop3_checked} passwords checked, right password refused")
     assert asyncio.run(pop3_guess(guarded.pop3_port, "alice-pw")).startswith(b"-ERR [AUTH]")
 
 
