@@ -183,6 +183,23 @@ def test_connection_past_the_per_client_cap_is_refused(tmp_path):
         site.stop()
 
 
+def test_clients_in_mynetworks_are_held_only_by_the_total_cap(tmp_path):
+    # Postfix exempts mynetworks from its per-client limits (smtpd_client_event_limit_exceptions):
+    # a terminal server or a NAT inside the office is many people behind one address.
+    site = make_site(tmp_path, smtp="max_connections_per_client = 3", pop3="max_connections_per_client = 3")
+    site.start()
+    try:
+        for port, greeting in ((site.smtp_port, b"220 "), (site.pop3_port, b"+OK ")):
+            held = [connect(port, source="127.0.0.1") for _ in range(6)]
+            try:
+                assert [read_line(s)[:len(greeting)] for s in held] == [greeting] * 6
+            finally:
+                for s in held:
+                    s.close()
+    finally:
+        site.stop()
+
+
 def _greeted_or_none(port: int, greeting: bytes):
     s = connect(port)
     if read_line(s).startswith(greeting):

@@ -54,6 +54,10 @@ class Admission:
     max_connections: int
     max_per_client: int
     log: logging.Logger
+    # Clients the per-client cap does not apply to: mynetworks, as Postfix's
+    # smtpd_client_event_limit_exceptions.  A terminal server or a NAT inside the office is
+    # many people behind one address; the total cap still holds for them.
+    unlimited: Callable[[str], bool] = lambda ip: False
     held: Counter = field(default_factory=Counter)
     total: int = 0
 
@@ -65,7 +69,7 @@ class Admission:
         self.freed = asyncio.Event()
 
     def admit(self, ip: str) -> bool:
-        if self.held[ip] >= self.max_per_client:
+        if self.held[ip] >= self.max_per_client and not self.unlimited(ip):
             self.too_many_from.note()
             return False
         cap = self.max_connections + (LOOPBACK_SPARE if ip in HOST_ITSELF else 0)

@@ -48,7 +48,8 @@ class POP3Server:
         self.tls = _tls_context(config) if config.pop3.tls_cert else None
         self.listeners: list[Listener] = []
         self.connections: set[asyncio.Task] = set()
-        self.admission = Admission("POP3", config.pop3.max_connections, config.pop3.max_connections_per_client, log)
+        self.admission = Admission("POP3", config.pop3.max_connections, config.pop3.max_connections_per_client, log,
+                                   unlimited=config.server.in_mynetworks)
 
     async def start(self) -> None:
         for listen in self.config.pop3.listen:

@@ -518,7 +518,8 @@ def tls_context(cert, key) -> ssl.SSLContext | None:
 async def start_servers(config: Config, handler: SubmissionHandler) -> list[Listener]:
     loop = asyncio.get_running_loop()
     ctx = tls_context(config.smtp.tls_cert, config.smtp.tls_key)
-    admission = Admission("SMTP", config.smtp.max_connections, config.smtp.max_connections_per_client, log)
+    admission = Admission("SMTP", config.smtp.max_connections, config.smtp.max_connections_per_client, log,
+                          unlimited=config.server.in_mynetworks)
     refusal = Reply.TOO_MANY_CONNECTIONS.format(host=config.server.hostname).encode() + b"\r\n"
     servers: list[Listener] = []
 
