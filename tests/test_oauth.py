@@ -1,0 +1,424 @@
+"""OAuth2 logins at the ISP: XOAUTH2 and OAUTHBEARER against a real Dovecot and an SMTP
+smarthost, both checking every token with a local authorization server (tests/oauth_server.py),
+plus the token store, the refresh rules and the interactive flows of `dialmail oauth login`."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from gateway import config as config_mod
+from gateway.mail.errors import ConfigError
+from spool.queue import Catalogue, Queue
+from spool.tokens import REFUSED, TokenRecord, TokenStore, TokenStoreError
+from tests.harness import PASSWORDS, Site
+from tests.oauth_server import CLIENT_ID, OAuthServer
+from tests.peers import Dovecot, free_port, need
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------- configuration (no peers)
+
+BASE = """
+[server]
+domains = ["office.test"]
+spool_dir = "/tmp/unused"
+[[fetch]]
+name = "m365"
+host = "outlook.office365.com"
+username = "office@contoso.example"
+deliver_to = "alice"
+"""
+
+
+def test_microsoft_defaults_fill_in_endpoints_and_imap_scopes():
+    cfg = config_mod.loads(BASE + 'auth = "xoauth2"\n[fetch.oauth]\nprovider = "microsoft"\n'
+                                  'client_id = "11111111-2222-3333-4444-555555555555"\ntenant = "contoso.example"\n')
+    o = cfg.fetch[0].oauth
+    assert cfg.fetch[0].auth == "xoauth2" and cfg.fetch[0].password_file is None
+    assert o.token_url == "https://login.microsoftonline.com/contoso.example/oauth2/v2.0/token"
+    assert o.device_url == "https://login.microsoftonline.com/contoso.example/oauth2/v2.0/devicecode"
+    assert o.scopes == ("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access")
+
+
+def test_smarthost_gets_the_smtp_scope_and_needs_a_username(tmp_path):
+    sh = ('[smarthost]\nhost = "smtp.office365.com"\nport = 587\nauth = "xoauth2"\n'
+          '[smarthost.oauth]\nprovider = "microsoft"\nclient_id = "abc"\n')
+    with pytest.raises(ConfigError, match="smarthost.username"):
+        config_mod.loads(BASE + sh)
+    cfg = config_mod.loads(BASE + sh.replace('auth = ', 'username = "office@contoso.example"\nauth = '))
+    assert cfg.smarthost.oauth.scopes == ("https://outlook.office.com/SMTP.Send", "offline_access")
+    assert cfg.smarthost.oauth.key == "smarthost" and cfg.fetch[0].auth == "password"
+
+
+@pytest.mark.parametrize("table, error", [
+    ('auth = "xoauth2"\n', "needs an oauth table"),
+    ('auth = "xoauth3"\n', "must be one of 'password', 'xoauth2', 'oauthbearer'"),
+    ('password_file = "/x"\n[fetch.oauth]\nprovider = "generic"\n', r"<config>:11: fetch\[m365\]\.oauth: is read only with auth"),
+    ('auth = "xoauth2"\npassword_file = "/x"\n[fetch.oauth]\nprovider = "microsoft"\nclient_id = "a"\n',
+     "password_file: is not used"),
+    ('auth = "xoauth2"\n[fetch.oauth]\nprovider = "yahoo"\nclient_id = "a"\n', "provider: must be one of"),
+    ('auth = "xoauth2"\n[fetch.oauth]\nprovider = "microsoft"\n', "client_id: is required"),
+    ('auth = "xoauth2"\n[fetch.oauth]\nprovider = "google"\nclient_id = "a"\n', "client_secret_file"),
+    ('auth = "xoauth2"\n[fetch.oauth]\nprovider = "google"\nclient_id = "a"\nclient_secret_file = "/s"\n'
+     'device_url = "https://oauth2.googleapis.com/device/code"\n', "refuses|does not issue Gmail"),
+    ('auth = "oauthbearer"\n[fetch.oauth]\nprovider = "generic"\nclient_id = "a"\nscopes = ["mail"]\n',
+     "token_url"),
+    ('auth = "oauthbearer"\n[fetch.oauth]\nprovider = "generic"\nclient_id = "a"\ntoken_url = "https://t/"\n',
+     "scopes"),
+    ('auth = "oauthbearer"\n[fetch.oauth]\nprovider = "generic"\nclient_id = "a"\ntoken_url = "ftp://t/"\n'
+     'scopes = ["m"]\n', "not an http"),
+    ('auth = "xoauth2"\n[fetch.oauth]\nprovider = "microsoft"\nclient_id = "a"\ntennant = "x"\n',
+     "did you mean 'tenant'"),
+])
+def test_bad_oauth_settings_are_refused_naming_the_key(table, error):
+    with pytest.raises(ConfigError, match=error):
+        config_mod.loads(BASE + table)
+
+
+# ---------------------------------------------------------------- the token store
+
+
+def test_token_file_is_0600_and_refused_when_others_can_read_it(tmp_path):
+    store = TokenStore(tmp_path)
+    store.save("fetch.isp", TokenRecord(refresh_token="refresh-SECRET-store-test", stored_at=1.0))
+    path = tmp_path / "oauth" / "fetch.isp.token"
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    assert store.load("fetch.isp").refresh_token == "refresh-SECRET-store-test"
+    path.chmod(0o640)
+    with pytest.raises(TokenStoreError, match="readable by group or others.*chmod 600"):
+        store.load("fetch.isp")
+
+
+def test_with_a_key_the_token_is_encrypted_at_rest(tmp_path):
+    from cryptography.fernet import Fernet
+    key = Fernet.generate_key()
+    TokenStore(tmp_path, key).save("smarthost", TokenRecord(refresh_token="refresh-SECRET-encrypted"))
+    raw = (tmp_path / "oauth" / "smarthost.token").read_bytes()
+    assert b"refresh-SECRET-encrypted" not in raw and b"refresh_token" not in raw
+    assert TokenStore(tmp_path, key).load("smarthost").refresh_token == "refresh-SECRET-encrypted"
+    with pytest.raises(TokenStoreError, match="encrypted: set \\[server\\] token_key_file"):
+        TokenStore(tmp_path).load("smarthost")
+    with pytest.raises(TokenStoreError, match="another key"):
+        TokenStore(tmp_path, Fernet.generate_key()).load("smarthost")
+
+
+# ---------------------------------------------------------------- the peers
+
+
+@pytest.fixture(scope="module")
+def provider():
+    with OAuthServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def oauth_dovecot_server(provider):
+    need("dovecot", "doveadm", "doveconf")
+    with Dovecot(tls="none", introspection_url=f"{provider.url}/introspect") as server:
+        yield server
+
+
+@pytest.fixture
+def oauth_dovecot(oauth_dovecot_server):
+    oauth_dovecot_server.reset()
+    oauth_dovecot_server.add_user("office", "office-password-unused")
+    yield oauth_dovecot_server
+    oauth_dovecot_server.reset()
+
+
+def oauth_table(provider: OAuthServer, section: str) -> str:
+    return (f'[{section}.oauth]\nprovider = "generic"\nclient_id = "{CLIENT_ID}"\n'
+            f'token_url = "{provider.url}/token"\ndevice_url = "{provider.url}/devicecode"\n'
+            f'authorization_url = "{provider.url}/authorize"\nscopes = ["mail"]\n')
+
+
+def fetch_account(provider, port: int, auth: str = "xoauth2", name: str = "isp") -> str:
+    return (f'\n[[fetch]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\ntls = "off"\n'
+            f'username = "office"\ndeliver_to = "alice"\nauth = "{auth}"\n' + oauth_table(provider, "fetch"))
+
+
+def mail(n: int) -> bytes:
+    return (f"From: <s{n}@outside.test>\r\nTo: office@isp.test\r\nSubject: oauth {n}\r\n"
+            f"Message-ID: <oauth{n}.{time.monotonic_ns()}@outside.test>\r\n\r\nbody {n}\r\n").encode()
+
+
+def fetch(site: Site):
+    from gateway.delivery.worker import LocalDelivery
+    from gateway.fetch.imap import fetch_all
+    from gateway.office.directory import Directory
+    cfg = config_mod.load(site.config_path)
+    cat = Catalogue(cfg.spool_dir)
+    try:
+        queue = Queue(cat)
+        directory = Directory(cfg, site.users)
+        result = asyncio.run(fetch_all(cfg, queue, cat, directory))
+        delivery = LocalDelivery(cfg, queue, directory)
+        while delivery.run_once():
+            pass
+        return result
+    finally:
+        cat.close()
+
+
+def cli(site: Site, *args: str, **kw) -> subprocess.CompletedProcess:
+    r = site.cli(*args, **kw)
+    r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    return r
+
+
+def store_of(site: Site) -> TokenStore:
+    return TokenStore(site.spool)
+
+
+@pytest.fixture
+def oauth_site(tmp_path):
+    s = Site(tmp_path)
+    s.add_user("alice", "alice-oauth-pw")
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("auth", ["xoauth2", "oauthbearer"])
+def test_fetch_logs_in_by_token_refreshing_it_once_the_line_is_up(provider, oauth_dovecot, oauth_site, auth):
+    oauth_dovecot.save("office", mail(1))
+    oauth_site.write_config(fetch_account(provider, oauth_dovecot.imap_port, auth))
+    refresh, _ = provider.issue()
+    r = cli(oauth_site, "oauth", "login", "isp", "--refresh-token-stdin", input=refresh.encode() + b"\n")
+    assert r.returncode == 0, r.stderr
+    before = provider.count("/token", "refresh_token")
+    result = fetch(oauth_site)
+    assert result.errors == [] and result.fetched == 1
+    assert [m.split(b"Subject: ")[1][:7] for m in oauth_site.mail_of("alice")] == [b"oauth 1"]
+    assert provider.count("/token", "refresh_token") == before + 1  # no access token yet: one refresh
+    oauth_dovecot.save("office", mail(2))
+    assert fetch(oauth_site).fetched == 1
+    assert provider.count("/token", "refresh_token") == before + 1  # the stored access token still works
+    status = cli(oauth_site, "oauth", "status")
+    assert status.returncode == 0 and "access token valid until" in status.stdout
+    assert refresh not in status.stdout + status.stderr
+
+
+def test_an_access_token_the_server_calls_expired_is_refreshed_transparently(provider, oauth_dovecot,
+                                                                            oauth_site):
+    oauth_site.write_config(fetch_account(provider, oauth_dovecot.imap_port))
+    refresh, access = provider.issue()
+    # dialmail believes the token good for an hour; the provider has already expired it
+    store_of(oauth_site).save("fetch.isp", TokenRecord(refresh_token=refresh, access_token=access,
+                                                       expires_at=time.time() + 3600, stored_at=time.time()))
+    provider.expire_access_tokens()
+    oauth_dovecot.save("office", mail(3))
+    before = provider.count("/token", "refresh_token")
+    result = fetch(oauth_site)
+    assert result.errors == [] and result.fetched == 1
+    assert provider.count("/token", "refresh_token") == before + 1
+    assert store_of(oauth_site).load("fetch.isp").access_token != access
+    # and one that dialmail knows expired is refreshed before the login
+    rec = store_of(oauth_site).load("fetch.isp")
+    rec.expires_at = time.time() - 1
+    store_of(oauth_site).save("fetch.isp", rec)
+    oauth_dovecot.save("office", mail(4))
+    assert fetch(oauth_site).fetched == 1 and provider.count("/token", "refresh_token") == before + 2
+
+
+def test_a_revoked_refresh_token_fails_that_account_only_and_tells_the_postmaster_once(
+        provider, oauth_dovecot, oauth_site):
+    oauth_dovecot.add_user("second", "second-isp-password")
+    oauth_dovecot.save("second", mail(5))
+    oauth_dovecot.save("office", mail(6))
+    oauth_site.server_extra = 'postmaster = "alice@office.test"'
+    oauth_site.write_config(fetch_account(provider, oauth_dovecot.imap_port)
+                            + oauth_site.fetch_account(oauth_dovecot.imap_port, "second", "second-isp-password",
+                                                       name="plain", deliver_to='"alice"'))
+    refresh, _ = provider.issue()
+    store_of(oauth_site).save("fetch.isp", TokenRecord(refresh_token=refresh, stored_at=time.time()))
+    provider.revoke(refresh)
+    result = fetch(oauth_site)
+    (err,) = result.errors
+    assert "isp" in err and "refused the OAuth2 refresh token" in err and "dialmail oauth login isp" in err
+    assert "invalid_grant" in err and result.fetched == 1  # the password account went on
+    notices = [m for m in oauth_site.mail_of("alice") if b"OAuth2 login of isp refused" in m]
+    assert len(notices) == 1 and b"dialmail oauth login isp" in notices[0].replace(b"=\n", b"")
+    before = provider.count("/token")
+    result = fetch(oauth_site)  # the next session: no hammering, no second notice
+    assert provider.count("/token") == before and "refused" in result.errors[0]
+    assert len([m for m in oauth_site.mail_of("alice") if b"OAuth2 login of isp refused" in m]) == 1
+    status = cli(oauth_site, "oauth", "status")
+    assert status.returncode == 1 and "refused by the provider (invalid_grant" in status.stdout
+    assert store_of(oauth_site).load("fetch.isp").state == REFUSED
+    check = cli(oauth_site, "check")
+    assert "refused the OAuth2 refresh token" in check.stdout + check.stderr
+
+
+# ---------------------------------------------------------------- the smarthost
+
+
+class TokenSmarthost:
+    """aiosmtpd on 127.0.0.1 offering AUTH XOAUTH2 and OAUTHBEARER only, each token checked
+    at the provider's introspection endpoint before the 235."""
+
+    def __init__(self, provider: OAuthServer):
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.logins: list[tuple[str, bool]] = []
+        outer = self
+
+        async def check(mech: str, blob: str) -> AuthResult:
+            try:
+                text = base64.b64decode(blob).decode()
+            except ValueError:
+                return AuthResult(success=False, handled=False)
+            token = text.split("auth=Bearer ", 1)[-1].split("\x01", 1)[0]
+            answer = await asyncio.to_thread(requests.post, f"{provider.url}/introspect",
+                                             data={"token": token}, timeout=10)
+            ok = answer.json().get("active") is True
+            outer.logins.append((mech, ok))
+            return AuthResult(success=ok, handled=False)
+
+        class Handler:
+            async def auth_XOAUTH2(self, server, args):  # noqa: N802 - aiosmtpd's naming
+                return await check("XOAUTH2", args[1] if len(args) > 1 else "")
+
+            async def auth_OAUTHBEARER(self, server, args):  # noqa: N802
+                return await check("OAUTHBEARER", args[1] if len(args) > 1 else "")
+
+            async def handle_DATA(self, server, session, envelope):
+                outer.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+                return "250 2.0.0 queued"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, auth_required=True,
+                                     auth_require_tls=False, auth_exclude_mechanism=["LOGIN", "PLAIN"])
+
+    def __enter__(self):
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.controller.stop()
+
+
+@pytest.mark.parametrize("auth", ["xoauth2", "oauthbearer"])
+def test_a_session_sends_and_fetches_by_token_refreshing_both_while_online(provider, oauth_dovecot, oauth_site,
+                                                                          auth):
+    oauth_dovecot.save("office", mail(7))
+    with TokenSmarthost(provider) as smarthost:
+        oauth_site.write_config(f'\n[smarthost]\nhost = "127.0.0.1"\nport = {smarthost.port}\nstarttls = "off"\n'
+                                f'username = "office"\nauth = "{auth}"\n' + oauth_table(provider, "smarthost")
+                                + fetch_account(provider, oauth_dovecot.imap_port, auth))
+        for name in ("isp", "smarthost"):
+            refresh, _ = provider.issue()
+            r = cli(oauth_site, "oauth", "login", name, "--refresh-token-stdin", input=refresh.encode() + b"\n")
+            assert r.returncode == 0, r.stderr
+        sent = cli(oauth_site, "sendmail", "-f", "alice@office.test", "friend@example.com",
+                              input=b"Subject: out by token\r\n\r\nhello\r\n")
+        assert sent.returncode == 0, sent.stderr
+        before = provider.count("/token", "refresh_token")
+        r = cli(oauth_site, "connect-now", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert provider.count("/token", "refresh_token") == before + 2  # one per account, with the line up
+        assert [m for m, ok in smarthost.logins] == [auth.upper()] and smarthost.logins[0][1]
+        assert [rcpts for _, rcpts, _ in smarthost.received] == [["friend@example.com"]]
+    assert [m.split(b"Subject: ")[1][:7] for m in oauth_site.mail_of("alice")] == [b"oauth 7"]
+    transcripts = list((oauth_site.spool / "sessions").glob("*.log"))
+    assert transcripts
+    for path in transcripts + [oauth_site.log_path]:
+        text = path.read_bytes() if path.exists() else b""
+        assert not [t for t in PASSWORDS if t.startswith(("refresh-", "access-")) and t.encode() in text]
+
+
+def test_a_refused_smarthost_token_defers_the_mail_and_the_fetch_goes_on(provider, oauth_dovecot, oauth_site):
+    oauth_dovecot.save("office", mail(8))
+    with TokenSmarthost(provider) as smarthost:
+        oauth_site.server_extra = 'postmaster = "alice@office.test"'
+        oauth_site.write_config(f'\n[smarthost]\nhost = "127.0.0.1"\nport = {smarthost.port}\nstarttls = "off"\n'
+                                f'username = "office"\nauth = "xoauth2"\n' + oauth_table(provider, "smarthost")
+                                + fetch_account(provider, oauth_dovecot.imap_port))
+        fetch_refresh, _ = provider.issue()
+        send_refresh, _ = provider.issue()
+        store_of(oauth_site).save("fetch.isp", TokenRecord(refresh_token=fetch_refresh))
+        store_of(oauth_site).save("smarthost", TokenRecord(refresh_token=send_refresh))
+        provider.revoke(send_refresh)
+        cli(oauth_site, "sendmail", "-f", "alice@office.test", "friend@example.com",
+                       input=b"Subject: waits\r\n\r\nhello\r\n")
+        r = cli(oauth_site, "connect-now", timeout=120)
+        assert smarthost.received == [] and smarthost.logins == []
+    out = r.stdout + r.stderr
+    assert "refused the OAuth2 refresh token of smarthost" in out
+    subjects = [m.split(b"Subject: ")[1].split(b"\n")[0] for m in oauth_site.mail_of("alice")]
+    assert b"oauth 8\r" in subjects or b"oauth 8" in [s.strip() for s in subjects]
+    assert any(b"OAuth2 login of smarthost refused" in m for m in oauth_site.mail_of("alice"))
+    q = cli(oauth_site, "queue", "list")
+    assert "friend@example.com" in q.stdout  # deferred, not bounced
+
+
+# ---------------------------------------------------------------- the interactive flows
+
+
+def _login(site: Site, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DIALMAIL_CONFIG=str(site.config_path))
+    return subprocess.Popen([sys.executable, "-m", "gateway", "oauth", "login", "isp", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _line_with(proc: subprocess.Popen, needle: str, deadline: float) -> str:
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if needle in line:
+            return line
+    proc.kill()
+    raise AssertionError(f"no line with {needle!r}; stderr: {proc.stderr.read()}")
+
+
+def test_device_code_login_end_to_end(provider, oauth_site):
+    oauth_site.write_config(fetch_account(provider, 1))
+    proc = _login(oauth_site, "--device")
+    try:
+        line = _line_with(proc, "enter the code", time.monotonic() + 30)
+        user_code = line.split("enter the code")[1].strip()
+        assert f"{provider.url}/device" in line
+        provider.approve(user_code)  # the user, on another machine, approves
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "isp: refresh token signed in" in out
+    rec = store_of(oauth_site).load("fetch.isp")
+    assert rec.refresh_token in provider.grants and rec.access_token and rec.expires_at > time.time()
+    assert rec.refresh_token not in out + err
+
+
+def test_browser_login_end_to_end_the_test_is_the_browser(provider, oauth_site):
+    oauth_site.write_config(fetch_account(provider, 1))
+    proc = _login(oauth_site, "--browser", "--no-open")
+    try:
+        url = _line_with(proc, f"{provider.url}/authorize", time.monotonic() + 30).strip()
+        page = requests.get(url, timeout=30)  # sign in, be redirected to dialmail's loopback port
+        assert page.status_code == 200 and "dialmail has the sign-in" in page.text
+        assert page.url.startswith("http://127.0.0.1:") and "code=" in page.url
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    rec = store_of(oauth_site).load("fetch.isp")
+    assert rec.refresh_token in provider.grants and rec.refresh_token not in out + err
+
+
+def test_status_and_check_before_any_login(provider, oauth_site):
+    oauth_site.write_config(fetch_account(provider, 1))
+    status = cli(oauth_site, "oauth", "status")
+    assert status.returncode == 1 and "isp (generic): no token: run `dialmail oauth login isp`" in status.stdout
+    check = cli(oauth_site, "check")
+    assert "no token stored yet: run `dialmail oauth login isp`" in check.stdout + check.stderr
+    assert "password_file" not in check.stdout + check.stderr
