@@ -8,7 +8,6 @@ import base64
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -82,6 +81,21 @@ def test_smarthost_gets_the_smtp_scope_and_needs_a_username(tmp_path):
 def test_bad_oauth_settings_are_refused_naming_the_key(table, error):
     with pytest.raises(ConfigError, match=error):
         config_mod.loads(BASE + table)
+
+
+@pytest.mark.parametrize("line", [
+    "C: AUTH XOAUTH2 dXNlcj1vZmZpY2UBYXV0aD1CZWFyZXIgc2VjcmV0AQE=",
+    "a1 AUTHENTICATE OAUTHBEARER bixhPW9mZmljZSwBYXV0aD1CZWFyZXIgc2VjcmV0AQE=",
+    "Authorization: Bearer access-SECRET-abcdef",
+    '{"access_token": "access-SECRET-abcdef", "refresh_token": "refresh-SECRET-ghijkl"}',
+    "grant_type=refresh_token&refresh_token=refresh-SECRET-ghijkl&client_id=x",
+    "GET /?code=code-SECRET-mnopqr&state=xyz HTTP/1.1",
+])
+def test_transcript_masks_oauth_tokens(line):
+    from gateway.session.transcript import mask
+    masked = mask(line)
+    assert "SECRET" not in masked and "dXNlcj1" not in masked and "bixhPW9" not in masked
+    assert "********" in masked
 
 
 # ---------------------------------------------------------------- the token store
@@ -256,6 +270,8 @@ def test_a_revoked_refresh_token_fails_that_account_only_and_tells_the_postmaste
     assert store_of(oauth_site).load("fetch.isp").state == REFUSED
     check = cli(oauth_site, "check")
     assert "refused the OAuth2 refresh token" in check.stdout + check.stderr
+    status = cli(oauth_site, "status")
+    assert "oauth: isp: the provider refused the OAuth2 refresh token of isp (invalid_grant" in status.stdout
 
 
 # ---------------------------------------------------------------- the smarthost

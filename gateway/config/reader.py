@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from gateway.config import oauth as oauth_table
 from gateway.config.dialtimes import ScheduleError
 from gateway.config.dialtimes import parse as parse_dial_rules
 from gateway.config.model import (
@@ -36,7 +37,6 @@ from gateway.config.model import (
     parse_size,
     parse_window,
 )
-from gateway.config import oauth as oauth_table
 from gateway.config.policy import parse as parse_policy
 from gateway.config.sections import (
     _Loader,

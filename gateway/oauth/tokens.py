@@ -102,8 +102,8 @@ def access_token(config: Config, oauth: OAuthConfig, clock=time.time, force: boo
     if not rec.refresh_token:
         raise NoToken(f"the access token of {name} has expired and there is no refresh token: "
                       f"run `dialmail oauth login {name}`")
-    from authlib.integrations.base_client.errors import OAuthError
     import requests
+    from authlib.integrations.base_client.errors import OAuthError
     try:
         with client_session(oauth) as session:
             token = session.refresh_token(oauth.token_url, refresh_token=rec.refresh_token, timeout=HTTP_TIMEOUT)
