@@ -431,6 +431,25 @@ def test_browser_login_end_to_end_the_test_is_the_browser(provider, oauth_site):
     assert rec.refresh_token in provider.grants and rec.refresh_token not in out + err
 
 
+def test_an_exposed_key_file_is_refused_by_check_and_by_the_session(provider, oauth_dovecot, oauth_site):
+    from cryptography.fernet import Fernet
+    key = oauth_site.dir / "token.key"
+    key.write_bytes(Fernet.generate_key())
+    key.chmod(0o644)
+    oauth_site.server_extra = f'token_key_file = "{key}"'
+    oauth_site.write_config(fetch_account(provider, oauth_dovecot.imap_port))
+    check = cli(oauth_site, "check")
+    assert check.returncode != 0 and "token.key is readable by group or others" in check.stdout + check.stderr
+    result = fetch(oauth_site)
+    assert "token.key is readable by group or others" in result.errors[0]
+    key.chmod(0o600)
+    refresh, _ = provider.issue()
+    assert cli(oauth_site, "oauth", "login", "isp", "--refresh-token-stdin", input=refresh.encode()).returncode == 0
+    assert refresh.encode() not in (oauth_site.spool / "oauth" / "fetch.isp.token").read_bytes()
+    oauth_dovecot.save("office", mail(9))
+    assert fetch(oauth_site).fetched == 1
+
+
 def test_status_and_check_before_any_login(provider, oauth_site):
     oauth_site.write_config(fetch_account(provider, 1))
     status = cli(oauth_site, "oauth", "status")

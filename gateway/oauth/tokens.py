@@ -86,11 +86,12 @@ def access_token(config: Config, oauth: OAuthConfig, clock=time.time, force: boo
     """An access token good for a login now; refreshes it first when it has (nearly) expired,
     or always with ``force`` (the server refused the one we had).  Blocking: call it from
     a worker thread, and only while the link is up."""
-    store = store_for(config)
     name = oauth.account
     try:
+        store = store_for(config)
         rec = store.load(oauth.key)
-    except TokenStoreError as exc:
+        oauth.client_secret()  # a secret file others can read is refused before it is sent anywhere
+    except (TokenStoreError, ConfigError) as exc:
         raise TokenProblem(str(exc)) from None
     if rec is None or not (rec.refresh_token or rec.access_token):
         raise NoToken(f"no OAuth2 token stored for {name}: run `dialmail oauth login {name}`")
