@@ -457,3 +457,51 @@ def test_status_and_check_before_any_login(provider, oauth_site):
     check = cli(oauth_site, "check")
     assert "no token stored yet: run `dialmail oauth login isp`" in check.stdout + check.stderr
     assert "password_file" not in check.stdout + check.stderr
+
+
+def test_the_refresh_goes_over_the_dialled_line_and_counts_in_its_bytes(provider, oauth_dovecot, oauth_site):
+    """The token endpoint is reachable only through the simulated line (as the provider is only
+    reachable through the modem): offline the refresh fails as the line's problem and the token
+    stays good; online it is carried, and counted, by the link."""
+    from spool.sessions import SessionLog
+    token_port, imap_port = free_port(), free_port()
+    account = fetch_account(provider, imap_port).replace(provider.url, f"http://127.0.0.1:{token_port}")
+    link = f"""
+[link]
+type = "sim"
+rate = 115200
+dial_delay = "0.2s"
+forward = ["127.0.0.1:{token_port}->127.0.0.1:{provider.port}",
+           "127.0.0.1:{imap_port}->127.0.0.1:{oauth_dovecot.imap_port}"]
+[session]
+idle_timeout = "20s"
+"""
+    refresh, _ = provider.issue()
+    store_of(oauth_site).save("fetch.isp", TokenRecord(refresh_token=refresh, stored_at=time.time()))
+    oauth_dovecot.save("office", mail(10))
+    refreshes = provider.count("/token", "refresh_token")
+    # the IMAP server reachable without the line, the token endpoint only over it
+    oauth_site.write_config(account.replace(f"port = {imap_port}", f"port = {oauth_dovecot.imap_port}") + link)
+    offline = fetch(oauth_site)
+    assert "could not reach the token endpoint of isp" in offline.errors[0] and "kept" in offline.errors[0]
+    assert store_of(oauth_site).load("fetch.isp").state == "valid"
+    oauth_site.write_config(account + link)
+    offline = fetch(oauth_site)  # both only over the line, which is down: no token request at all
+    assert "connection lost" in offline.errors[0] and provider.count("/token", "refresh_token") == refreshes
+    first = cli(oauth_site, "connect-now", "--fetch-only", timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert provider.count("/token", "refresh_token") == refreshes + 1
+    oauth_dovecot.save("office", mail(11))
+    second = cli(oauth_site, "connect-now", "--fetch-only", timeout=120)
+    assert second.returncode == 0 and provider.count("/token", "refresh_token") == refreshes + 1
+    cat = Catalogue(oauth_site.spool)
+    try:
+        (_, with_refresh), (_, without) = SessionLog(cat).last(2)
+    finally:
+        cat.close()
+    assert with_refresh.fetched == without.fetched == 1
+    refresh_body = len(f"grant_type=refresh_token&refresh_token={refresh}&scope=mail&client_id={CLIENT_ID}")
+    print(f"\nsession bytes up/down: {with_refresh.bytes_up}/{with_refresh.bytes_down} with the refresh, "
+          f"{without.bytes_up}/{without.bytes_down} without")
+    assert with_refresh.bytes_up - without.bytes_up >= refresh_body
+    assert with_refresh.bytes_down - without.bytes_down >= 100  # the token endpoint's answer
