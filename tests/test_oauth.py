@@ -98,6 +98,14 @@ def test_transcript_masks_oauth_tokens(line):
     assert "********" in masked
 
 
+def test_transcript_keeps_reply_codes_and_words_about_tokens():
+    from gateway.session.events import Etrn
+    from gateway.session.transcript import describe, mask
+    assert mask(describe(Etrn("office.test", 250, "OK"))) == "[etrn] domain=office.test code=250 reply=OK"
+    line = "fetch: the provider refused the OAuth2 refresh token of isp (invalid_grant: revoked)"
+    assert mask(line) == line
+
+
 # ---------------------------------------------------------------- the token store
 
 

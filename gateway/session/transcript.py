@@ -27,7 +27,7 @@ _SECRET = re.compile(r"(?i)(pass(word)?|auth\s+(plain|login)|login)(\s+\S+\s*)(\
 # OAuth2: a bearer token in any form a line may carry it (an HTTP header, a SASL initial
 # response, a token endpoint's JSON or form body).
 _TOKEN = re.compile(r"(?i)((?:bearer|(?:auth(?:enticate)?)\s+(?:xoauth2|oauthbearer))\s+)\S+"
-                    r"|((?:access|refresh|id)_token\W{1,4}|(?:device_)?code=)[^\s\"'&,}]+")
+                    r"|((?:access|refresh|id)_token\W{1,4}|[?&](?:device_)?code=)[^\s\"'&,}]+")
 
 
 def mask(text: str) -> str:
