@@ -37,6 +37,9 @@ class Grant:
 class OAuthServer:
     def __init__(self, access_lifetime: float = 3600.0):
         self.access_lifetime = access_lifetime
+        # Microsoft's way: each refresh answers with a new refresh token; here the old one
+        # then stops working, the strictest form, so a client that keeps it fails at once.
+        self.rotate = False
         self.grants: dict[str, Grant] = {}  # refresh token -> grant
         self.codes: dict[str, tuple[str, str, str]] = {}  # code -> (user, challenge, redirect_uri)
         self.devices: dict[str, dict] = {}  # device code -> {"user_code", "user" (once approved)}
@@ -174,6 +177,11 @@ class OAuthServer:
             if grant is None or grant.revoked:
                 return 400, {"error": "invalid_grant", "error_description": "AADSTS70008: the refresh token "
                                                                             "has expired or was revoked"}
+            if self.rotate:
+                grant.revoked = True
+                refresh = _token("refresh")
+                self.grants[refresh] = Grant(grant.user)
+                return 200, self._tokens(refresh)
             return 200, self._tokens(form["refresh_token"])
         if grant_type == "authorization_code":
             found = self.codes.pop(form.get("code", ""), None)

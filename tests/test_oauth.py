@@ -251,6 +251,25 @@ def test_an_access_token_the_server_calls_expired_is_refreshed_transparently(pro
     assert fetch(oauth_site).fetched == 1 and provider.count("/token", "refresh_token") == before + 2
 
 
+def test_a_provider_that_rotates_refresh_tokens_gets_the_new_one_back_each_time(provider, oauth_dovecot,
+                                                                                oauth_site):
+    oauth_site.write_config(fetch_account(provider, oauth_dovecot.imap_port))
+    refresh, _ = provider.issue()
+    store_of(oauth_site).save("fetch.isp", TokenRecord(refresh_token=refresh, stored_at=time.time()))
+    provider.rotate = True
+    try:
+        for n in (12, 13, 14):
+            oauth_dovecot.save("office", mail(n))
+            provider.expire_access_tokens()  # each session has to refresh
+            result = fetch(oauth_site)
+            assert result.errors == [] and result.fetched == 1
+            current = store_of(oauth_site).load("fetch.isp").refresh_token
+            assert current != refresh and not provider.grants[current].revoked
+            refresh = current
+    finally:
+        provider.rotate = False
+
+
 def test_a_revoked_refresh_token_fails_that_account_only_and_tells_the_postmaster_once(
         provider, oauth_dovecot, oauth_site):
     oauth_dovecot.add_user("second", "second-isp-password")
