@@ -229,6 +229,24 @@ def test_fetch_logs_in_by_token_refreshing_it_once_the_line_is_up(provider, oaut
     assert refresh not in status.stdout + status.stderr
 
 
+def test_debug_logging_of_a_token_login_shows_no_token(provider, oauth_dovecot, oauth_site):
+    """`dialmail -v fetch` logs the IMAP dialogue and the HTTP requests, never the tokens."""
+    oauth_dovecot.save("office", mail(15))
+    oauth_site.write_config(fetch_account(provider, oauth_dovecot.imap_port, "oauthbearer"))
+    refresh, access = provider.issue()
+    store_of(oauth_site).save("fetch.isp", TokenRecord(refresh_token=refresh, access_token=access,
+                                                       expires_at=time.time() + 3600, stored_at=time.time()))
+    provider.expire_access_tokens()  # the stored one is refused, a refresh follows
+    r = cli(oauth_site, "-v", "fetch")
+    assert r.returncode == 0, r.stderr
+    assert "AUTHENTICATE" in r.stderr and "/token" in r.stderr  # the dialogue was logged
+    issued = [t for t in PASSWORDS if t.startswith(("refresh-", "access-"))]
+    assert not [t for t in issued if t in r.stdout + r.stderr]
+    for token in (access, store_of(oauth_site).load("fetch.isp").access_token):
+        sasl = base64.b64encode(f"n,a=office,\x01auth=Bearer {token}\x01\x01".encode()).decode()
+        assert sasl not in r.stderr
+
+
 def test_an_access_token_the_server_calls_expired_is_refreshed_transparently(provider, oauth_dovecot,
                                                                             oauth_site):
     oauth_site.write_config(fetch_account(provider, oauth_dovecot.imap_port))
