@@ -324,33 +324,44 @@ def test_a_revoked_refresh_token_fails_that_account_only_and_tells_the_postmaste
 
 class TokenSmarthost:
     """aiosmtpd on 127.0.0.1 offering AUTH XOAUTH2 and OAUTHBEARER only, each token checked
-    at the provider's introspection endpoint before the 235."""
+    at the provider's introspection endpoint before the 235.  A refused token gets what
+    Gmail and Microsoft send: a 334 with the error as base64 JSON, then, after the client's
+    empty line (XOAUTH2) or ^A (OAUTHBEARER, RFC 7628), the 535."""
 
     def __init__(self, provider: OAuthServer):
         from aiosmtpd.controller import Controller
-        from aiosmtpd.smtp import AuthResult
+        from aiosmtpd.smtp import MISSING, AuthResult
         self.received: list[tuple[str, list[str], bytes]] = []
         self.logins: list[tuple[str, bool]] = []
+        self.aborts: list[bytes] = []  # what the client answered to each error challenge
+        self.responses: list[str] = []  # each AUTH's initial response, decoded
         outer = self
 
-        async def check(mech: str, blob: str) -> AuthResult:
+        async def check(server, mech: str, blob: str) -> AuthResult:
             try:
                 text = base64.b64decode(blob).decode()
             except ValueError:
                 return AuthResult(success=False, handled=False)
+            outer.responses.append(text)
             token = text.split("auth=Bearer ", 1)[-1].split("\x01", 1)[0]
             answer = await asyncio.to_thread(requests.post, f"{provider.url}/introspect",
                                              data={"token": token}, timeout=10)
             ok = answer.json().get("active") is True
             outer.logins.append((mech, ok))
-            return AuthResult(success=ok, handled=False)
+            if ok:
+                return AuthResult(success=True, handled=False)
+            reply = await server.challenge_auth('{"status":"401","schemes":"bearer","scope":"mail"}')
+            if reply is MISSING:
+                return AuthResult(success=False, handled=True)
+            outer.aborts.append(reply)
+            return AuthResult(success=False, handled=False)
 
         class Handler:
             async def auth_XOAUTH2(self, server, args):  # noqa: N802 - aiosmtpd's naming
-                return await check("XOAUTH2", args[1] if len(args) > 1 else "")
+                return await check(server, "XOAUTH2", args[1] if len(args) > 1 else "")
 
             async def auth_OAUTHBEARER(self, server, args):  # noqa: N802
-                return await check("OAUTHBEARER", args[1] if len(args) > 1 else "")
+                return await check(server, "OAUTHBEARER", args[1] if len(args) > 1 else "")
 
             async def handle_DATA(self, server, session, envelope):
                 outer.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
@@ -395,6 +406,34 @@ def test_a_session_sends_and_fetches_by_token_refreshing_both_while_online(provi
     for path in transcripts + [oauth_site.log_path]:
         text = path.read_bytes() if path.exists() else b""
         assert not [t for t in PASSWORDS if t.startswith(("refresh-", "access-")) and t.encode() in text]
+
+
+@pytest.mark.parametrize("auth, abort", [("xoauth2", b""), ("oauthbearer", b"\x01")])
+def test_a_smarthost_refusing_a_stale_token_gets_a_fresh_one_in_the_same_flush(provider, oauth_site, auth, abort):
+    from gateway.relay.flush import flush
+    with TokenSmarthost(provider) as smarthost:
+        oauth_site.write_config(f'\n[smarthost]\nhost = "127.0.0.1"\nport = {smarthost.port}\nstarttls = "off"\n'
+                                f'username = "office"\nauth = "{auth}"\n' + oauth_table(provider, "smarthost"))
+        refresh, access = provider.issue()
+        store_of(oauth_site).save("smarthost", TokenRecord(refresh_token=refresh, access_token=access,
+                                                           expires_at=time.time() + 3600))
+        provider.expire_access_tokens()
+        cli(oauth_site, "sendmail", "-f", "alice@office.test", "friend@example.com",
+            input=b"Subject: stale token\r\n\r\nhello\r\n")
+        cfg = config_mod.load(oauth_site.config_path)
+        cat = Catalogue(cfg.spool_dir)
+        try:
+            result = asyncio.run(flush(cfg, Queue(cat), force=True))
+        finally:
+            cat.close()
+        assert result.error is None and result.sent == 1
+        assert smarthost.logins == [(auth.upper(), False), (auth.upper(), True)]
+        assert smarthost.aborts == [abort]  # the error challenge ended as the mechanism says
+        assert [r for _, r, _ in smarthost.received] == [["friend@example.com"]]
+    fresh = store_of(oauth_site).load("smarthost").access_token
+    assert fresh != access
+    gs2 = "user=office" if auth == "xoauth2" else "n,a=office,"  # RFC 7628's GS2 header for OAUTHBEARER
+    assert smarthost.responses == [f"{gs2}\x01auth=Bearer {access}\x01\x01", f"{gs2}\x01auth=Bearer {fresh}\x01\x01"]
 
 
 def test_a_refused_smarthost_token_defers_the_mail_and_the_fetch_goes_on(provider, oauth_dovecot, oauth_site):
