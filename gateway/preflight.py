@@ -333,10 +333,34 @@ def _smarthost(config: Config) -> list[Finding]:
                                "no smarthost is set: mail to outside addresses waits in the queue"))
         elif not is_host_name(sh.host):
             out.append(Finding(ERROR, config.where("smarthost", "host"), _not_a_host(sh.host)))
-    if sh.username and sh.password_file:
+    if sh.oauth is not None:
+        out += _oauth(config, sh.oauth, "smarthost.oauth")
+    elif sh.username and sh.password_file:
         out += _secret_file(config.where("smarthost", "password_file"), sh.password_file)
     if sh.ca_file:
         out += _ca_file(config.where("smarthost", "ca_file"), sh.ca_file)
+    return out
+
+
+def _oauth(config: Config, oauth, section: str, index: int = 0) -> list[Finding]:
+    """The client secret and the stored token of an OAuth2 login (the token is never shown)."""
+    from gateway.oauth import tokens
+    from spool.tokens import REFUSED, TokenStoreError
+    out = []
+    if oauth.client_secret_file is not None:
+        out += _secret_file(config.where(section, "client_secret_file", index), oauth.client_secret_file)
+    where = config.where(section, None, index)
+    try:
+        rec = tokens.store_for(config).load(oauth.key)
+    except ConfigError as exc:
+        return out + [Finding(ERROR, config.where("server", "token_key_file"), str(exc).split(": ", 1)[-1])]
+    except (TokenStoreError, OSError) as exc:
+        return out + [Finding(ERROR, where, str(exc))]
+    if rec is None:
+        out.append(Finding(WARNING, where, f"no token stored yet: run `dialmail oauth login {oauth.account}` "
+                                           f"(until then this login fails)"))
+    elif rec.state == REFUSED:
+        out.append(Finding(WARNING, where, tokens.refused_text(oauth.account, rec.error)))
     return out
 
 
@@ -358,7 +382,9 @@ def _fetch(config: Config, directory: Directory) -> list[Finding]:
         section = f"fetch[{f.name}]"
         if not is_host_name(f.host):
             out.append(Finding(ERROR, config.where(section, "host", i), _not_a_host(f.host)))
-        if f.password_file is None:
+        if f.oauth is not None:
+            out += _oauth(config, f.oauth, f"{section}.oauth", i)
+        elif f.password_file is None:
             out.append(Finding(ERROR, config.where(section, "password_file", i),
                                f"is required: the file holding the password of {f.username} at {f.host}"))
         else:

@@ -597,6 +597,18 @@ exec "$@"
 """
 
 
+# passdb oauth2 (Dovecot 2.3): every XOAUTH2/OAUTHBEARER token is asked about at the
+# introspection endpoint (RFC 7662, POST token=...); "active": true with a username logs in.
+_DOVECOT_OAUTH2 = """\
+introspection_mode = post
+introspection_url = {url}
+username_attribute = username
+active_attribute = active
+active_value = true
+force_introspection = yes
+"""
+
+
 class Dovecot(_Peer):
     """Dovecot IMAP + POP3 on 127.0.0.1; users and plain passwords in ``users_file``,
     checked by a checkpassword script at every login (changes apply at once).
@@ -616,11 +628,15 @@ class Dovecot(_Peer):
 
     name = "dovecot"
 
-    def __init__(self, basedir: Path | str | None = None, *, tls: str = "starttls"):
+    def __init__(self, basedir: Path | str | None = None, *, tls: str = "starttls",
+                 introspection_url: str | None = None):
         if tls not in ("starttls", "none"):
             raise ValueError(f"tls must be 'starttls' or 'none', not {tls!r}")
         super().__init__(basedir)
         self.tls = tls
+        # With an RFC 7662 introspection endpoint, Dovecot also takes SASL XOAUTH2 and
+        # OAUTHBEARER, asking that endpoint about every bearer token (passdb oauth2).
+        self.introspection_url = introspection_url
         self.host = HOST
         self.imap_port = self.pop3_port = 0
         self.imaps_port: int | None = None
@@ -667,9 +683,18 @@ class Dovecot(_Peer):
             group = grp.getgrgid(os.getegid()).gr_name
             users = {"internal_user": me, "internal_group": group, "login_user": me,
                      "mail_user": me, "mail_group": group, "chroot": "  chroot =\n"}
-        self.conf.write_text(_DOVECOT_CONF.format(
+        conf = _DOVECOT_CONF.format(
             d=d, host=HOST, ssl=ssl_conf, imap_port=self.imap_port, pop3_port=self.pop3_port,
-            imaps_port=self.imaps_port or 0, pop3s_port=self.pop3s_port or 0, **users))
+            imaps_port=self.imaps_port or 0, pop3s_port=self.pop3s_port or 0, **users)
+        if self.introspection_url:
+            (d / "oauth2.conf.ext").write_text(_DOVECOT_OAUTH2.format(url=self.introspection_url))
+            conf = conf.replace("auth_mechanisms = plain login\n",
+                                "auth_mechanisms = plain login xoauth2 oauthbearer\n")
+            conf = conf.replace("passdb {\n  driver = checkpassword",
+                                "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+                                f"  args = {d}/oauth2.conf.ext\n}}\n"
+                                "passdb {\n  driver = checkpassword\n  mechanisms = plain login")
+        self.conf.write_text(conf)
         check = subprocess.run([_prog("doveconf"), "-c", str(self.conf), "-n"], capture_output=True, text=True)
         if check.returncode:
             raise RuntimeError(f"dovecot config rejected: {check.stderr}")

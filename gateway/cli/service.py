@@ -44,11 +44,13 @@ def check(ctx: typer.Context):
     typer.echo(f"  pop3          {', '.join(map(str, cfg.pop3.listen))}{'  STLS' if cfg.pop3.tls_cert else ''}")
     sh = cfg.smarthost
     typer.echo(f"  smarthost     {sh.host or '-'}:{sh.port} starttls={sh.starttls}"
-               f"{' auth=' + sh.username if sh.username else ''} route={sh.route}")
+               f"{' auth=' + sh.username if sh.username else ''}"
+               f"{f' by {sh.auth} ({sh.oauth.provider})' if sh.oauth else ''} route={sh.route}")
     for f in cfg.fetch:
         target = f.deliver_to if f.mode == "single" else f"multidrop via {f.envelope_header or 'To/Cc guess'}"
         typer.echo(f"  fetch         {f.name}: {f.username}@{f.host}:{f.port} ({f.tls}) {', '.join(f.folders)}"
-                   f" -> {target}{' keep' if f.keep else ''}")
+                   f" -> {target}{' keep' if f.keep else ''}"
+                   f"{f'  {f.auth} ({f.oauth.provider})' if f.oauth else ''}")
     typer.echo(f"  link          {cfg.link.type}")
     typer.echo(f"  schedule      {', '.join(cfg.schedule.dial) or '-'}")
     typer.echo(f"  aliases       {len(cfg.aliases)}")

@@ -226,10 +226,38 @@ def status(ctx: typer.Context):
         typer.echo("daemon: not running")
         _print_status(counts, nxt.isoformat(sep=" ", timespec="minutes") if nxt else None,
                       last[-1][1].__dict__ | {"id": last[-1][0]} if last else None)
+        _print_logins(cfg)
         return
     typer.echo(f"daemon: running (pid {st.pid})")
     typer.echo(f"link: {st.link}")
     _print_status(st.queue, st.next_dial, st.last_session)
+    _print_logins(cfg)
+
+
+def _print_logins(cfg) -> None:
+    """ISP accounts whose OAuth2 login cannot work until the admin acts (the last session's
+    errors may be about something else by now)."""
+    from gateway.oauth.tokens import refused_text, store_for
+    from spool.tokens import REFUSED, TokenStoreError
+    logins = [f.oauth for f in cfg.fetch if f.oauth is not None]
+    logins += [cfg.smarthost.oauth] if cfg.smarthost.oauth is not None else []
+    if not logins:
+        return
+    try:
+        store = store_for(cfg)
+    except Exception as exc:  # a key file problem: say it, the rest of the status stands
+        typer.echo(f"oauth: tokens unreadable: {exc}")
+        return
+    for oauth in logins:
+        try:
+            rec = store.load(oauth.key)
+        except TokenStoreError as exc:
+            typer.echo(f"oauth: {oauth.account}: {exc}")
+            continue
+        if rec is None:
+            typer.echo(f"oauth: {oauth.account}: no token: run `dialmail oauth login {oauth.account}`")
+        elif rec.state == REFUSED:
+            typer.echo(f"oauth: {oauth.account}: {refused_text(oauth.account, rec.error)}")
 
 
 def _print_status(counts: dict, next_dial, last) -> None:

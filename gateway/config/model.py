@@ -17,6 +17,7 @@ from gateway.mail.errors import ConfigError
 
 if TYPE_CHECKING:  # only for the annotations: those modules read their own sections
     from gateway.config.dialtimes import DialRule
+    from gateway.config.oauth import OAuthConfig
     from gateway.config.policy import PolicySettings
     from modem.settings import LinkSettings
 
@@ -60,6 +61,7 @@ class ServerConfig:
     spool_dir: Path
     mynetworks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     postmaster: str
+    token_key_file: Path | None = None  # Fernet key that encrypts the stored OAuth2 tokens
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.domains
@@ -109,6 +111,8 @@ class SmarthostConfig:
     route: str  # smarthost | mx
     rewrite: tuple[tuple[str, str], ...]  # local address or @domain -> outside address
     connections: int = 1  # SMTP connections a flush uses at once
+    auth: str = "password"  # password | xoauth2 | oauthbearer
+    oauth: OAuthConfig | None = None  # who issues the tokens, with auth = xoauth2 | oauthbearer
 
     def password(self) -> str | None:
         return read_secret(self.password_file, "smarthost.password_file") if self.password_file else None
@@ -147,6 +151,8 @@ class FetchConfig:
     chunk_size: int
     offpeak: tuple[int, int] | None = None  # (start, end) minutes after local midnight, for oversize="defer"
     domains: tuple[str, ...] = ()  # ISP-side domains whose local parts are local users (multidrop)
+    auth: str = "password"  # password | xoauth2 | oauthbearer
+    oauth: OAuthConfig | None = None  # who issues the tokens, with auth = xoauth2 | oauthbearer
 
     def password(self) -> str | None:
         return read_secret(self.password_file, f"fetch[{self.name}].password_file") if self.password_file else None

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from gateway.config import oauth as oauth_table
 from gateway.config.dialtimes import ScheduleError
 from gateway.config.dialtimes import parse as parse_dial_rules
 from gateway.config.model import (
@@ -90,7 +91,8 @@ def loads(text: str, path: Path | None = None) -> Config:
                                                 "groups", "forward", "autoreply", "vacation", "blocklist",
                                                 "virus", "users"})
     server = _server(_Section(loader, "server", raw.get("server"),
-                              {"hostname", "domains", "spool_dir", "mynetworks", "postmaster"}))
+                              {"hostname", "domains", "spool_dir", "mynetworks", "postmaster",
+                               "token_key_file"}))
     smtp = _smtp(_Section(loader, "smtp", raw.get("smtp"), {"listen", "max_message_size", "tls_cert", "tls_key",
                                                             "max_connections", "min_free_space",
                                                             "max_auth_failures", "auth_lockout", "data_timeout",
@@ -100,7 +102,7 @@ def loads(text: str, path: Path | None = None) -> Config:
                                                             "max_connections_per_client"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
                                     {"host", "port", "starttls", "username", "password_file", "ca_file",
-                                     "timeout", "route", "rewrite", "connections"}))
+                                     "timeout", "route", "rewrite", "connections", "auth", "oauth"}))
     queue = _queue(_Section(loader, "queue", raw.get("queue"),
                             {"queue_lifetime", "delay_warning", "retry_min", "retry_max"}))
     fetch_raw = raw.get("fetch", [])
@@ -152,7 +154,7 @@ def _server(s: _Section) -> ServerConfig:
     spool = s.path("spool_dir", Path("/var/spool/dialmail"))
     postmaster = s.get("postmaster", str, f"postmaster@{domains[0]}")
     return ServerConfig(hostname=hostname, domains=domains, spool_dir=spool, mynetworks=tuple(nets),
-                        postmaster=postmaster)
+                        postmaster=postmaster, token_key_file=s.path("token_key_file"))
 
 
 def _listen_list(s: _Section, key: str, default: tuple[str, ...]) -> tuple[Listen, ...]:
@@ -202,10 +204,31 @@ def _pop3(s: _Section) -> POP3Config:
                       max_connections_per_client=s.positive("max_connections_per_client", 10))
 
 
+def _oauth(s: _Section, account: str, kind: str) -> tuple[str, oauth_table.OAuthConfig | None]:
+    """``auth`` and the ``oauth`` table of an account that logs in to the ISP."""
+    auth = s.choice("auth", oauth_table.AUTH_METHODS, "password")
+    if auth == "password":
+        if "oauth" in s.data:
+            s.fail("oauth", "is read only with auth = \"xoauth2\" or \"oauthbearer\"")
+        return auth, None
+    if "oauth" not in s.data:
+        s.fail("auth", f"auth = {auth!r} needs an oauth table naming the provider and client_id "
+                       f"(see the README, \"OAuth2\")")
+    if "password_file" in s.data:
+        s.fail("password_file", f"is not used with auth = {auth!r}: the login is by token")
+    table = _Section(s.loader, f"{s.name}.oauth", s.data["oauth"], index=s.index,
+                     known={"provider", "client_id", "tenant", "client_secret_file", "token_url",
+                            "authorization_url", "device_url", "scopes"})
+    return auth, oauth_table.parse(table, account, kind)
+
+
 def _smarthost(s: _Section) -> SmarthostConfig:
     pw = s.path("password_file")
     user = s.get("username", str, None)
-    if user and not pw:
+    auth, oauth = _oauth(s, "smarthost", "smarthost")
+    if oauth is not None and not user:
+        s.fail("username", f"auth = {auth!r} logs in as a user: set username (the mailbox address)")
+    if user and not pw and oauth is None:
         s.fail("password_file", "username is set, so password_file is required")
     rewrite = []
     rw = _Section(s.loader, "smarthost.rewrite", s.data.get("rewrite"))
@@ -221,7 +244,7 @@ def _smarthost(s: _Section) -> SmarthostConfig:
                            starttls=s.choice("starttls", ("required", "opportunistic", "off"), "opportunistic"),
                            username=user, password_file=pw, ca_file=s.path("ca_file"),
                            timeout=s.get("timeout", float, 120.0), route=route, rewrite=tuple(rewrite),
-                           connections=s.positive("connections", 1))
+                           connections=s.positive("connections", 1), auth=auth, oauth=oauth)
 
 
 def _queue(s: _Section) -> QueueConfig:
@@ -239,7 +262,7 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                  known={"name", "host", "port", "tls", "username", "password_file", "folders", "mode", "deliver_to",
                   "keep", "keep_days", "envelope_header", "envelope_skip", "guess_from_headers", "ca_file",
                   "max_message_size", "oversize", "max_messages", "max_bytes", "batch_size", "chunk_size",
-                  "offpeak", "domains"})
+                  "offpeak", "domains", "auth", "oauth"})
     tls = s.choice("tls", ("imaps", "starttls", "off"), "imaps")
     mode = s.choice("mode", ("single", "multidrop"), "single")
     name = s.get("name", str, None) or s.get("username", str, f"account{index}")
@@ -262,6 +285,7 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
     if oversize == "defer" and offpeak is None:
         s.fail("offpeak", "oversize = \"defer\" needs the off-peak window to fetch big mail in, "
                "e.g. offpeak = \"22:00-06:00\"")
+    auth, oauth = _oauth(s, name, "fetch")
     return FetchConfig(name=name, host=s.get("host", str, required=True),
                        port=s.port("port", {"imaps": 993}.get(tls, 143)), tls=tls,
                        username=s.get("username", str, required=True), password_file=s.path("password_file"),
@@ -275,7 +299,8 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                        max_messages=s.positive("max_messages", None),
                        max_bytes=s.convert("max_bytes", parse_size, None),
                        batch_size=s.positive("batch_size", 50),
-                       chunk_size=s.convert("chunk_size", parse_size, 1024 * 1024))
+                       chunk_size=s.convert("chunk_size", parse_size, 1024 * 1024),
+                       auth=auth, oauth=oauth)
 
 
 def _link(s: _Section) -> LinkConfig:

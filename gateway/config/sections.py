@@ -156,6 +156,11 @@ def key_lines(text: str) -> dict[str, int]:
                 joined = ".".join(path)
                 arrays[joined] = arrays.get(joined, -1) + 1
                 path = path[:-1] + [f"{path[-1]}[{arrays[joined]}]"]
+            else:  # [fetch.oauth] is the table of the latest [[fetch]]
+                for i in range(len(path)):
+                    joined = ".".join(path[:i + 1])
+                    if joined in arrays:
+                        path[i] = f"{path[i]}[{arrays[joined]}]"
             table = path
             lines.setdefault(".".join(table), no)
             continue

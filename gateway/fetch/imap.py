@@ -56,6 +56,7 @@ from gateway.fetch.partial import Partials, move_into
 from gateway.fetch.plan import DEFERRED, DELETED_OVERSIZE
 from gateway.fetch.recipients import Recipients, review_header
 from gateway.mail.errors import ConfigError
+from gateway.oauth import tokens
 from gateway.office.directory import Directory
 from spool.fetchstate import (
     AccountLock,
@@ -267,6 +268,10 @@ class AccountFetcher:
             self.result.error = str(exc)
         except LoginError as exc:
             self.result.error = f"login refused: {_text(exc)}"
+        except tokens.TokenProblem as exc:
+            self.result.error = str(exc)
+            if isinstance(exc, tokens.TokenRefused):
+                tokens.tell_postmaster_once(self.config, self.queue, self.account.oauth, str(exc))
         except ConfigError as exc:
             self.result.error = str(exc)
         except ssl.SSLCertVerificationError as exc:
@@ -293,9 +298,11 @@ class AccountFetcher:
 
     def connect(self) -> IMAPClient:
         a = self.account
-        password = a.password()
-        if password is None:
-            raise ConfigError(f"fetch[{a.name}]: password_file is required to log in")
+        password = None
+        if a.auth == "password":
+            password = a.password()
+            if password is None:
+                raise ConfigError(f"fetch[{a.name}]: password_file is required to log in")
         ctx = ssl.create_default_context(cafile=str(a.ca_file) if a.ca_file else None)
         timeout = SocketTimeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT)
         if a.tls == "imaps":
@@ -304,11 +311,29 @@ class AccountFetcher:
             client = IMAPClient(a.host, port=a.port, ssl=False, timeout=timeout)
             if a.tls == "starttls":
                 client.starttls(ssl_context=ctx)
-        client.login(a.username, password)
+        if password is not None:
+            client.login(a.username, password)
+        else:
+            self.token_login(client)
         self.uidplus = client.has_capability("UIDPLUS")
         limit = a.max_message_size or self.config.policy.max_message_size
         self.guard = LiteralGuard(client, max(limit, a.chunk_size) + LITERAL_MARGIN)
         return client
+
+    def token_login(self, client: IMAPClient) -> None:
+        """SASL XOAUTH2 or OAUTHBEARER with the account's access token.  A token the server
+        refuses before its stated expiry (revoked early, clocks apart) is refreshed once."""
+        a = self.account
+
+        def login(token: str) -> None:
+            if a.auth == "xoauth2":
+                client.oauth2_login(a.username, token)
+            else:
+                client.oauthbearer_login(a.username, token)
+        try:
+            login(tokens.access_token(self.config, a.oauth, self.clock))
+        except LoginError:
+            login(tokens.access_token(self.config, a.oauth, self.clock, force=True))
 
     def check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():

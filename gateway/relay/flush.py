@@ -32,6 +32,7 @@ ends, however it ends, and those of a flush that died are freed by the next one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import logging
 import ssl
@@ -46,6 +47,8 @@ import aiosmtplib
 from gateway.config import Config
 from gateway.mail import headers, outcome
 from gateway.mail.outcome import Outcome
+from gateway.oauth import tokens
+from gateway.oauth.tokens import TokenProblem
 from gateway.office import bounce
 from gateway.relay import fold, mx
 from gateway.relay.expiry import expire
@@ -299,6 +302,9 @@ class Peer:
     ca_file: str | None
     username: str | None = None
     password: str | None = None
+    auth: str = "password"  # password | xoauth2 | oauthbearer
+    # An access token for the login (``True``: refresh it, the server refused the last one).
+    token: Callable[[bool], Awaitable[str]] | None = field(default=None, compare=False)
 
 
 class Connection:
@@ -347,7 +353,13 @@ class Connection:
                 raise _Stop(outcome.tls_required_not_offered(where))
         if p.username:
             try:
-                await smtp.login(p.username, p.password or "")
+                if p.token is not None:
+                    await _token_login(smtp, p)
+                else:
+                    await smtp.login(p.username, p.password or "")
+            except TokenProblem as exc:
+                await _quit(smtp)
+                raise _Stop(outcome.auth_failed(0, str(exc))) from None
             except aiosmtplib.SMTPAuthenticationError as exc:
                 await _quit(smtp)
                 raise _Stop(outcome.auth_failed(exc.code, exc.message)) from None
@@ -470,6 +482,25 @@ def _connect_why(exc: BaseException) -> str:
     return _why(exc)
 
 
+async def _token_login(smtp: aiosmtplib.SMTP, p: Peer) -> None:
+    """AUTH XOAUTH2 (aiosmtplib's) or OAUTHBEARER (RFC 7628, which aiosmtplib lacks); a token
+    the server refuses before its stated expiry is refreshed once and tried again."""
+    async def login(token: str) -> None:
+        if p.auth == "xoauth2":
+            await smtp.auth_xoauth2(p.username, token)
+            return
+        initial = base64.b64encode(f"n,a={p.username},\x01auth=Bearer {token}\x01\x01".encode())
+        reply = await smtp.execute_command(b"AUTH", b"OAUTHBEARER", initial)
+        if reply.code == 334:  # the error as a JSON challenge: a lone ^A ends the exchange
+            reply = await smtp.execute_command(base64.b64encode(b"\x01"))
+        if reply.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(reply.code, reply.message)
+    try:
+        await login(await p.token(False))
+    except aiosmtplib.SMTPAuthenticationError:
+        await login(await p.token(True))
+
+
 def _deferral(o: Outcome) -> Outcome:
     """A refusal of the whole connection (greeting, EHLO) defers: it is about us, not a recipient."""
     if o.status == DEFERRED:
@@ -486,8 +517,17 @@ async def _flush_smarthost(ctx: _Context, jobs: list[_Job]) -> None:
         ctx.result.error = outcome.cannot_connect("no [smarthost] host configured")
         await ctx.record_all(jobs, ctx.result.error, unsent=True)
         return
+    token = None
+    if sh.oauth is not None:
+        async def token(force: bool) -> str:
+            try:
+                return await asyncio.to_thread(tokens.access_token, ctx.config, sh.oauth, ctx.clock, force)
+            except tokens.TokenRefused as exc:
+                await asyncio.to_thread(tokens.tell_postmaster_once, ctx.config, ctx.queue, sh.oauth, str(exc))
+                raise
     peer = Peer(sh.host, sh.port, sh.starttls, verify=True, ca_file=str(sh.ca_file) if sh.ca_file else None,
-                username=sh.username, password=sh.password() if sh.username else None)
+                username=sh.username, password=sh.password() if sh.username and token is None else None,
+                auth=sh.auth, token=token)
     await _over_connection(ctx, peer, jobs)
 
 

@@ -24,10 +24,15 @@ from gateway.session.events import Done, Event
 DIALOGUE_LOGGER = "modem.dialogue"
 
 _SECRET = re.compile(r"(?i)(pass(word)?|auth\s+(plain|login)|login)(\s+\S+\s*)(\S+)")
+# OAuth2: a bearer token in any form a line may carry it (an HTTP header, a SASL initial
+# response, a token endpoint's JSON or form body).
+_TOKEN = re.compile(r"(?i)((?:bearer|(?:auth(?:enticate)?)\s+(?:xoauth2|oauthbearer))\s+)\S+"
+                    r"|((?:access|refresh|id)_token\W{1,4}|[?&](?:device_)?code=)[^\s\"'&,}]+")
 
 
 def mask(text: str) -> str:
     """Hide anything that looks like a credential in a transcript line."""
+    text = _TOKEN.sub(lambda m: (m.group(1) or m.group(2)) + "********", text)
     return _SECRET.sub(lambda m: m.group(1) + m.group(4) + "********", text)
 
 

@@ -4,7 +4,9 @@ Runs last in `make test` (tests/torture sorts after every tests/test_*.py file a
 module after the other torture modules).  Logs: every ``*.log`` under pytest's base
 temp directory, where each test's site keeps ``dialmail.log`` and its session
 transcripts (``spool/sessions/*.log``).  Passwords: those given to ``Site.add_user``
-(tests.harness.PASSWORDS) and the contents of every password file the tests wrote there.
+and every OAuth2 token, code and device code the test authorization server issued
+(tests/oauth_server.py; both in tests.harness.PASSWORDS), and the contents of every
+password file the tests wrote there.
 """
 import pytest
 
