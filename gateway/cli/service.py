@@ -70,6 +70,7 @@ def run(ctx: typer.Context):
 def default_services():
     """Services the daemon runs beside SMTP and local delivery."""
     from gateway import control
+    from gateway.imap import supervisor as imap
     from gateway.pop3 import server as pop3
     from gateway.session import scheduler
-    return [pop3.service, control.service, scheduler.service]
+    return [pop3.service, imap.service, control.service, scheduler.service]

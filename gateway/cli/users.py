@@ -22,6 +22,12 @@ def _users(ctx):
     return Users(state(ctx).config().spool_dir)
 
 
+def _changed(ctx) -> None:
+    """A managed Dovecot reads the users file again, so IMAP logins follow at once."""
+    from gateway.imap.supervisor import reload_users
+    reload_users(state(ctx).config())
+
+
 def _read_password(password_stdin: bool) -> str:
     if password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -48,6 +54,7 @@ def users_add(ctx: typer.Context, name: str,
         _users(ctx).add(name, _read_password(password_stdin))
     except UserError as exc:
         fail(str(exc), EX_USAGE)
+    _changed(ctx)
     typer.echo(f"user {name.lower()} added")
 
 
@@ -61,6 +68,7 @@ def users_passwd(ctx: typer.Context, name: str,
         _users(ctx).set_password(name, _read_password(password_stdin))
     except UserError as exc:
         fail(str(exc), EX_USAGE)
+    _changed(ctx)
     typer.echo(f"password of {name.lower()} changed")
 
 
@@ -73,6 +81,7 @@ def users_del(ctx: typer.Context, name: str):
         _users(ctx).delete(name)
     except UserError as exc:
         fail(str(exc), EX_USAGE)
+    _changed(ctx)
     typer.echo(f"user {name.lower()} deleted (mailbox kept)")
 
 
