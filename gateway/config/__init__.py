@@ -7,9 +7,9 @@ Code below receives ``Config`` and never reads raw dicts or environment variable
 from gateway.config.model import (
     DEFAULT_PATH,
     ENV_VAR,
+    IMAP_OFF,
     Config,
     DemandConfig,
-    IMAP_OFF,
     FetchConfig,
     IMAPConfig,
     LinkConfig,

@@ -19,9 +19,9 @@ from gateway.config.dialtimes import parse as parse_dial_rules
 from gateway.config.model import (
     DEFAULT_PATH,
     ENV_VAR,
+    IMAP_OFF,
     Config,
     DemandConfig,
-    IMAP_OFF,
     FetchConfig,
     IMAPConfig,
     LinkConfig,

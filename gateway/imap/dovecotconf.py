@@ -104,8 +104,9 @@ def fragment(config: Config, owner: MailOwner, paths: DovecotPaths) -> str:
     """What an admin adds to an existing Dovecot (``dovecot = "external"``)."""
     return (f"# dialmail: add to your Dovecot's configuration, e.g. as /etc/dovecot/conf.d/99-dialmail.conf,\n"
             f"# then: systemctl reload dovecot.  Written from {config.path or 'the configuration'}.\n"
-            f"# Replaces your passdb, userdb, mail_location and inbox namespace: Dovecot then serves\n"
-            f"# dialmail's users and mailboxes.\n"
+            f"# Its passdb and userdb come beside yours (to serve dialmail's users only, remove yours,\n"
+            f"# e.g. '!include auth-system.conf.ext' in conf.d/10-auth.conf); mail_location,\n"
+            f"# pop3_uidl_format and the inbox namespace's folders replace yours.\n"
             f"{mailbox_settings(config, owner, paths)}")
 
 
