@@ -331,3 +331,78 @@ def test_fetched_from_the_isp_appears_in_the_imap_inbox(imap_site, isp):
     ((_flags, body),) = fetch_all(m).values()
     assert body.endswith(letter) and b"Subject: from outside" in body
     m.logout()
+
+
+# ---------------------------------------------------------------- the admin's Dovecot
+
+
+ADMIN_DOVECOT = """\
+# an admin's Dovecot, as on a Debian server: its own config, run by the admin
+protocols = imap
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+ssl = no
+auth_mechanisms = plain login
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+{include}
+"""
+
+
+def test_external_dovecot_given_the_printed_fragment_serves_the_mailboxes_and_check_verifies_it(peer_tmp):
+    need("dovecot", "doveconf", "doveadm")
+    d = peer_tmp / "admin-dovecot"
+    d.mkdir()
+    conf = d / "dovecot.conf"
+    site = ImapSite(peer_tmp, dovecot="external", imap_extra=f'dovecot_config = "{conf}"\n')
+    site.add_user("alice", ALICE_PW)
+    proc = None
+    try:
+        site.start()
+        smtp_send(site, message(1))
+        conf.write_text(ADMIN_DOVECOT.format(d=d, port=site.imap_port, include=""))
+        r = site.cli("check")
+        assert r.returncode == 78
+        assert b"imap.dovecot_config: Dovecot's mail_location is '', not dialmail's 'maildir:" in r.stderr
+        fragment = site.cli("dovecot", "config", check=True).stdout
+        assert b"passdb {\n  driver = passwd-file\n  args = scheme=ARGON2ID " + str(site.spool).encode() in fragment
+        (d / "dialmail.conf").write_bytes(fragment)
+        conf.write_text(ADMIN_DOVECOT.format(d=d, port=site.imap_port, include=f"!include {d}/dialmail.conf"))
+        r = site.cli("check")
+        assert r.returncode == 78 and b"is not running" in r.stderr, r.stderr
+        proc = subprocess.Popen([shutil.which("dovecot") or "/usr/sbin/dovecot", "-F", "-c", str(conf)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port("127.0.0.1", site.imap_port, timeout=20, proc=proc)
+        r = site.cli("check")
+        assert r.returncode == 0, r.stderr
+        assert f"imap          127.0.0.1:{site.imap_port}  Dovecot external".encode() in r.stdout
+        m = site.imap()
+        ((_flags, body),) = fetch_all(m).values()
+        assert body.endswith(message(1))
+        m.logout()
+        # a user added while the admin's Dovecot runs logs in there too
+        r = site.cli("users", "add", "carol", "--password-stdin", input=CAROL_PW.encode() + b"\n")
+        assert r.returncode == 0, r.stderr
+
+        def carol_in():
+            try:
+                site.imap("carol", CAROL_PW).logout()
+                return True
+            except imaplib.IMAP4.error:
+                return False
+        # Dovecot looks at a passwd-file at most once a second (no signal reaches the admin's Dovecot)
+        wait_for(carol_in, timeout=10, what="the new user's login on the admin's Dovecot")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        site.stop()
