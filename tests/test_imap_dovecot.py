@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -406,3 +405,40 @@ def test_external_dovecot_given_the_printed_fragment_serves_the_mailboxes_and_ch
             proc.terminate()
             proc.wait(10)
         site.stop()
+
+
+MUTTRC = """\
+set folder = "imap://alice@127.0.0.1:{port}/"
+set imap_pass = "{password}"
+set spoolfile = "+INBOX"
+set ssl_starttls = no
+set ssl_force_tls = no
+set header_cache = ""
+set message_cachedir = ""
+set mail_check = 0
+set confirmcreate = no
+set confirmappend = no
+set quit = yes
+set move = no
+set sort = date
+"""
+
+
+def test_mutt_copies_the_inbox_to_a_new_folder_and_flags_it(imap_site, peer_tmp):
+    need("mutt")
+    imap_site.start()
+    smtp_send(imap_site, message(1), message(2))
+    rc = peer_tmp / "muttrc"
+    rc.write_text(MUTTRC.format(port=imap_site.imap_port, password=ALICE_PW))
+    rc.chmod(0o600)
+    keys = "<tag-pattern>~A<enter><tag-prefix><copy-message>=Archive<enter><tag-prefix><set-flag>!<sync-mailbox><quit>"
+    # mutt needs a terminal: script(1) gives it one; it runs the keys and quits
+    r = subprocess.run(["script", "-qec", f"mutt -n -F {rc} -e 'push \"{keys}\"'", "/dev/null"],
+                       capture_output=True, timeout=60, env={**os.environ, "TERM": "xterm", "HOME": str(peer_tmp)})
+    assert r.returncode == 0, r.stdout[-2000:]
+    m = imap_site.imap()
+    archived = fetch_all(m, "Archive")
+    inbox = fetch_all(m, "INBOX")
+    assert sorted(body for _f, body in archived.values()) == sorted(body for _f, body in inbox.values())
+    assert len(inbox) == 2 and all(rb"\Flagged" in flags.split() for flags, _b in inbox.values())
+    m.logout()
