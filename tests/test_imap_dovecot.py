@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import os
 import poplib
+import pwd
 import re
 import shutil
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 
 from gateway.imap.store import DovecotPaths
@@ -442,3 +444,31 @@ def test_mutt_copies_the_inbox_to_a_new_folder_and_flags_it(imap_site, peer_tmp)
     assert sorted(body for _f, body in archived.values()) == sorted(body for _f, body in inbox.values())
     assert len(inbox) == 2 and all(rb"\Flagged" in flags.split() for flags, _b in inbox.values())
     m.logout()
+
+
+def test_managed_dovecot_when_dialmail_runs_as_its_own_user(peer_tmp):
+    need("dovecot", "doveconf", "doveadm", "setpriv")
+    if os.geteuid() != 0:
+        pytest.skip("the test itself is the unprivileged user: every other test shows it")
+    site = ImapSite(peer_tmp)
+    site.add_user("alice", ALICE_PW)
+    nobody = pwd.getpwnam("nobody")
+    for root, dirs, files in os.walk(peer_tmp):
+        for name in [".", *dirs, *files]:
+            os.chown(os.path.join(root, name), nobody.pw_uid, nobody.pw_gid)
+    site.run_as = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    try:
+        site.start()
+        smtp_send(site, message(1))
+        m = site.imap()
+        ((_flags, body),) = fetch_all(m).values()
+        assert body.endswith(message(1))
+        m.logout()
+        master = psutil.Process(site.dovecot_pid())
+        assert {p.uids().effective for p in [master, *master.children(recursive=True)]} == {nobody.pw_uid}
+        r = site.cli("users", "add", "carol", "--password-stdin", input=CAROL_PW.encode() + b"\n")
+        assert r.returncode == 0, r.stderr
+        site.imap("carol", CAROL_PW).logout()
+        assert {p.stat().st_uid for p in site.maildir("alice").path.rglob("*")} == {nobody.pw_uid}
+    finally:
+        site.stop()
