@@ -23,7 +23,7 @@ import pytest
 
 from gateway.imap.store import DovecotPaths
 from gateway.pop3.maildrop import uid_of
-from tests.harness import Site, wait_for
+from tests.harness import PASSWORDS, Site, wait_for
 from tests.peers import free_port, need, wait_port
 from tests.test_pop3_clients import message, smtp_send
 
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.peer
 ALICE_PW = "alice-Imap-Qz81"
 BOB_PW = "bob-Imap-Qz81"
 CAROL_PW, CAROL_PW2 = "carol-Imap-Qz81", "carol-Imap-Rw55"
+PASSWORDS.update({CAROL_PW, CAROL_PW2})  # given through the CLI, not Site.add_user
 
 
 class ImapSite(Site):
@@ -48,6 +49,7 @@ class ImapSite(Site):
         proc = super().start(wait)
         if wait and '"managed"' in self.imap_section:
             wait_port("127.0.0.1", self.imap_port, timeout=20, proc=proc)
+            wait_for(self.dovecot_pid, what="Dovecot's pid file")  # written just after it listens
         return proc
 
     def imap(self, user: str = "alice", password: str = ALICE_PW) -> imaplib.IMAP4:
@@ -283,6 +285,16 @@ def test_dovecot_is_restarted_when_it_dies_and_stopped_with_dialmail(imap_site):
     wait_for(lambda: not Path(f"/proc/{second}").exists(), timeout=10, what="Dovecot gone with dialmail")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", imap_site.imap_port), timeout=5)
+
+
+def test_dovecot_goes_with_a_killed_dialmail_and_the_next_start_serves_again(imap_site):
+    imap_site.start()
+    first = imap_site.dovecot_pid()
+    imap_site.stop(sig=9)
+    wait_for(lambda: not Path(f"/proc/{first}").exists(), timeout=10, what="Dovecot gone with a killed dialmail")
+    imap_site.start()
+    assert imap_site.dovecot_pid() not in (None, first)
+    imap_site.imap().logout()
 
 
 def test_quarantine_is_a_folder_of_the_postmaster_only(peer_tmp):
