@@ -14,6 +14,7 @@ import pwd
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import textwrap
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 from gateway.imap.store import DovecotPaths
 from gateway.pop3.maildrop import uid_of
 from tests.harness import PASSWORDS, Site, wait_for
-from tests.peers import free_port, need, wait_port
+from tests.peers import free_port, make_self_signed_cert, need, wait_port
 from tests.test_pop3_clients import message, smtp_send
 
 pytestmark = pytest.mark.peer
@@ -39,11 +40,12 @@ PASSWORDS.update({CAROL_PW, CAROL_PW2})  # given through the CLI, not Site.add_u
 class ImapSite(Site):
     """A dialmail site with ``[imap]`` on a free port, Dovecot managed unless ``dovecot`` says."""
 
-    def __init__(self, tmp: Path, dovecot: str = "managed", imap_extra: str = "", extra: str = ""):
+    def __init__(self, tmp: Path, dovecot: str = "managed", imap_extra: str = "", pop3_extra: str = ""):
         self.imap_port = free_port()
-        self.imap_section = (f'\n[imap]\ndovecot = "{dovecot}"\nlisten = ["127.0.0.1:{self.imap_port}"]\n'
-                             + textwrap.dedent(imap_extra))
-        super().__init__(tmp, extra=self.imap_section + textwrap.dedent(extra))
+        # Site's configuration ends in [pop3]: more of its keys first, then [imap]
+        self.imap_section = (textwrap.dedent(pop3_extra) + f'\n[imap]\ndovecot = "{dovecot}"\n'
+                             f'listen = ["127.0.0.1:{self.imap_port}"]\n' + textwrap.dedent(imap_extra))
+        super().__init__(tmp, extra=self.imap_section)
 
     def start(self, wait: bool = True):
         proc = super().start(wait)
@@ -315,6 +317,32 @@ def test_quarantine_is_a_folder_of_the_postmaster_only(peer_tmp):
         m.logout()
         bob = raw_imap(site.imap_port, b"LOGIN bob " + BOB_PW.encode(), b'LIST "" "*"')
         assert b"Quarantine" not in bob
+    finally:
+        site.stop()
+
+
+def test_starttls_with_the_pop3_certificate_and_no_cleartext_login_from_the_lan(peer_tmp):
+    need("dovecot", "doveconf", "doveadm", "openssl")
+    cert, key = make_self_signed_cert(peer_tmp)
+    site = ImapSite(peer_tmp, pop3_extra=f'tls_cert = "{cert}"\ntls_key = "{key}"\n')  # IMAP uses it too
+    site.add_user("alice", ALICE_PW)
+    try:
+        site.start()
+        # from another address of this host (not the server's own): a LAN client
+        with socket.create_connection(("127.0.0.1", site.imap_port), timeout=20, source_address=("127.0.0.2", 0)) as s:
+            f = s.makefile("rb")
+            greeting = f.readline()
+            assert greeting == (b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ "
+                                b"STARTTLS LOGINDISABLED] Dovecot (Debian) ready.\r\n")
+            s.sendall(b"a LOGIN alice " + ALICE_PW.encode() + b"\r\n")
+            assert f.readline() == (b"* BAD [ALERT] Plaintext authentication not allowed without SSL/TLS, but your "
+                                    b"client did it anyway. If anyone was listening, the password was exposed.\r\n")
+            assert f.readline() == (b"a NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure "
+                                    b"(SSL/TLS) connections.\r\n")
+        m = imaplib.IMAP4("127.0.0.1", site.imap_port, timeout=20)
+        m.starttls(ssl_context=ssl.create_default_context(cafile=str(cert)))
+        assert m.login("alice", ALICE_PW)[0] == "OK"
+        m.logout()
     finally:
         site.stop()
 
