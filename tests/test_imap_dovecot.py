@@ -16,6 +16,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -512,3 +513,15 @@ def test_managed_dovecot_when_dialmail_runs_as_its_own_user(peer_tmp):
         assert {p.stat().st_uid for p in site.maildir("alice").path.rglob("*")} == {nobody.pw_uid}
     finally:
         site.stop()
+
+
+def test_demo_shows_the_mailboxes_over_imap_when_dovecot_is_installed(peer_tmp):
+    need("dovecot", "doveconf", "doveadm")
+    r = subprocess.run([sys.executable, "-m", "gateway", "demo"], capture_output=True, timeout=240,
+                       env={**os.environ, "TMPDIR": str(peer_tmp)})
+    out = r.stdout.decode()
+    assert r.returncode == 0, out + r.stderr.decode()
+    assert "The same mailboxes over IMAP (Dovecot, run by dialmail)" in out
+    assert "alice: folders Sent, Drafts, Trash, Junk, INBOX; INBOX: “Your order has shipped”" in out
+    assert "every message arrived where it should" in out
+    assert list(peer_tmp.iterdir()) == []  # the demo's directory is gone, its Dovecot with it

@@ -14,10 +14,10 @@ dovecot_app = typer.Typer(help="IMAP by Dovecot on dialmail's mailboxes.", no_ar
 @dovecot_app.command("config")
 @explained
 def dovecot_config(ctx: typer.Context):
-    """Print the configuration to add to an existing Dovecot ([imap] dovecot = "external").
+    """Print the configuration to add to an existing Dovecot (dovecot = "external" in the imap section).
 
     Also gets the spool ready for that Dovecot (users file readable by group dovecot, Maildirs
-    owned by [imap] mail_user when dialmail runs as root), as `dialmail run` does.
+    owned by the imap section's mail_user when dialmail runs as root), as `dialmail run` does.
     """
     from gateway.imap import dovecotconf, store
     cfg = state(ctx).config()

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.demo.simisp import SimulatedISP, free_port
+from gateway.imap.store import closed_above
 from gateway.imap.supervisor import find_program
 
 console = Console(highlight=False, width=118)
@@ -116,7 +117,13 @@ async def run(tmp: Path, rate: int) -> int:
         pw.chmod(0o600)
         # IMAP is Dovecot on the same mailboxes, when it is installed: its processes must
         # pass through the demo's directory to the spool.
-        lan_imap_port = free_port() if find_program("dovecot") else None
+        no_imap = None if find_program("dovecot") else ("Dovecot is not installed.  To have IMAP on these "
+                                                         "mailboxes: apt-get install dovecot-imapd, then add an "
+                                                         "[imap] section (README: IMAP and bigger sites)")
+        if no_imap is None and closed_above(tmp):
+            no_imap = (f"Dovecot's processes cannot pass through {closed_above(tmp)} to the demo's directory "
+                       f"(run the demo with TMPDIR set to a directory they can reach, such as /tmp)")
+        lan_imap_port = free_port() if no_imap is None else None
         if lan_imap_port:
             tmp.chmod(0o711)
         cfg_path = tmp / "dialmail.toml"
@@ -216,8 +223,7 @@ async def run(tmp: Path, rate: int) -> int:
                         e.arrived += ", IMAP" if e.ok else ", not in IMAP"
         else:
             console.rule("IMAP")
-            console.print("  not shown: Dovecot is not installed.  To have IMAP on these mailboxes: "
-                          "apt-get install dovecot-imapd, then add an [imap] section (README: IMAP and bigger sites)")
+            console.print(f"  not shown: {no_imap}")
 
         console.rule("dialmail log")
         console.file.write(cli("log", "--last", "5").stdout.decode())

@@ -7,9 +7,7 @@ in a user's INBOX the messages dialmail's Maildir holds.
 """
 from __future__ import annotations
 
-import os
 import socket
-import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -50,17 +48,11 @@ def check(config: Config) -> list[Problem]:
 
 def _reach(config: Config, owner: store.MailOwner) -> list[Problem]:
     """Dovecot's users (dovecot, the mail user) must pass through every directory above the spool."""
-    if not owner.as_root:
+    shut = store.closed_above(config.spool_dir) if owner.as_root else None
+    if shut is None:
         return []
-    for parent in reversed(config.spool_dir.resolve().parents):
-        try:
-            mode = os.stat(parent).st_mode
-        except OSError:
-            break
-        if not mode & stat.S_IXOTH:
-            return [Problem(ERROR, None, f"Dovecot's processes (users dovecot and {owner.user}) cannot pass through "
-                                         f"{parent} on the way to the spool: run chmod o+x {parent}")]
-    return []
+    return [Problem(ERROR, None, f"Dovecot's processes (users dovecot and {owner.user}) cannot pass through "
+                                 f"{shut} on the way to the spool: run chmod o+x {shut}")]
 
 
 def _managed(config: Config, owner: store.MailOwner) -> list[Problem]:

@@ -113,6 +113,23 @@ class DovecotPaths:
         return self.base_dir / "master.pid"
 
 
+def closed_above(directory: Path) -> Path | None:
+    """Run as root: the first directory above ``directory`` that others may not pass through.
+
+    Dovecot's processes run as other users (dovecot, the mail user): they must reach the
+    spool from /.  Run as any other user, Dovecot runs as that user, who got there already.
+    """
+    if os.geteuid() != 0:
+        return None
+    for parent in reversed(Path(directory).resolve().parents):
+        try:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return parent
+        except OSError:
+            return None
+    return None
+
+
 def prepare(config: Config) -> MailOwner:
     """Make the spool readable by Dovecot; safe to repeat (every start does)."""
     owner = mail_owner(config)
