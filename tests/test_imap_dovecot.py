@@ -468,7 +468,7 @@ set sort = date
 
 
 def test_mutt_copies_the_inbox_to_a_new_folder_and_flags_it(imap_site, peer_tmp):
-    need("mutt")
+    need("mutt", "script")
     imap_site.start()
     smtp_send(imap_site, message(1), message(2))
     rc = peer_tmp / "muttrc"
