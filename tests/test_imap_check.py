@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -67,3 +68,17 @@ def test_check_accepts_two_imap_listeners_that_doveconf_accepts(peer_tmp):
     rc, out, err = check(site)
     assert rc == 0 and "Dovecot refuses" not in err, err
     assert "  imap          127.0.0.1:" in out and "Dovecot managed" in out
+
+
+def test_check_names_another_server_on_the_imap_address(peer_tmp):
+    need("dovecot", "doveconf")
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    port = squatter.getsockname()[1]
+    site = Site(peer_tmp, extra=f'[imap]\nlisten = ["127.0.0.1:{port}"]\n')
+    try:
+        refused(site, "imap.listen", "listen = [\"127.0.0.1:" + str(port),
+                f"something else already listens on 127.0.0.1:{port} (Debian's own Dovecot?")
+    finally:
+        squatter.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gateway.config import Config, ConfigError
 from gateway.imap import dovecotconf, store
-from gateway.imap.supervisor import find_program
+from gateway.imap.supervisor import find_program, master_pid
 from spool.maildir import Maildir, mailbox_path
 from spool.users import Users
 
@@ -65,6 +65,10 @@ def _managed(config: Config, owner: store.MailOwner) -> list[Problem]:
         out.append(Problem(WARNING, "listen", "dialmail does not run as root, so Dovecot cannot listen on a port "
                                               "below 1024 (use 1143, or run dialmail as root)"))
     paths = store.DovecotPaths(config.spool_dir)
+    if master_pid(paths) is None:  # ours is not running, so whatever answers would stop it starting
+        for lst, _greeting in _answering(config, greet=False):
+            out.append(Problem(ERROR, "listen", f"something else already listens on {lst} (Debian's own Dovecot? "
+                                                f"systemctl disable --now dovecot), so dialmail's Dovecot cannot"))
     text = dovecotconf.managed(config, owner, paths)
     with tempfile.NamedTemporaryFile("w", suffix=".conf", prefix="dialmail-dovecot-") as conf:
         conf.write(text)
@@ -120,18 +124,32 @@ def _running(pid_file: Path) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def _listening(config: Config) -> list[Problem]:
+def _answering(config: Config, greet: bool = True) -> list[tuple]:
+    """(listen, greeting) for each [imap] listen address something accepts connections on (the
+    OSError in place of a greeting that did not come; ``greet=False``: b"" without waiting)."""
     out = []
     for lst in config.imap.listen:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(lst.host, lst.host)
         try:
             with socket.create_connection((host, lst.port), timeout=TIMEOUT) as s:
                 s.settimeout(TIMEOUT)
-                greeting = s.recv(512)
-        except OSError as exc:
-            out.append(Problem(ERROR, "listen", f"nothing answers IMAP on {lst}: {exc.strerror or exc}"))
+                out.append((lst, s.recv(512) if greet else b""))
+        except ConnectionRefusedError:
             continue
-        if not greeting.startswith(b"* OK"):
+        except OSError as exc:
+            out.append((lst, exc))
+    return out
+
+
+def _listening(config: Config) -> list[Problem]:
+    out = []
+    answered = dict(_answering(config))
+    for lst in config.imap.listen:
+        greeting = answered.get(lst)
+        if greeting is None or isinstance(greeting, OSError):
+            why = f": {greeting.strerror or greeting}" if isinstance(greeting, OSError) else ""
+            out.append(Problem(ERROR, "listen", f"nothing answers IMAP on {lst}{why}"))
+        elif not greeting.startswith(b"* OK"):
             out.append(Problem(ERROR, "listen", f"{lst} does not greet like an IMAP server: {greeting[:60]!r}"))
     return out
 
