@@ -67,6 +67,7 @@ def check(config: Config, users=None, probe_clamd: bool = True) -> list[Finding]
     out += _fetch(config, directory)
     if probe_clamd:
         out += _clamd(config)
+    out += _imap(config)
     return out
 
 
@@ -288,6 +289,22 @@ def _tls(config: Config) -> list[Finding]:
         why = _cert_problem(cert, key)
         if why:
             out.append(Finding(ERROR, config.where(section, "tls_cert"), why))
+    return out
+
+
+def _imap(config: Config) -> list[Finding]:
+    """Dovecot managed or external: what gateway.imap.probe finds (a probe of the running one)."""
+    from gateway.imap import probe
+    if not config.imap.enabled:
+        return []
+    out = []
+    imap = config.imap
+    if imap.tls_cert and imap.tls_key and "tls_cert" in _raw_keys(config, "imap"):
+        why = _cert_problem(imap.tls_cert, imap.tls_key)
+        if why:
+            out.append(Finding(ERROR, config.where("imap", "tls_cert"), why))
+    for p in probe.check(config):
+        out.append(Finding(ERROR if p.level == probe.ERROR else WARNING, config.where("imap", p.key), p.message))
     return out
 
 

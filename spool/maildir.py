@@ -2,6 +2,11 @@
 
 Names are chosen by the caller from (queue id, recipient), so a delivery repeated after a
 crash finds the first copy and does not make a second one.
+
+A Maildir belongs to the owner of the directory that holds it (``<spool>/mail``): run as
+root, dialmail gives what it creates there to that owner, so a reader that must not run
+as root (Dovecot's mail processes) can read, flag and delete it.  Run as any other user,
+everything is that user's already.
 """
 from __future__ import annotations
 
@@ -25,13 +30,31 @@ def mailbox_path(spool_dir: Path, user: str) -> Path:
     return Path(spool_dir) / "mail" / user
 
 
+def owner_of(directory: Path) -> tuple[int, int] | None:
+    """(uid, gid) that files made in ``directory`` must get, or None when they are ours anyway."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
 class Maildir:
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def create(self) -> "Maildir":
+        if self.exists():
+            return self
+        owner = owner_of(self.path.parent)
+        made = not self.path.exists()
         for sub in SUBDIRS:
             (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        if owner is not None:
+            for d in ([self.path] if made else []) + [self.path / sub for sub in SUBDIRS]:
+                os.chown(d, *owner)
         return self
 
     def exists(self) -> bool:
@@ -66,6 +89,9 @@ class Maildir:
         except FileNotFoundError:
             pass
         size = write_file(tmp, data)
+        owner = owner_of(self.path.parent)
+        if owner is not None:  # before the link: a reader never sees it owned by root
+            os.chown(tmp, *owner)
         final = self.path / "new" / f"{unique},S={size}"
         # link, not rename: if new/ already has the name we must not overwrite it.
         try:

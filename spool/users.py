@@ -3,12 +3,19 @@
 One line per user, ``name:$argon2id$...``.  A bare name (``alice``) has a mailbox in
 every local domain; ``name@domain`` is a user of that domain only (hosted accounts).
 The file is replaced atomically, so a reader never sees half of it.
+
+It is also a Dovecot passwd-file (``scheme=ARGON2ID``), read by Dovecot's auth process
+as user dovecot: a new file keeps the group and mode of the one it replaces (0640, group
+dovecot, once IMAP is set up), and its modification time always moves forward by at
+least a second, because Dovecot re-reads the file only when the time (in whole seconds)
+or the size changed.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,7 +80,24 @@ class Users:
         except FileNotFoundError:
             pass
         body = "".join(f"{n}:{h}\n" for n, h in sorted(users.items()))
+        try:
+            old = self.path.stat()
+        except FileNotFoundError:
+            old = None
         write_file(tmp, body.encode(), mode=0o600)
+        if old is not None:
+            if os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
+                os.chown(tmp, old.st_uid, old.st_gid)
+            elif old.st_gid != os.getegid():
+                try:
+                    os.chown(tmp, -1, old.st_gid)
+                except PermissionError:  # not a group of ours: the file stays in our own
+                    pass
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
+            now = os.stat(tmp).st_mtime_ns
+            if now // 10**9 <= old.st_mtime_ns // 10**9:
+                later = (old.st_mtime_ns // 10**9 + 1) * 10**9
+                os.utime(tmp, ns=(later, later))
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
         self._cache = None

@@ -94,6 +94,8 @@ class Site:
         self.write_config(extra)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / "dialmail.log"
+        # A command that runs dialmail as another user, e.g. ["setpriv", "--reuid=nobody", ...]
+        self.run_as: list[str] = []
 
     def write_config(self, extra: str = "") -> None:
         domains = ", ".join(f'"{d}"' for d in self.domains)
@@ -145,7 +147,7 @@ class Site:
         return [p.read_bytes() for p in md.messages()] if md.exists() else []
 
     def cli(self, *args: str, input: bytes | None = None, check: bool = False, timeout: float = 60):
-        return subprocess.run([sys.executable, "-m", "gateway", "-c", str(self.config_path), *args],
+        return subprocess.run([*self.run_as, sys.executable, "-m", "gateway", "-c", str(self.config_path), *args],
                               input=input, capture_output=True, timeout=timeout, check=check, cwd=ROOT)
 
     def start(self, wait: bool = True) -> subprocess.Popen:
@@ -155,7 +157,8 @@ class Site:
         for attempt in range(3):
             seen = len(self.log())
             log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config_path), "run"],
+            self.proc = subprocess.Popen([*self.run_as, sys.executable, "-m", "gateway", "-c", str(self.config_path),
+                                          "run"],
                                          stdout=log, stderr=log, cwd=ROOT)
             log.close()
             if not wait:

@@ -151,6 +151,8 @@ _PACKAGE_OF = {
     "wvdial": "wvdial",
     "curl": "curl",
     "pppd": "ppp",
+    "setpriv": "util-linux",
+    "script": "bsdutils",
 }
 
 

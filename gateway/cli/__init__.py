@@ -4,7 +4,7 @@
 codes); each other module adds its commands or its sub-app when imported here, in the
 order ``dialmail --help`` lists them.
 """
-from gateway.cli import service, sendmail, queue, fetch, demo, session, users, modem, policy, spool, oauth  # noqa: F401,I001
+from gateway.cli import service, sendmail, queue, fetch, demo, session, users, modem, policy, spool, oauth, dovecot  # noqa: F401,I001
 from gateway.cli.app import app, main
 
 app.add_typer(users.users_app, name="users")
@@ -13,5 +13,6 @@ app.add_typer(spool.spool_app, name="spool")
 app.add_typer(modem.modem_app, name="modem")
 app.add_typer(policy.aliases_app, name="aliases")
 app.add_typer(oauth.oauth_app, name="oauth")
+app.add_typer(dovecot.dovecot_app, name="dovecot")
 
 __all__ = ["app", "main"]

@@ -42,6 +42,11 @@ def check(ctx: typer.Context):
     typer.echo(f"  smtp          {', '.join(map(str, cfg.smtp.listen))}  max {cfg.smtp.max_message_size} bytes"
                f"{'  STARTTLS' if cfg.smtp.tls_cert else ''}")
     typer.echo(f"  pop3          {', '.join(map(str, cfg.pop3.listen))}{'  STLS' if cfg.pop3.tls_cert else ''}")
+    if cfg.imap.enabled:
+        typer.echo(f"  imap          {', '.join(map(str, cfg.imap.listen))}{'  STARTTLS' if cfg.imap.tls_cert else ''}"
+                   f"  Dovecot {cfg.imap.dovecot}")
+    else:
+        typer.echo("  imap          off")
     sh = cfg.smarthost
     typer.echo(f"  smarthost     {sh.host or '-'}:{sh.port} starttls={sh.starttls}"
                f"{' auth=' + sh.username if sh.username else ''}"
@@ -72,6 +77,7 @@ def run(ctx: typer.Context):
 def default_services():
     """Services the daemon runs beside SMTP and local delivery."""
     from gateway import control
+    from gateway.imap import supervisor as imap
     from gateway.pop3 import server as pop3
     from gateway.session import scheduler
-    return [pop3.service, control.service, scheduler.service]
+    return [pop3.service, imap.service, control.service, scheduler.service]

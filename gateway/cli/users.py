@@ -22,6 +22,12 @@ def _users(ctx):
     return Users(state(ctx).config().spool_dir)
 
 
+def _changed(ctx) -> None:
+    """A managed Dovecot reads the users file again, so IMAP logins follow at once."""
+    from gateway.imap.supervisor import reload_users
+    reload_users(state(ctx).config())
+
+
 def _read_password(password_stdin: bool) -> str:
     if password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -29,6 +35,33 @@ def _read_password(password_stdin: bool) -> str:
     if getpass.getpass("Again: ") != first:
         fail("the passwords differ", EX_USAGE)
     return first
+
+
+def _security(tls: bool, plaintext_lan: bool) -> str:
+    if tls:
+        return "STARTTLS"
+    return "none (passwords in the clear: LAN only)" if plaintext_lan else "none (logins from this machine only)"
+
+
+def _port(listens) -> int | None:
+    return listens[0].port if listens else None
+
+
+def client_settings(config, name: str) -> list[str]:
+    """What to type into a mail client's account settings for ``name``."""
+    host = config.server.hostname
+    domain = name.partition("@")[2] or config.server.domains[0]
+    local = name.partition("@")[0]
+    lines = ["", "Mail client settings:", f"  email address     {local}@{domain}", f"  user name         {name}"]
+    if config.imap.enabled:
+        lines.append(f"  incoming (IMAP)   {host}  port {_port(config.imap.listen)}  security "
+                     f"{_security(bool(config.imap.tls_cert), config.imap.allow_plaintext_lan)}")
+    lines.append(f"  incoming (POP3)   {host}  port {_port(config.pop3.listen)}  security "
+                 f"{_security(bool(config.pop3.tls_cert), config.pop3.allow_plaintext_lan)}")
+    smtp_tls = "STARTTLS" if config.smtp.tls_cert else "none"
+    lines.append(f"  outgoing (SMTP)   {host}  port {_port(config.smtp.listen)}  security {smtp_tls}, "
+                 f"password: the same (not needed from the office LAN)")
+    return lines
 
 
 @users_app.command("add")
@@ -48,7 +81,10 @@ def users_add(ctx: typer.Context, name: str,
         _users(ctx).add(name, _read_password(password_stdin))
     except UserError as exc:
         fail(str(exc), EX_USAGE)
+    _changed(ctx)
     typer.echo(f"user {name.lower()} added")
+    for line in client_settings(state(ctx).config(), name.lower()):
+        typer.echo(line)
 
 
 @users_app.command("passwd")
@@ -61,6 +97,7 @@ def users_passwd(ctx: typer.Context, name: str,
         _users(ctx).set_password(name, _read_password(password_stdin))
     except UserError as exc:
         fail(str(exc), EX_USAGE)
+    _changed(ctx)
     typer.echo(f"password of {name.lower()} changed")
 
 
@@ -73,6 +110,7 @@ def users_del(ctx: typer.Context, name: str):
         _users(ctx).delete(name)
     except UserError as exc:
         fail(str(exc), EX_USAGE)
+    _changed(ctx)
     typer.echo(f"user {name.lower()} deleted (mailbox kept)")
 
 

@@ -7,9 +7,11 @@ Code below receives ``Config`` and never reads raw dicts or environment variable
 from gateway.config.model import (
     DEFAULT_PATH,
     ENV_VAR,
+    IMAP_OFF,
     Config,
     DemandConfig,
     FetchConfig,
+    IMAPConfig,
     LinkConfig,
     Listen,
     POP3Config,
@@ -32,7 +34,7 @@ from gateway.config.sections import find_line, key_lines
 from gateway.mail.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_PATH", "ENV_VAR", "Config", "ConfigError", "DemandConfig", "FetchConfig", "LinkConfig", "Listen",
+    "DEFAULT_PATH", "ENV_VAR", "Config", "ConfigError", "DemandConfig", "FetchConfig", "IMAP_OFF", "IMAPConfig", "LinkConfig", "Listen",
     "POP3Config", "QueueConfig", "ScheduleConfig", "ServerConfig", "SessionConfig", "SMTPConfig",
     "SmarthostConfig", "client_address", "find_config_path", "find_line", "is_loopback", "key_lines", "load",
     "loads", "parse_duration", "parse_listen", "parse_size", "parse_window", "read_secret",

@@ -100,6 +100,27 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class IMAPConfig:
+    """IMAP for the LAN is Dovecot on dialmail's Maildirs, run by dialmail or by the admin."""
+    dovecot: str  # managed | external | off
+    listen: tuple[Listen, ...]
+    tls_cert: Path | None
+    tls_key: Path | None
+    allow_plaintext_lan: bool
+    # Dovecot's mail processes never run as root: when dialmail does, the Maildirs belong
+    # to this user and Dovecot reads them as it.  Running as its own user, dialmail's uid.
+    mail_user: str = "mail"
+    dovecot_config: Path = Path("/etc/dovecot/dovecot.conf")  # external: the admin's, for doveadm
+
+    @property
+    def enabled(self) -> bool:
+        return self.dovecot != "off"
+
+
+IMAP_OFF = IMAPConfig(dovecot="off", listen=(), tls_cert=None, tls_key=None, allow_plaintext_lan=False)
+
+
+@dataclass(frozen=True)
 class SmarthostConfig:
     host: str | None
     port: int
@@ -213,6 +234,7 @@ class Config:
     aliases: dict[str, tuple[str, ...]]
     raw: dict[str, Any] = field(repr=False, compare=False)
     policy: PolicySettings | None = None  # block lists, virus scan, groups, replies
+    imap: IMAPConfig = IMAP_OFF
     source: str = field(default="", repr=False, compare=False)  # the file's text, for line numbers
 
     @property

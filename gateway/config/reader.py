@@ -20,9 +20,11 @@ from gateway.config.dialtimes import parse as parse_dial_rules
 from gateway.config.model import (
     DEFAULT_PATH,
     ENV_VAR,
+    IMAP_OFF,
     Config,
     DemandConfig,
     FetchConfig,
+    IMAPConfig,
     LinkConfig,
     Listen,
     POP3Config,
@@ -89,7 +91,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     top = _Section(loader, "", raw, {"server", "smtp", "pop3", "smarthost", "queue", "fetch", "link",
                                                 "schedule", "demand", "session", "aliases", "policy",
                                                 "groups", "forward", "autoreply", "vacation", "blocklist",
-                                                "virus", "users"})
+                                                "virus", "users", "imap"})
     server = _server(_Section(loader, "server", raw.get("server"),
                               {"hostname", "domains", "spool_dir", "mynetworks", "postmaster",
                                "token_key_file"}))
@@ -100,6 +102,9 @@ def loads(text: str, path: Path | None = None) -> Config:
     pop3 = _pop3(_Section(loader, "pop3", raw.get("pop3"), {"listen", "tls_cert", "tls_key", "allow_plaintext_lan",
                                                             "max_failures", "lockout", "max_connections",
                                                             "max_connections_per_client"}))
+    imap = _imap(_Section(loader, "imap", raw.get("imap"), {"dovecot", "listen", "tls_cert", "tls_key",
+                                                            "allow_plaintext_lan", "mail_user", "dovecot_config"}),
+                 "imap" in raw, smtp, pop3)
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
                                     {"host", "port", "starttls", "username", "password_file", "ca_file",
                                      "timeout", "route", "rewrite", "connections", "auth", "oauth"}))
@@ -134,7 +139,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     policy = parse_policy(loader, raw, server, smtp)  # the policy's own sections, read there
     return Config(path=path, server=server, smtp=smtp, pop3=pop3, smarthost=smarthost, queue=queue,
                   fetch=fetch, link=link, schedule=schedule, demand=demand, session=session,
-                  aliases=aliases, raw=raw, policy=policy, source=text)
+                  aliases=aliases, raw=raw, policy=policy, imap=imap, source=text)
 
 
 def _server(s: _Section) -> ServerConfig:
@@ -220,6 +225,29 @@ def _oauth(s: _Section, account: str, kind: str) -> tuple[str, oauth_table.OAuth
                      known={"provider", "client_id", "tenant", "client_secret_file", "token_url",
                             "authorization_url", "device_url", "scopes"})
     return auth, oauth_table.parse(table, account, kind)
+
+
+def _imap(s: _Section, present: bool, smtp: SMTPConfig, pop3: POP3Config) -> IMAPConfig:
+    # An [imap] section means IMAP is wanted: Dovecot managed by dialmail unless it says otherwise.
+    dovecot = s.choice("dovecot", ("managed", "external", "off"), "managed" if present else "off")
+    if dovecot == "off":
+        return IMAP_OFF
+    cert, key = _tls_pair(s)
+    if cert is None:  # one certificate for the office's mail server, whichever protocol
+        cert, key = (pop3.tls_cert, pop3.tls_key) if pop3.tls_cert else (smtp.tls_cert, smtp.tls_key)
+    listen = _listen_list(s, "listen", ("0.0.0.0:143",))
+    taken = {(lst.host, lst.port): section for section, lsts in (("smtp", smtp.listen), ("pop3", pop3.listen))
+             for lst in lsts}
+    for lst in listen:
+        if (lst.host, lst.port) in taken:
+            s.fail("listen", f"{lst} is already [{taken[(lst.host, lst.port)]}] listen")
+    mail_user = s.get("mail_user", str, "mail")
+    if not mail_user.strip() or mail_user == "root":
+        s.fail("mail_user", "name the unprivileged user that owns the Maildirs for Dovecot (never root)")
+    return IMAPConfig(dovecot=dovecot, listen=listen, tls_cert=cert, tls_key=key,
+                      allow_plaintext_lan=s.get("allow_plaintext_lan", bool, pop3.allow_plaintext_lan),
+                      mail_user=mail_user,
+                      dovecot_config=s.path("dovecot_config", Path("/etc/dovecot/dovecot.conf")))
 
 
 def _smarthost(s: _Section) -> SmarthostConfig:

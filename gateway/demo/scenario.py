@@ -3,13 +3,15 @@
 In a temporary directory: a simulated ISP (smarthost + IMAP mailbox) reachable only
 through the simulated modem's line shaper at 33.6 kbit/s; the real gateway daemon; LAN
 users submitting mail by SMTP; mail waiting at the ISP; one dial session with live
-progress; then every mailbox read back over POP3 and a table of where each message
-went.  Exit code 0 only when every message arrived where it should.
+progress; then every mailbox read back over POP3 (and over IMAP, through the Dovecot that
+dialmail runs, when Dovecot is installed) and a table of where each message went.  Exit
+code 0 only when every message arrived where it should.
 """
 from __future__ import annotations
 
 import asyncio
 import email
+import imaplib
 import poplib
 import subprocess
 import sys
@@ -24,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.demo.simisp import SimulatedISP, free_port
+from gateway.imap.store import closed_above
+from gateway.imap.supervisor import find_program
 
 console = Console(highlight=False, width=118)
 DOMAIN = "office.example"
@@ -49,8 +53,9 @@ def _msg(sender: str, to: str, subject: str, body: str, extra: str = "") -> byte
 
 
 def _config(tmp: Path, isp: SimulatedISP, smtp_port: int, pop3_port: int, relay_port: int, imap_port: int,
-            rate: int) -> str:
-    return textwrap.dedent(f"""\
+            rate: int, lan_imap_port: int | None) -> str:
+    imap = f'\n[imap]\ndovecot = "managed"\nlisten = ["127.0.0.1:{lan_imap_port}"]\n' if lan_imap_port else ""
+    return imap + textwrap.dedent(f"""\
         [server]
         hostname = "mail.{DOMAIN}"
         domains = ["{DOMAIN}"]
@@ -110,8 +115,19 @@ async def run(tmp: Path, rate: int) -> int:
         pw = tmp / "isp.password"
         pw.write_text(isp.password + "\n")
         pw.chmod(0o600)
+        # IMAP is Dovecot on the same mailboxes, when it is installed: its processes must
+        # pass through the demo's directory to the spool.
+        no_imap = None if find_program("dovecot") else ("Dovecot is not installed.  To have IMAP on these "
+                                                         "mailboxes: apt-get install dovecot-imapd, then add an "
+                                                         "[imap] section (README: IMAP and bigger sites)")
+        if no_imap is None and closed_above(tmp):
+            no_imap = (f"Dovecot's processes cannot pass through {closed_above(tmp)} to the demo's directory "
+                       f"(run the demo with TMPDIR set to a directory they can reach, such as /tmp)")
+        lan_imap_port = free_port() if no_imap is None else None
+        if lan_imap_port:
+            tmp.chmod(0o711)
         cfg_path = tmp / "dialmail.toml"
-        cfg_path.write_text(_config(tmp, isp, smtp_port, pop3_port, relay_port, imap_port, rate))
+        cfg_path.write_text(_config(tmp, isp, smtp_port, pop3_port, relay_port, imap_port, rate, lan_imap_port))
 
         def cli(*args, input=None):
             return subprocess.run([sys.executable, "-m", "gateway", "-c", str(cfg_path), *args], input=input,
@@ -126,7 +142,8 @@ async def run(tmp: Path, rate: int) -> int:
         expects: list[Expect] = []
         await _wait_port(smtp_port, daemon)
         console.print(f"gateway daemon running (pid {daemon.pid}): SMTP 127.0.0.1:{smtp_port}, "
-                      f"POP3 127.0.0.1:{pop3_port}")
+                      f"POP3 127.0.0.1:{pop3_port}"
+                      + (f", IMAP 127.0.0.1:{lan_imap_port} (Dovecot, run by dialmail)" if lan_imap_port else ""))
 
         console.rule("LAN users send mail (the link is down)")
         lan = [
@@ -194,6 +211,20 @@ async def run(tmp: Path, rate: int) -> int:
                 e.arrived = f"{user} by POP3, {n}x" if n else "missing"
         left = isp.mailbox_count()
 
+        if lan_imap_port:
+            console.rule("The same mailboxes over IMAP (Dovecot, run by dialmail)")
+            for user in sorted(wanted):
+                folders, subjects = _imap_look(lan_imap_port, user, USERS[user])
+                console.print(f"  {user}: folders {', '.join(folders)}; INBOX: "
+                              + "; ".join(f"“{s}”" for s in subjects))
+                for e in expects:
+                    if e.where == f"mailbox:{user}" and e.ok:
+                        e.ok = e.subject in subjects
+                        e.arrived += ", IMAP" if e.ok else ", not in IMAP"
+        else:
+            console.rule("IMAP")
+            console.print(f"  not shown: {no_imap}")
+
         console.rule("dialmail log")
         console.file.write(cli("log", "--last", "5").stdout.decode())
         table = Table(title="Where every message went")
@@ -240,6 +271,23 @@ def _pop3_subjects(port: int, user: str, password: str) -> list[str]:
             p.quit()
         except Exception:
             pass
+
+
+def _imap_look(port: int, user: str, password: str) -> tuple[list[str], list[str]]:
+    """(folders, INBOX subjects) as an IMAP client sees them; PEEK leaves the mail unread."""
+    try:
+        with imaplib.IMAP4("127.0.0.1", port, timeout=10) as m:
+            m.login(user, password)
+            folders = [line.decode().rsplit(' "/" ', 1)[-1].strip('"') for line in m.list()[1]]
+            m.select("INBOX", readonly=True)
+            subjects = []
+            for item in m.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1]:
+                if isinstance(item, tuple):
+                    msg = email.message_from_bytes(item[1], policy=default_policy)
+                    subjects.append(str(msg["Subject"]))
+            return folders, subjects
+    except (OSError, imaplib.IMAP4.error):
+        return [], []
 
 
 async def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:

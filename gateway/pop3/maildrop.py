@@ -5,9 +5,11 @@ Maildir readers do when they have seen a message, so Dovecot can serve the same
 Maildir.  Mail that arrives later stays in new/ until the next login: a session
 works on the listing it started with.
 
-A message's UIDL is its Maildir unique name, the part before any ``,key=value``
-fields and the ``:2,`` info.  It does not change when the file moves from new/ to
-cur/ or when a reader changes its flags, and it is the same after a restart.
+A message's UIDL is its Maildir file name without the ``:2,`` info (``,S=`` size fields
+included): exactly what Dovecot's POP3 says with ``pop3_uidl_format = %f``, so IMAP
+and POP3 can be served by either program, or POP3 moved to Dovecot, without a client
+fetching everything again.  It does not change when the file moves from new/ to cur/
+or when a reader changes its flags, and it is the same after a restart.
 
 Every blocking call here is meant for a worker thread.
 """
@@ -42,7 +44,7 @@ def unique_part(name: str) -> str:
 
 
 def uid_of(name: str) -> str:
-    base = unique_part(name)
+    base = name.split(":", 1)[0]
     if _PRINTABLE.fullmatch(base) and not base.startswith("."):
         return base
     # A foreign name that POP3 cannot carry: a digest of it is just as stable.
