@@ -21,7 +21,12 @@ from gateway.delivery.worker import DeliveryWorker, LocalDelivery
 from gateway.mail.errors import OperationalError
 from gateway.office.directory import Directory
 from gateway.smtp.admission import SubmissionPolicy
-from gateway.smtp.server import SubmissionHandler, SubmissionProtocol, start_servers
+from gateway.smtp.server import (
+    SubmissionHandler,
+    SubmissionProtocol,
+    start_servers,
+    start_submission,
+)
 from spool import rebuild
 from spool.locks import LockBusy, PidLock
 from spool.queue import Catalogue, Queue
@@ -115,6 +120,7 @@ class Daemon:
                                          policy=SubmissionPolicy(self.config, self.spool.directory,
                                                                  self.spool.queue, kick=self.worker.kick))
         self.smtp_servers = await start_servers(self.config, self.handler)
+        self.smtp_servers += await start_submission(self.config, self.handler)  # closed with them at shutdown
         for service in self.services:
             self._stops.append(await service(self))
         log.info("dialmail started (pid %d, spool %s)", os.getpid(), self.config.spool_dir)

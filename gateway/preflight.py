@@ -281,8 +281,10 @@ def _secret_file(where: str, path: Path) -> list[Finding]:
 
 def _tls(config: Config) -> list[Finding]:
     out = []
-    for section, cert, key in (("smtp", config.smtp.tls_cert, config.smtp.tls_key),
-                               ("pop3", config.pop3.tls_cert, config.pop3.tls_key)):
+    pairs = [("smtp", config.smtp.tls_cert, config.smtp.tls_key), ("pop3", config.pop3.tls_cert, config.pop3.tls_key)]
+    if config.submission is not None and "tls_cert" in config.raw.get("submission", {}):
+        pairs.append(("submission", config.submission.tls_cert, config.submission.tls_key))
+    for section, cert, key in pairs:
         if cert is None or key is None:
             continue
         why = _cert_problem(cert, key)

@@ -20,6 +20,7 @@ from gateway.config.model import (
     DEFAULT_PATH,
     ENV_VAR,
     Config,
+    DeliveryConfig,
     DemandConfig,
     FetchConfig,
     LinkConfig,
@@ -31,8 +32,10 @@ from gateway.config.model import (
     SessionConfig,
     SmarthostConfig,
     SMTPConfig,
+    SubmissionConfig,
     parse_duration,
     parse_listen,
+    parse_lmtp,
     parse_size,
     parse_window,
 )
@@ -88,7 +91,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     top = _Section(loader, "", raw, {"server", "smtp", "pop3", "smarthost", "queue", "fetch", "link",
                                                 "schedule", "demand", "session", "aliases", "policy",
                                                 "groups", "forward", "autoreply", "vacation", "blocklist",
-                                                "virus", "users"})
+                                                "virus", "users", "submission", "delivery"})
     server = _server(_Section(loader, "server", raw.get("server"),
                               {"hostname", "domains", "spool_dir", "mynetworks", "postmaster"}))
     smtp = _smtp(_Section(loader, "smtp", raw.get("smtp"), {"listen", "max_message_size", "tls_cert", "tls_key",
@@ -98,6 +101,11 @@ def loads(text: str, path: Path | None = None) -> Config:
     pop3 = _pop3(_Section(loader, "pop3", raw.get("pop3"), {"listen", "tls_cert", "tls_key", "allow_plaintext_lan",
                                                             "max_failures", "lockout", "max_connections",
                                                             "max_connections_per_client"}))
+    submission = None
+    if "submission" in raw:
+        submission = _submission(_Section(loader, "submission", raw.get("submission"),
+                                          {"listen", "tls_cert", "tls_key"}), smtp)
+    delivery = _delivery(_Section(loader, "delivery", raw.get("delivery"), {"lmtp", "lmtp_timeout"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
                                     {"host", "port", "starttls", "username", "password_file", "ca_file",
                                      "timeout", "route", "rewrite", "connections"}))
@@ -132,7 +140,8 @@ def loads(text: str, path: Path | None = None) -> Config:
     policy = parse_policy(loader, raw, server, smtp)  # the policy's own sections, read there
     return Config(path=path, server=server, smtp=smtp, pop3=pop3, smarthost=smarthost, queue=queue,
                   fetch=fetch, link=link, schedule=schedule, demand=demand, session=session,
-                  aliases=aliases, raw=raw, policy=policy, source=text)
+                  aliases=aliases, raw=raw, policy=policy, source=text,
+                  submission=submission, delivery=delivery)
 
 
 def _server(s: _Section) -> ServerConfig:
@@ -190,6 +199,21 @@ def _smtp(s: _Section) -> SMTPConfig:
                       auth_lockout=s.convert("auth_lockout", parse_duration, 900),
                       data_timeout=s.convert("data_timeout", parse_duration, 300),
                       max_connections_per_client=s.positive("max_connections_per_client", 10))
+
+
+def _submission(s: _Section, smtp: SMTPConfig) -> SubmissionConfig:
+    cert, key = _tls_pair(s)
+    if cert is None:
+        cert, key = smtp.tls_cert, smtp.tls_key
+    if cert is None:
+        s.fail("tls_cert", "submission needs TLS: clients send their password only after STARTTLS; "
+               "set tls_cert and tls_key here or in [smtp]")
+    return SubmissionConfig(listen=_listen_list(s, "listen", ("0.0.0.0:587",)), tls_cert=cert, tls_key=key)
+
+
+def _delivery(s: _Section) -> DeliveryConfig:
+    return DeliveryConfig(lmtp=s.convert("lmtp", parse_lmtp, None),
+                          lmtp_timeout=s.convert("lmtp_timeout", parse_duration, 120))
 
 
 def _pop3(s: _Section) -> POP3Config:
