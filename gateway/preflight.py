@@ -67,6 +67,7 @@ def check(config: Config, users=None, probe_clamd: bool = True) -> list[Finding]
     out += _fetch(config, directory)
     if probe_clamd:
         out += _clamd(config)
+        out += _lmtp(config)
     return out
 
 
@@ -388,3 +389,15 @@ def _clamd(config: Config) -> list[Finding]:
         "mail waits unscanned (LAN senders get 451) until it answers"
     return [Finding(WARNING, config.where("virus", "clamd"),
                     f"{why}: {then} (virus on_error = {virus.on_error})")]
+
+
+def _lmtp(config: Config) -> list[Finding]:
+    target = config.delivery.lmtp
+    if target is None:
+        return []
+    from gateway.delivery.stages.lmtp import probe
+    why = probe(target)
+    if why is None:
+        return []
+    return [Finding(WARNING, config.where("delivery", "lmtp"),
+                    f"{why}: mail for local mailboxes waits in the queue until it answers")]

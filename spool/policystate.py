@@ -7,7 +7,9 @@
   sender per interval, also across restarts);
 * out-of-office settings made with ``dialmail users vacation`` (they win over the
   configuration file's ``[vacation.USER]``);
-* forwarded copies already queued, so a retried delivery does not queue a second copy.
+* forwarded copies already queued, so a retried delivery does not queue a second copy;
+* mailboxes an LMTP server already took a message for (its 2xx reply), so a recipient
+  retried after another of its mailboxes failed is not handed over twice.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ CREATE TABLE IF NOT EXISTS vacation (
 CREATE TABLE IF NOT EXISTS forwarded (
     msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, new_id TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (msg_id, rcpt));
+CREATE TABLE IF NOT EXISTS handed_over (
+    msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, mailbox TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (msg_id, rcpt, mailbox));
 """
 
 # Picks and forward markers are only needed while their message is in the queue.
@@ -136,12 +141,26 @@ class PolicyState:
         row = self.cat.execute("SELECT new_id FROM forwarded WHERE msg_id=? AND rcpt=?", (msg_id, rcpt)).fetchone()
         return row["new_id"] if row else None
 
+    # ------------------------------------------------------------ LMTP hand-overs
+
+    def handed_over(self, msg_id: str, rcpt: str) -> set[str]:
+        """The mailboxes the LMTP server already took ``msg_id`` for, as ``rcpt``'s copies."""
+        return {row["mailbox"] for row in self.cat.execute(
+            "SELECT mailbox FROM handed_over WHERE msg_id=? AND rcpt=?", (msg_id, rcpt))}
+
+    def hand_over(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+        at = time.time()
+        with self.cat.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO handed_over(msg_id, rcpt, mailbox, at) VALUES (?,?,?,?)",
+                             [(msg_id, rcpt, box, at) for box in mailboxes])
+
     def expire(self, now: float | None = None) -> None:
         """Drop markers old enough that their message has surely left the queue."""
         cutoff = (time.time() if now is None else now) - KEEP_MARKERS
         with self.cat.transaction() as conn:
             conn.execute("DELETE FROM forwarded WHERE at<?", (cutoff,))
             conn.execute("DELETE FROM rr_pick WHERE at<?", (cutoff,))
+            conn.execute("DELETE FROM handed_over WHERE at<?", (cutoff,))
 
 
 def _vacation(row) -> StoredVacation:
