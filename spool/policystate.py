@@ -8,8 +8,9 @@
 * out-of-office settings made with ``dialmail users vacation`` (they win over the
   configuration file's ``[vacation.USER]``);
 * forwarded copies already queued, so a retried delivery does not queue a second copy;
-* mailboxes an LMTP server already took a message for (its 2xx reply), so a recipient
-  retried after another of its mailboxes failed is not handed over twice.
+* mailboxes a message was handed to by LMTP: "sending" before the message goes, "taken"
+  at the server's 2xx, so a retry skips what was taken and knows which copies may have
+  been stored without a reply (a connection cut after the final dot, a kill -9).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ CREATE TABLE IF NOT EXISTS forwarded (
     msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, new_id TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (msg_id, rcpt));
 CREATE TABLE IF NOT EXISTS handed_over (
-    msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, mailbox TEXT NOT NULL, at REAL NOT NULL,
+    msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, mailbox TEXT NOT NULL, taken INTEGER NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (msg_id, rcpt, mailbox));
 """
 
@@ -143,16 +144,30 @@ class PolicyState:
 
     # ------------------------------------------------------------ LMTP hand-overs
 
-    def handed_over(self, msg_id: str, rcpt: str) -> set[str]:
-        """The mailboxes the LMTP server already took ``msg_id`` for, as ``rcpt``'s copies."""
-        return {row["mailbox"] for row in self.cat.execute(
-            "SELECT mailbox FROM handed_over WHERE msg_id=? AND rcpt=?", (msg_id, rcpt))}
+    def handed_over(self, msg_id: str, rcpt: str) -> dict[str, bool]:
+        """``rcpt``'s mailboxes that ``msg_id`` was sent to by LMTP: True when the server
+        took it, False when it was sending and no answer was recorded."""
+        return {row["mailbox"]: bool(row["taken"]) for row in self.cat.execute(
+            "SELECT mailbox, taken FROM handed_over WHERE msg_id=? AND rcpt=?", (msg_id, rcpt))}
 
-    def hand_over(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+    def sending(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+        """Before the message goes: from here on a copy may be stored without our knowing."""
+        self._set(msg_id, rcpt, mailboxes, taken=False)
+
+    def taken(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+        self._set(msg_id, rcpt, mailboxes, taken=True)
+
+    def not_taken(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+        """The server said no (or was never reached): nothing of these copies was stored."""
+        with self.cat.transaction() as conn:
+            conn.executemany("DELETE FROM handed_over WHERE msg_id=? AND rcpt=? AND mailbox=?",
+                             [(msg_id, rcpt, box) for box in mailboxes])
+
+    def _set(self, msg_id: str, rcpt: str, mailboxes: list[str], taken: bool) -> None:
         at = time.time()
         with self.cat.transaction() as conn:
-            conn.executemany("INSERT OR REPLACE INTO handed_over(msg_id, rcpt, mailbox, at) VALUES (?,?,?,?)",
-                             [(msg_id, rcpt, box, at) for box in mailboxes])
+            conn.executemany("INSERT OR REPLACE INTO handed_over(msg_id, rcpt, mailbox, taken, at) "
+                             "VALUES (?,?,?,?,?)", [(msg_id, rcpt, box, int(taken), at) for box in mailboxes])
 
     def expire(self, now: float | None = None) -> None:
         """Drop markers old enough that their message has surely left the queue."""

@@ -61,8 +61,7 @@ protocol lmtp {{
 }}
 plugin {{
   sieve = file:~/sieve;active=~/.dovecot.sieve
-  sieve_before = {d}/dedupe.sieve
-}}
+{sieve_before}}}
 """
 
 
@@ -76,8 +75,9 @@ def need_lmtp() -> None:
 class DovecotLMTP(_Peer):
     name = "dovecot-lmtp"
 
-    def __init__(self, basedir: Path | str | None = None):
+    def __init__(self, basedir: Path | str | None = None, dedupe: bool = True):
         super().__init__(basedir)
+        self.dedupe = dedupe  # run etc/dialmail-dedupe.sieve before each user's script
         self.port = 0
         self.conf = self.dir / "dovecot.conf"
         self.socket = self.dir / "lmtp"
@@ -107,12 +107,15 @@ class DovecotLMTP(_Peer):
         (d / "users").write_text("".join(f"{u}:{{PLAIN}}unused-{u}-pw\n" for u in USERS))
         (d / "users").chmod(0o644)
         self.port = free_port()
-        self.conf.write_text(CONF.format(d=d, port=self.port, **users))
+        before = f"  sieve_before = {d}/dedupe.sieve\n" if self.dedupe else ""
+        self.conf.write_text(CONF.format(d=d, port=self.port, sieve_before=before, **users))
         import subprocess
         check = subprocess.run([_prog("doveconf"), "-c", str(self.conf), "-n"], capture_output=True, text=True)
         if check.returncode:
             raise RuntimeError(f"dovecot config rejected: {check.stderr}")
         # A global script is compiled by the admin: Dovecot's mail processes may not write there.
+        if not self.dedupe:
+            return
         compiled = subprocess.run([shutil.which("sievec"), "-c", str(self.conf), str(d / "dedupe.sieve")],
                                   capture_output=True, text=True)
         if compiled.returncode:
@@ -164,10 +167,17 @@ class DovecotLMTP(_Peer):
             _chown(path, "dovecot")
 
 
+    def doveadm(self) -> str:
+        """The ``[delivery] doveadm`` setting for this Dovecot."""
+        return f"doveadm -c {self.conf}"
+
+
 @pytest.fixture
-def dovecot_lmtp():
+def dovecot_lmtp(request):
+    """Dovecot LMTP with the duplicate guard; ``@pytest.mark.parametrize("dovecot_lmtp",
+    [False], indirect=True)`` starts it without."""
     need_lmtp()
-    peer = DovecotLMTP()
+    peer = DovecotLMTP(dedupe=getattr(request, "param", True))
     peer.start()
     yield peer
     peer.stop()

@@ -110,6 +110,9 @@ class LMTPTarget:
 class DeliveryConfig:
     lmtp: LMTPTarget | None = None
     lmtp_timeout: int = 120  # seconds for each LMTP reply (the final one comes after the mail is stored)
+    # The doveadm command (argv) that tells whether a copy whose LMTP reply never came was
+    # stored after all; without it, the Sieve duplicate guard is the only protection.
+    doveadm: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

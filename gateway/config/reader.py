@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
+import shutil
 import socket
 import stat
 import tomllib
@@ -105,7 +107,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     if "submission" in raw:
         submission = _submission(_Section(loader, "submission", raw.get("submission"),
                                           {"listen", "tls_cert", "tls_key"}), smtp)
-    delivery = _delivery(_Section(loader, "delivery", raw.get("delivery"), {"lmtp", "lmtp_timeout"}))
+    delivery = _delivery(_Section(loader, "delivery", raw.get("delivery"), {"lmtp", "lmtp_timeout", "doveadm"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
                                     {"host", "port", "starttls", "username", "password_file", "ca_file",
                                      "timeout", "route", "rewrite", "connections"}))
@@ -212,8 +214,17 @@ def _submission(s: _Section, smtp: SMTPConfig) -> SubmissionConfig:
 
 
 def _delivery(s: _Section) -> DeliveryConfig:
-    return DeliveryConfig(lmtp=s.convert("lmtp", parse_lmtp, None),
-                          lmtp_timeout=s.convert("lmtp_timeout", parse_duration, 120))
+    lmtp = s.convert("lmtp", parse_lmtp, None)
+    doveadm = s.get("doveadm", str, "")
+    try:
+        argv = tuple(shlex.split(doveadm))
+    except ValueError as exc:
+        s.fail("doveadm", f"cannot split {doveadm!r} into a command: {exc}")
+    if argv and lmtp is None:
+        s.fail("doveadm", "only used with lmtp: set lmtp too, or remove doveadm")
+    if argv and not shutil.which(argv[0]):
+        s.fail("doveadm", f"{argv[0]!r} is not an executable program here (Debian: apt-get install dovecot-core)")
+    return DeliveryConfig(lmtp=lmtp, lmtp_timeout=s.convert("lmtp_timeout", parse_duration, 120), doveadm=argv)
 
 
 def _pop3(s: _Section) -> POP3Config:

@@ -179,14 +179,35 @@ class Pipeline:
         recorded otherwise: deferred when any mailbox's reply was temporary (the retry
         skips the mailboxes already handed over), else bounced or kept for review, as a
         local failure is, when the server refused a mailbox for good."""
-        rcpt, target = before.rcpt, self.config.delivery.lmtp
-        already = self.state.handed_over(msg.id, rcpt)
-        todo = [box for box in mailboxes if box not in already]
-        results = lmtp.hand_over(target, self.config.delivery.lmtp_timeout, self.config.server.hostname,
+        rcpt, target, settings = before.rcpt, self.config.delivery.lmtp, self.config.delivery
+        known = self.state.handed_over(msg.id, rcpt)
+        todo = [box for box in mailboxes if box not in known]
+        name = lmtp.delivery_name(msg, rcpt)
+        for box in (box for box in mailboxes if known.get(box) is False):  # sent, and no reply recorded
+            found = lmtp.stored(settings.doveadm, box, name) if settings.doveadm else False
+            if found is None:
+                why = Outcome(DEFERRED, 451, "4.3.0", f"cannot tell whether {target} stored the copy for {box} "
+                                                      f"sent before (doveadm search failed); asking again later")
+                log.warning("%s: to=<%s> mailbox=%s status=deferred (%s)", msg.id, rcpt, box, why.reply)
+                self.queue.record(msg.id, rcpt, DEFERRED, why.code, why.reply,
+                                  next_retry=time.time() + self.config.queue.retry_min)
+                return None
+            if found:
+                log.info("%s: to=<%s> mailbox=%s: the copy sent before was stored (its reply was lost); "
+                         "not sending it again", msg.id, rcpt, box)
+                self.state.taken(msg.id, rcpt, [box])
+            else:
+                todo.append(box)
+        if todo:
+            self.state.sending(msg.id, rcpt, todo)
+        results = lmtp.hand_over(target, settings.lmtp_timeout, self.config.server.hostname,
                                  self.queue, msg, rcpt, todo, headers) if todo else {}
         taken = [box for box, o in results.items() if o.status == DELIVERED]
         if taken:
-            self.state.hand_over(msg.id, rcpt, taken)
+            self.state.taken(msg.id, rcpt, taken)
+        refused = [box for box, o in results.items() if o.status != DELIVERED and not o.dropped]
+        if refused:
+            self.state.not_taken(msg.id, rcpt, refused)
         for box in taken:
             log.info("%s: to=<%s> mailbox=%s status=delivered (%s: %s)", msg.id, rcpt, box, target,
                      results[box].reply)

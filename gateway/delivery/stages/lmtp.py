@@ -7,18 +7,28 @@ mailbox gets its own reply after the final dot (RFC 2033) and each reply becomes
 a lost connection deferred, 5xx bounced.
 
 Exactly once, also across a kill -9 of either side:
-* a mailbox whose 2xx arrived is remembered (spool.policystate ``handed_over``) before
-  the recipient is recorded, so a retry after another mailbox failed skips it;
-* the one window left is a 2xx that was sent but never read or recorded (dialmail killed,
-  the connection cut after the final dot).  LMTP, like SMTP, then forces a resend.  Each
-  copy therefore carries ``X-Dialmail-Delivery:``, a name fixed per (message, recipient),
-  and the Sieve script ``etc/dialmail-dedupe.sieve`` run before every user's own
-  (Dovecot's ``sieve_before``) discards a copy whose name that mailbox has seen.
+* each mailbox is marked "sending" before the message goes and "taken" at its 2xx
+  (spool.policystate ``handed_over``), before the recipient is recorded, so a retry
+  skips what was taken;
+* what is left is a copy still marked "sending": the server may have stored it and its
+  reply was lost (dialmail killed, Dovecot killed between storing and answering, the
+  connection cut after the final dot).  LMTP, like SMTP, cannot say.  Each copy carries
+  ``X-Dialmail-Delivery:``, a name fixed per (message, recipient), so:
+  - with ``[delivery] doveadm`` (Dovecot on this machine, or reachable by doveadm),
+    dialmail asks before sending again: ``doveadm search`` for that name in every
+    folder of the mailbox.  Stored means taken; not stored means send; no answer means
+    wait and ask again.  This is exact.
+  - the Sieve script ``etc/dialmail-dedupe.sieve``, run before every user's own
+    (Dovecot's ``sieve_before``), discards a copy whose name the mailbox has seen.  It
+    works where doveadm cannot reach (a cluster behind a proxy), but Dovecot records the
+    name just after storing the mail, so a Dovecot killed in between still lets one
+    duplicate through.
 """
 from __future__ import annotations
 
 import hashlib
 import smtplib
+import subprocess
 from email.message import Message as EmailHeaders
 
 from gateway.config import LMTPTarget
@@ -112,6 +122,19 @@ def _transaction(client: smtplib.LMTP, code: int, text: bytes, helo: str, queue:
     except OSError as exc:
         lost = outcome.lost_connection(f"{where} {step} ({exc.strerror or exc})")
     return {box: results.get(box, lost) for box in mailboxes}
+
+
+def stored(doveadm: tuple[str, ...], mailbox: str, name: str, timeout: float = 60) -> bool | None:
+    """Whether ``mailbox`` holds a copy named ``name`` in any folder (Sieve may have filed
+    it anywhere), by ``doveadm search``; None when doveadm could not tell."""
+    try:
+        found = subprocess.run([*doveadm, "search", "-u", mailbox, "mailbox", "*", "header", DELIVERY_HEADER, name],
+                               capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if found.returncode != 0:
+        return None
+    return bool(found.stdout.strip())
 
 
 def _send_body(client: smtplib.LMTP, queue: Queue, msg: Message, first: bytes) -> None:
