@@ -137,6 +137,21 @@ def test_a_permanent_refusal_bounces_to_the_sender_with_dovecots_reply(site, dov
     assert dovecot_lmtp.messages("dave") == []
 
 
+def test_a_permanent_refusal_of_mail_nobody_can_get_back_is_kept_for_review(site, dovecot_lmtp):
+    """A bounce (null sender) that Dovecot refuses cannot be bounced again: it is kept in
+    the postmaster's review Maildir in the spool, with Dovecot's reply, as a local failure is."""
+    lmtp_site(site, f"unix:{dovecot_lmtp.socket}")
+    site.add_user("dave", "dave-pw")  # a dialmail user Dovecot does not know
+    site.start()
+    send(site, ["dave@office.test"], "a bounce for dave", sender="")
+    wait_for(lambda: queue_empty(site), timeout=30, what="an empty queue")
+    [kept] = site.mail_of("postmaster")
+    assert (f"X-Dialmail-Review: mailbox dave: 5.1.1 LMTP unix:{dovecot_lmtp.socket} said after "
+            f"RCPT TO:<dave>: 550 5.1.1 <dave> User doesn't exist: dave\r\n").encode() in kept
+    assert b"X-Dialmail-Original-Recipient: dave@office.test\r\n" in kept
+    assert dovecot_lmtp.messages("dave") == []
+
+
 def test_mail_waits_while_the_lmtp_server_is_down_and_goes_when_it_is_back(site, dovecot_lmtp):
     lmtp_site(site, f"unix:{dovecot_lmtp.socket}")
     dovecot_lmtp.kill_9()
