@@ -4,11 +4,15 @@ The daemon runs for real with a ``[submission]`` listener; the smarthost is Post
 smtp-sink.  The dialogue is checked byte for byte on a raw socket, and with swaks as a
 client would speak it."""
 import base64
+import resource
 import socket
 import ssl
+import subprocess
+import sys
 
 import pytest
 
+from tests.harness import ROOT
 from tests.peers import free_port, make_self_signed_cert, run_swaks, wait_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,3 +168,25 @@ listen = ["127.0.0.1:1587"]
     assert r.returncode != 0
     out = (r.stdout + r.stderr).decode()
     assert "submission.tls_cert" in out and "submission needs TLS" in out
+
+
+def test_port_587_connections_count_when_caps_are_fitted_to_the_descriptor_limit(site, tmp_path):
+    """With an open file limit of 300 (172 past the reserve), caps of 100 for [smtp] (on
+    ports 25 and 587 each) and 100 for [pop3] are lowered so all three fit together."""
+    cert, key = make_self_signed_cert(tmp_path)
+    site.write_config(f"""
+[submission]
+listen = ["127.0.0.1:1587"]
+tls_cert = "{cert}"
+tls_key = "{key}"
+""")
+    text = site.config_path.read_text().replace("[smtp]\n", "[smtp]\nmax_connections = 100\n", 1)
+    site.config_path.write_text(text.replace("[pop3]\n", "[pop3]\nmax_connections = 100\n", 1))
+    code = ("from gateway.config import load; from gateway.daemon import fit_connections_to_descriptors as fit; "
+            f"c = fit(load({str(site.config_path)!r})); print(c.smtp.max_connections, c.pop3.max_connections)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)))
+    assert r.returncode == 0, r.stderr
+    smtp, pop3 = map(int, r.stdout.split())
+    assert (smtp, pop3) == (57, 58)
+    assert 2 * smtp + pop3 <= 300 - 128
