@@ -263,3 +263,49 @@ def test_shipped_dedupe_script_compiles(tmp_path):
     r = subprocess.run(["sievec", str(DEDUPE), str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert out.stat().st_size > 0
+
+
+def test_an_lmtp_server_that_answers_nonsense_defers_the_mail_and_breaks_nothing(site, tmp_path):
+    """A hostile or broken LMTP server: a 10,000-byte reply line after the final dot.
+    The recipient is deferred as a lost connection, and no traceback is logged."""
+    import socketserver
+    import threading
+
+    seen: list[bytes] = []
+
+    class Broken(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(b"220 broken LMTP\r\n")
+            while line := self.rfile.readline():
+                seen.append(line)
+                verb = line[:4].upper()
+                if verb == b"LHLO":
+                    self.wfile.write(b"250-broken\r\n250 PIPELINING\r\n")
+                elif verb in (b"MAIL", b"RCPT"):
+                    self.wfile.write(b"250 2.1.0 OK\r\n")
+                elif verb == b"DATA":
+                    self.wfile.write(b"354 go\r\n")
+                    while self.rfile.readline() not in (b".\r\n", b""):
+                        pass
+                    self.wfile.write(b"250 " + b"x" * 10000 + b"\r\n")
+                elif verb == b"QUIT":
+                    self.wfile.write(b"221 bye\r\n")
+                    return
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Broken)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        site.write_config(f'[delivery]\nlmtp = "127.0.0.1:{server.server_address[1]}"\n'
+                          '[queue]\nretry_min = "1h"\nretry_max = "2h"\n')
+        site.start()
+        send(site, ["alice@office.test"], "to a broken server")
+        listing = wait_for(lambda: listing_with(site, "Line too long"), timeout=20, what="the deferral")
+        assert ("deferred: 421 4.4.2 lost connection with the mail server LMTP 127.0.0.1:"
+                f"{server.server_address[1]} after the final dot, waiting for <alice>'s reply "
+                "((500, 'Line too long.'))") in listing
+        assert "Traceback" not in site.log()
+        assert any(line.startswith(b"RCPT TO:<alice>") for line in seen)
+    finally:
+        server.shutdown()
+        server.server_close()

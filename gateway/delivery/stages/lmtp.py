@@ -119,7 +119,7 @@ def _transaction(client: smtplib.LMTP, code: int, text: bytes, helo: str, queue:
         lost = outcome.lost_connection(f"{where} {step}")
     except TimeoutError:
         lost = outcome.timed_out(f"{step} at {where}")
-    except OSError as exc:
+    except OSError as exc:  # smtplib's errors too, e.g. a reply line it will not read (too long)
         lost = outcome.lost_connection(f"{where} {step} ({exc.strerror or exc})")
     return {box: results.get(box, lost) for box in mailboxes}
 
