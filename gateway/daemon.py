@@ -21,7 +21,12 @@ from gateway.delivery.worker import DeliveryWorker, LocalDelivery
 from gateway.mail.errors import OperationalError
 from gateway.office.directory import Directory
 from gateway.smtp.admission import SubmissionPolicy
-from gateway.smtp.server import SubmissionHandler, SubmissionProtocol, start_servers
+from gateway.smtp.server import (
+    SubmissionHandler,
+    SubmissionProtocol,
+    start_servers,
+    start_submission,
+)
 from spool import rebuild
 from spool.locks import LockBusy, PidLock
 from spool.queue import Catalogue, Queue
@@ -115,6 +120,7 @@ class Daemon:
                                          policy=SubmissionPolicy(self.config, self.spool.directory,
                                                                  self.spool.queue, kick=self.worker.kick))
         self.smtp_servers = await start_servers(self.config, self.handler)
+        self.smtp_servers += await start_submission(self.config, self.handler)  # closed with them at shutdown
         for service in self.services:
             self._stops.append(await service(self))
         log.info("dialmail started (pid %d, spool %s)", os.getpid(), self.config.spool_dir)
@@ -162,8 +168,8 @@ def fit_connections_to_descriptors(config: Config) -> Config:
     """Raise the soft descriptor limit to the hard one; lower connection caps that do not fit.
 
     Each connection holds a descriptor; when they run out, accepting stops, and so do the
-    spool's writes.  The caps of SMTP and POP3 together are kept ``DESCRIPTOR_RESERVE``
-    below the limit so the spool, the log and an admin's client still get descriptors.
+    spool's writes.  The caps of SMTP (ports 25 and 587) and POP3 together are kept
+    ``DESCRIPTOR_RESERVE`` below the limit so the spool, the log and an admin's client still get descriptors.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard and hard != resource.RLIM_INFINITY:
@@ -174,14 +180,18 @@ def fit_connections_to_descriptors(config: Config) -> Config:
             log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
     if soft == resource.RLIM_INFINITY:
         return config
+    # Port 587 has caps of its own with [smtp]'s numbers: its connections count as well.
+    smtp_ports = 2 if config.submission is not None else 1
     smtp, pop3 = config.smtp.max_connections, config.pop3.max_connections
     budget = max(2, soft - DESCRIPTOR_RESERVE)
-    if smtp + pop3 <= budget:
+    if smtp * smtp_ports + pop3 <= budget:
         return config
-    fit_smtp = max(1, budget * smtp // (smtp + pop3))
-    fit_pop3 = max(1, budget - fit_smtp)
-    log.warning("open file limit %d leaves room for %d connections: smtp.max_connections lowered from %d to %d, "
-                "pop3.max_connections from %d to %d (raise LimitNOFILE)", soft, budget, smtp, fit_smtp, pop3, fit_pop3)
+    fit_smtp = max(1, budget * smtp // (smtp * smtp_ports + pop3))
+    fit_pop3 = max(1, budget - fit_smtp * smtp_ports)
+    each = " (each of [smtp] and [submission])" if smtp_ports == 2 else ""
+    log.warning("open file limit %d leaves room for %d connections: smtp.max_connections lowered from %d to %d%s, "
+                "pop3.max_connections from %d to %d (raise LimitNOFILE)", soft, budget, smtp, fit_smtp, each, pop3,
+                fit_pop3)
     return dataclasses.replace(
         config, smtp=dataclasses.replace(config.smtp, max_connections=fit_smtp),
         pop3=dataclasses.replace(config.pop3, max_connections=fit_pop3))

@@ -67,6 +67,7 @@ def check(config: Config, users=None, probe_clamd: bool = True) -> list[Finding]
     out += _fetch(config, directory)
     if probe_clamd:
         out += _clamd(config)
+        out += _lmtp(config)
     out += _imap(config)
     return out
 
@@ -282,8 +283,10 @@ def _secret_file(where: str, path: Path) -> list[Finding]:
 
 def _tls(config: Config) -> list[Finding]:
     out = []
-    for section, cert, key in (("smtp", config.smtp.tls_cert, config.smtp.tls_key),
-                               ("pop3", config.pop3.tls_cert, config.pop3.tls_key)):
+    pairs = [("smtp", config.smtp.tls_cert, config.smtp.tls_key), ("pop3", config.pop3.tls_cert, config.pop3.tls_key)]
+    if config.submission is not None and "tls_cert" in config.raw.get("submission", {}):
+        pairs.append(("submission", config.submission.tls_cert, config.submission.tls_key))
+    for section, cert, key in pairs:
         if cert is None or key is None:
             continue
         why = _cert_problem(cert, key)
@@ -429,3 +432,15 @@ def _clamd(config: Config) -> list[Finding]:
         "mail waits unscanned (LAN senders get 451) until it answers"
     return [Finding(WARNING, config.where("virus", "clamd"),
                     f"{why}: {then} (virus on_error = {virus.on_error})")]
+
+
+def _lmtp(config: Config) -> list[Finding]:
+    target = config.delivery.lmtp
+    if target is None:
+        return []
+    from gateway.delivery.stages.lmtp import probe
+    why = probe(target)
+    if why is None:
+        return []
+    return [Finding(WARNING, config.where("delivery", "lmtp"),
+                    f"{why}: mail for local mailboxes waits in the queue until it answers")]

@@ -7,7 +7,10 @@
   sender per interval, also across restarts);
 * out-of-office settings made with ``dialmail users vacation`` (they win over the
   configuration file's ``[vacation.USER]``);
-* forwarded copies already queued, so a retried delivery does not queue a second copy.
+* forwarded copies already queued, so a retried delivery does not queue a second copy;
+* mailboxes a message was handed to by LMTP: "sending" before the message goes, "taken"
+  at the server's 2xx, so a retry skips what was taken and knows which copies may have
+  been stored without a reply (a connection cut after the final dot, a kill -9).
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ CREATE TABLE IF NOT EXISTS vacation (
 CREATE TABLE IF NOT EXISTS forwarded (
     msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, new_id TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (msg_id, rcpt));
+CREATE TABLE IF NOT EXISTS handed_over (
+    msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, mailbox TEXT NOT NULL, taken INTEGER NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (msg_id, rcpt, mailbox));
 """
 
 # Picks and forward markers are only needed while their message is in the queue.
@@ -136,12 +142,40 @@ class PolicyState:
         row = self.cat.execute("SELECT new_id FROM forwarded WHERE msg_id=? AND rcpt=?", (msg_id, rcpt)).fetchone()
         return row["new_id"] if row else None
 
+    # ------------------------------------------------------------ LMTP hand-overs
+
+    def handed_over(self, msg_id: str, rcpt: str) -> dict[str, bool]:
+        """``rcpt``'s mailboxes that ``msg_id`` was sent to by LMTP: True when the server
+        took it, False when it was sending and no answer was recorded."""
+        return {row["mailbox"]: bool(row["taken"]) for row in self.cat.execute(
+            "SELECT mailbox, taken FROM handed_over WHERE msg_id=? AND rcpt=?", (msg_id, rcpt))}
+
+    def sending(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+        """Before the message goes: from here on a copy may be stored without our knowing."""
+        self._set(msg_id, rcpt, mailboxes, taken=False)
+
+    def taken(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+        self._set(msg_id, rcpt, mailboxes, taken=True)
+
+    def not_taken(self, msg_id: str, rcpt: str, mailboxes: list[str]) -> None:
+        """The server said no (or was never reached): nothing of these copies was stored."""
+        with self.cat.transaction() as conn:
+            conn.executemany("DELETE FROM handed_over WHERE msg_id=? AND rcpt=? AND mailbox=?",
+                             [(msg_id, rcpt, box) for box in mailboxes])
+
+    def _set(self, msg_id: str, rcpt: str, mailboxes: list[str], taken: bool) -> None:
+        at = time.time()
+        with self.cat.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO handed_over(msg_id, rcpt, mailbox, taken, at) "
+                             "VALUES (?,?,?,?,?)", [(msg_id, rcpt, box, int(taken), at) for box in mailboxes])
+
     def expire(self, now: float | None = None) -> None:
         """Drop markers old enough that their message has surely left the queue."""
         cutoff = (time.time() if now is None else now) - KEEP_MARKERS
         with self.cat.transaction() as conn:
             conn.execute("DELETE FROM forwarded WHERE at<?", (cutoff,))
             conn.execute("DELETE FROM rr_pick WHERE at<?", (cutoff,))
+            conn.execute("DELETE FROM handed_over WHERE at<?", (cutoff,))
 
 
 def _vacation(row) -> StoredVacation:

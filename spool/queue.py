@@ -488,6 +488,14 @@ class Queue:
             "AND r.claim IS NULL ORDER BY r.msg_id", (route, now))]
         return [m for m in (self.get(i) for i in ids) if m is not None]
 
+    def next_due(self, route: str) -> float | None:
+        """When the earliest waiting recipient on ``route`` (not held, not claimed) is due."""
+        row = self.cat.execute(
+            "SELECT MIN(r.next_retry) t FROM recipients r JOIN messages m ON m.id=r.msg_id "
+            "WHERE r.route=? AND r.status IN ('queued','deferred') AND m.hold=0 AND r.claim IS NULL",
+            (route,)).fetchone()
+        return row["t"]
+
     def counts(self) -> dict[str, int]:
         out = {"messages": 0, "relay": 0, "local": 0, "held": 0, "deferred": 0, "bytes": 0}
         row = self.cat.execute("SELECT COUNT(*) n, COALESCE(SUM(size),0) b, COALESCE(SUM(hold),0) h "

@@ -9,11 +9,13 @@ from gateway.config.model import (
     ENV_VAR,
     IMAP_OFF,
     Config,
+    DeliveryConfig,
     DemandConfig,
     FetchConfig,
     IMAPConfig,
     LinkConfig,
     Listen,
+    LMTPTarget,
     POP3Config,
     QueueConfig,
     ScheduleConfig,
@@ -21,10 +23,12 @@ from gateway.config.model import (
     SessionConfig,
     SmarthostConfig,
     SMTPConfig,
+    SubmissionConfig,
     client_address,
     is_loopback,
     parse_duration,
     parse_listen,
+    parse_lmtp,
     parse_size,
     parse_window,
     read_secret,
@@ -34,8 +38,8 @@ from gateway.config.sections import find_line, key_lines
 from gateway.mail.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_PATH", "ENV_VAR", "Config", "ConfigError", "DemandConfig", "FetchConfig", "IMAP_OFF", "IMAPConfig", "LinkConfig", "Listen",
+    "DEFAULT_PATH", "ENV_VAR", "Config", "ConfigError", "DeliveryConfig", "LMTPTarget", "SubmissionConfig", "DemandConfig", "FetchConfig", "IMAP_OFF", "IMAPConfig", "LinkConfig", "Listen",
     "POP3Config", "QueueConfig", "ScheduleConfig", "ServerConfig", "SessionConfig", "SMTPConfig",
     "SmarthostConfig", "client_address", "find_config_path", "find_line", "is_loopback", "key_lines", "load",
-    "loads", "parse_duration", "parse_listen", "parse_size", "parse_window", "read_secret",
+    "loads", "parse_duration", "parse_listen", "parse_lmtp", "parse_size", "parse_window", "read_secret",
 ]

@@ -88,6 +88,36 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class SubmissionConfig:
+    """Port 587 for mail clients (RFC 6409): STARTTLS, then AUTH, then mail to anywhere.
+
+    The users, the login lockouts and the connection limits are port 25's (``[smtp]``)."""
+    listen: tuple[Listen, ...]
+    tls_cert: Path
+    tls_key: Path
+
+
+@dataclass(frozen=True)
+class LMTPTarget:
+    """Where final delivery goes instead of the spool's Maildirs: an LMTP server (Dovecot)."""
+    socket: Path | None  # a unix socket, or
+    host: str | None  # a TCP host and port
+    port: int | None
+
+    def __str__(self) -> str:
+        return f"unix:{self.socket}" if self.socket else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    lmtp: LMTPTarget | None = None
+    lmtp_timeout: int = 120  # seconds for each LMTP reply (the final one comes after the mail is stored)
+    # The doveadm command (argv) that tells whether a copy whose LMTP reply never came was
+    # stored after all; without it, the Sieve duplicate guard is the only protection.
+    doveadm: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class POP3Config:
     listen: tuple[Listen, ...]
     tls_cert: Path | None
@@ -236,6 +266,8 @@ class Config:
     policy: PolicySettings | None = None  # block lists, virus scan, groups, replies
     imap: IMAPConfig = IMAP_OFF
     source: str = field(default="", repr=False, compare=False)  # the file's text, for line numbers
+    submission: SubmissionConfig | None = None  # port 587, when [submission] is there
+    delivery: DeliveryConfig = DeliveryConfig()
 
     @property
     def spool_dir(self) -> Path:
@@ -305,6 +337,25 @@ def parse_listen(value: str, default_host: str = "0.0.0.0") -> Listen:
     if not 0 <= int(port) <= 65535:
         raise ValueError(f"port {port} out of range")
     return Listen(host, int(port))
+
+
+def parse_lmtp(value: Any) -> LMTPTarget:
+    """``"unix:/run/dovecot/lmtp"`` or ``"host:port"`` -> LMTPTarget."""
+    text = str(value).strip()
+    if text.startswith("unix:"):
+        path = Path(text[len("unix:"):])
+        if not path.is_absolute():
+            raise ValueError(f"{value!r}: the socket must be an absolute path, e.g. \"unix:/run/dovecot/lmtp\"")
+        return LMTPTarget(socket=path, host=None, port=None)
+    if text.startswith("/"):
+        raise ValueError(f"{value!r}: write a socket as \"unix:{text}\"")
+    try:
+        listen = parse_listen(text, default_host="")
+    except ValueError:
+        raise ValueError(f"{value!r} is neither \"unix:/path/to/socket\" nor \"host:port\"") from None
+    if not listen.host or listen.port == 0:
+        raise ValueError(f"{value!r}: give both host and port, e.g. \"127.0.0.1:24\"")
+    return LMTPTarget(socket=None, host=listen.host, port=listen.port)
 
 
 def read_secret(path: Path, key: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
+import shutil
 import socket
 import stat
 import tomllib
@@ -22,6 +24,7 @@ from gateway.config.model import (
     ENV_VAR,
     IMAP_OFF,
     Config,
+    DeliveryConfig,
     DemandConfig,
     FetchConfig,
     IMAPConfig,
@@ -34,8 +37,10 @@ from gateway.config.model import (
     SessionConfig,
     SmarthostConfig,
     SMTPConfig,
+    SubmissionConfig,
     parse_duration,
     parse_listen,
+    parse_lmtp,
     parse_size,
     parse_window,
 )
@@ -91,7 +96,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     top = _Section(loader, "", raw, {"server", "smtp", "pop3", "smarthost", "queue", "fetch", "link",
                                                 "schedule", "demand", "session", "aliases", "policy",
                                                 "groups", "forward", "autoreply", "vacation", "blocklist",
-                                                "virus", "users", "imap"})
+                                                "virus", "users", "imap", "submission", "delivery"})
     server = _server(_Section(loader, "server", raw.get("server"),
                               {"hostname", "domains", "spool_dir", "mynetworks", "postmaster",
                                "token_key_file"}))
@@ -105,6 +110,11 @@ def loads(text: str, path: Path | None = None) -> Config:
     imap = _imap(_Section(loader, "imap", raw.get("imap"), {"dovecot", "listen", "tls_cert", "tls_key",
                                                             "allow_plaintext_lan", "mail_user", "dovecot_config"}),
                  "imap" in raw, smtp, pop3)
+    submission = None
+    if "submission" in raw:
+        submission = _submission(_Section(loader, "submission", raw.get("submission"),
+                                          {"listen", "tls_cert", "tls_key"}), smtp)
+    delivery = _delivery(_Section(loader, "delivery", raw.get("delivery"), {"lmtp", "lmtp_timeout", "doveadm"}))
     smarthost = _smarthost(_Section(loader, "smarthost", raw.get("smarthost"),
                                     {"host", "port", "starttls", "username", "password_file", "ca_file",
                                      "timeout", "route", "rewrite", "connections", "auth", "oauth"}))
@@ -139,7 +149,8 @@ def loads(text: str, path: Path | None = None) -> Config:
     policy = parse_policy(loader, raw, server, smtp)  # the policy's own sections, read there
     return Config(path=path, server=server, smtp=smtp, pop3=pop3, smarthost=smarthost, queue=queue,
                   fetch=fetch, link=link, schedule=schedule, demand=demand, session=session,
-                  aliases=aliases, raw=raw, policy=policy, imap=imap, source=text)
+                  aliases=aliases, raw=raw, policy=policy, imap=imap, source=text,
+                  submission=submission, delivery=delivery)
 
 
 def _server(s: _Section) -> ServerConfig:
@@ -197,6 +208,30 @@ def _smtp(s: _Section) -> SMTPConfig:
                       auth_lockout=s.convert("auth_lockout", parse_duration, 900),
                       data_timeout=s.convert("data_timeout", parse_duration, 300),
                       max_connections_per_client=s.positive("max_connections_per_client", 10))
+
+
+def _submission(s: _Section, smtp: SMTPConfig) -> SubmissionConfig:
+    cert, key = _tls_pair(s)
+    if cert is None:
+        cert, key = smtp.tls_cert, smtp.tls_key
+    if cert is None:
+        s.fail("tls_cert", "submission needs TLS: clients send their password only after STARTTLS; "
+               "set tls_cert and tls_key here or in [smtp]")
+    return SubmissionConfig(listen=_listen_list(s, "listen", ("0.0.0.0:587",)), tls_cert=cert, tls_key=key)
+
+
+def _delivery(s: _Section) -> DeliveryConfig:
+    lmtp = s.convert("lmtp", parse_lmtp, None)
+    doveadm = s.get("doveadm", str, "")
+    try:
+        argv = tuple(shlex.split(doveadm))
+    except ValueError as exc:
+        s.fail("doveadm", f"cannot split {doveadm!r} into a command: {exc}")
+    if argv and lmtp is None:
+        s.fail("doveadm", "only used with lmtp: set lmtp too, or remove doveadm")
+    if argv and not shutil.which(argv[0]):
+        s.fail("doveadm", f"{argv[0]!r} is not an executable program here (Debian: apt-get install dovecot-core)")
+    return DeliveryConfig(lmtp=lmtp, lmtp_timeout=s.convert("lmtp_timeout", parse_duration, 120), doveadm=argv)
 
 
 def _pop3(s: _Section) -> POP3Config:

@@ -6,7 +6,8 @@
   4. alias/group expansion gateway.delivery.stages.expand     per recipient (aliases, groups,
                                                       round-robin, catch-all, members-only)
   5. forwarding           gateway.delivery.stages.forward     per recipient: outside targets -> queue
-  6. mailbox delivery     gateway.delivery.stages.mailbox     per recipient: local Maildirs
+  6. mailbox delivery     gateway.delivery.stages.mailbox     per recipient: local Maildirs, or
+                          gateway.delivery.stages.lmtp        an LMTP server ([delivery] lmtp)
   7. automatic replies    gateway.delivery.stages.autoreply   per recipient: autoresponders, vacation
 
 Stages 1-3 decide about the whole message and return a ``Verdict`` (accept / quarantine /
@@ -33,11 +34,12 @@ from gateway.delivery.stages import (
     autoreply,
     expand,
     forward,
+    lmtp,
     mailbox,
     quarantine,
     review,
 )
-from gateway.mail import headers
+from gateway.mail import headers, outcome
 from gateway.mail.outcome import Outcome
 from gateway.office import notice
 from gateway.office.directory import Directory
@@ -46,7 +48,15 @@ from gateway.policy.verdict import ACCEPT, DEFER_ACTION, Verdict
 from gateway.policy.verdict import quarantine as quarantined
 from spool.fsio import is_disk_full
 from spool.policystate import PolicyState
-from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue, Recorded
+from spool.queue import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    Message,
+    Queue,
+    Recipient,
+    Recorded,
+)
 
 log = logging.getLogger("dialmail.deliver")
 
@@ -112,9 +122,10 @@ class Pipeline:
             self._quarantine(msg, rcpts, verdict, retry=any(by_rcpt[r].attempts for r in rcpts))
             return
         for rcpt in rcpts:
-            self._deliver(msg, rcpt, by_rcpt[rcpt].attempts > 0, headers)
+            self._deliver(msg, by_rcpt[rcpt], headers)
 
-    def _deliver(self, msg: Message, rcpt: str, retry: bool, headers: EmailHeaders) -> None:
+    def _deliver(self, msg: Message, before: Recipient, headers: EmailHeaders) -> None:
+        rcpt, retry = before.rcpt, before.attempts > 0
         if msg.origin == DOUBLE_BOUNCE:  # already the last resort: local Maildirs only, never out
             self._review(msg, rcpt, retry, None)
             return
@@ -139,11 +150,17 @@ class Pipeline:
         try:
             if resolution.remote:
                 done.append(f"forwarded as {forward.forward(self.queue, self.state, msg, rcpt, resolution.remote, headers)}")
-            for user in resolution.mailboxes:
-                path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers)
-                log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, user, path.name)
-            if resolution.mailboxes:
-                done.insert(0, "delivered to mailbox")
+            if resolution.mailboxes and self.config.delivery.lmtp is not None:
+                said = self._hand_over(msg, before, resolution.mailboxes, headers)
+                if said is None:
+                    return  # recorded as deferred, bounced or kept for review
+                done.insert(0, said)
+            else:
+                for user in resolution.mailboxes:
+                    path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers)
+                    log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, user, path.name)
+                if resolution.mailboxes:
+                    done.insert(0, "delivered to mailbox")
         except OSError as exc:
             reason = "disk full" if is_disk_full(exc) else exc.strerror or str(exc)
             log.warning("%s: to=<%s> status=deferred (local delivery failed: %s)", msg.id, rcpt, reason)
@@ -155,6 +172,65 @@ class Pipeline:
         except Exception:  # a reply that cannot be built must not undo a delivery
             log.exception("%s: to=<%s>: automatic reply failed", msg.id, rcpt)
         self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
+
+    def _hand_over(self, msg: Message, before: Recipient, mailboxes: tuple[str, ...] | list[str],
+                   headers: EmailHeaders) -> str | None:
+        """Stage 6 by LMTP; what to say of the delivery, or None when the recipient was
+        recorded otherwise: deferred when any mailbox's reply was temporary (the retry
+        skips the mailboxes already handed over), else bounced or kept for review, as a
+        local failure is, when the server refused a mailbox for good."""
+        rcpt, target, settings = before.rcpt, self.config.delivery.lmtp, self.config.delivery
+        known = self.state.handed_over(msg.id, rcpt)
+        todo = [box for box in mailboxes if box not in known]
+        name = lmtp.delivery_name(msg, rcpt)
+        for box in (box for box in mailboxes if known.get(box) is False):  # sent, and no reply recorded
+            found = lmtp.stored(settings.doveadm, box, name) if settings.doveadm else False
+            if found is None:
+                why = Outcome(DEFERRED, 451, "4.3.0", f"cannot tell whether {target} stored the copy for {box} "
+                                                      f"sent before (doveadm search failed); asking again later")
+                log.warning("%s: to=<%s> mailbox=%s status=deferred (%s)", msg.id, rcpt, box, why.reply)
+                self.queue.record(msg.id, rcpt, DEFERRED, why.code, why.reply,
+                                  next_retry=time.time() + self.config.queue.retry_min)
+                return None
+            if found:
+                log.info("%s: to=<%s> mailbox=%s: the copy sent before was stored (its reply was lost); "
+                         "not sending it again", msg.id, rcpt, box)
+                self.state.taken(msg.id, rcpt, [box])
+            else:
+                todo.append(box)
+        if todo:
+            self.state.sending(msg.id, rcpt, todo)
+        results = lmtp.hand_over(target, settings.lmtp_timeout, self.config.server.hostname,
+                                 self.queue, msg, rcpt, todo, headers) if todo else {}
+        taken = [box for box, o in results.items() if o.status == DELIVERED]
+        if taken:
+            self.state.taken(msg.id, rcpt, taken)
+        refused = [box for box, o in results.items() if o.status != DELIVERED and not o.dropped]
+        if refused:
+            self.state.not_taken(msg.id, rcpt, refused)
+        for box in taken:
+            log.info("%s: to=<%s> mailbox=%s status=delivered (%s: %s)", msg.id, rcpt, box, target,
+                     results[box].reply)
+        failed = [(box, o) for box, o in results.items() if o.status != DELIVERED]
+        deferred = [(box, o) for box, o in failed if o.status == DEFERRED]
+        if deferred:
+            box, o = deferred[0]
+            log.warning("%s: to=<%s> mailbox=%s status=deferred (%s)", msg.id, rcpt, box, o.reply)
+            now = time.time()
+            self.queue.record(msg.id, rcpt, DEFERRED, o.code, o.reply,
+                              next_retry=outcome.next_retry(o, before.last_reply, before.attempts, now,
+                                                            self.config.queue.retry_min,
+                                                            self.config.queue.retry_max))
+            return None
+        if failed:
+            box, o = failed[0]
+            if self._unreturnable(msg):
+                self._review(msg, rcpt, before.attempts > 0, f"mailbox {box}: {o.reply}")
+            else:
+                log.info("%s: to=<%s> mailbox=%s status=bounced (%s)", msg.id, rcpt, box, o.reply)
+                self.queue.record(msg.id, rcpt, BOUNCED, o.code, o.reply)
+            return None
+        return f"delivered by LMTP to {target}"
 
     def _unreturnable(self, msg: Message) -> bool:
         """Fetched mail (the ISP's copy is gone), null-sender mail, and mail from outside whose

@@ -27,6 +27,7 @@ __all__ = ["LocalDelivery", "DeliveryWorker"]
 log = logging.getLogger("dialmail.deliver")
 
 LEFTOVER_CHECK = 60.0  # seconds between looks for messages left final but queued
+MIN_WAIT = 0.5  # shortest pause between passes, so a recipient due now cannot make the worker spin
 
 
 class LocalDelivery:
@@ -149,6 +150,18 @@ class DeliveryWorker:
     def kick(self) -> None:
         self.wakeup.set()
 
+    async def _until_due(self) -> float:
+        """Seconds to the next pass: the minute, or sooner when a deferred recipient is due
+        sooner (an LMTP server back after a short outage gets its mail after retry_min,
+        not up to a minute later)."""
+        try:
+            due = await asyncio.to_thread(self.delivery.queue.next_due, LOCAL)
+        except Exception:
+            return self.interval
+        if due is None:
+            return self.interval
+        return min(self.interval, max(MIN_WAIT, due - time.time()))
+
     async def run(self) -> None:
         while True:
             self.wakeup.clear()
@@ -160,6 +173,6 @@ class DeliveryWorker:
                 log.exception("local delivery pass failed; will retry")
             self.idle.set()
             try:
-                await asyncio.wait_for(self.wakeup.wait(), self.interval)
+                await asyncio.wait_for(self.wakeup.wait(), await self._until_due())
             except asyncio.TimeoutError:
                 pass

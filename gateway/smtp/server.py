@@ -8,6 +8,11 @@ Relay rules (what keeps this from being an open relay):
 AUTH is offered only under TLS, except to loopback clients; failed AUTH attempts are
 answered slowly and then locked out per client address (``[smtp] max_auth_failures``).
 
+Port 587 (``[submission]``, RFC 6409) is the same server with the rules mail clients
+expect there: nothing but EHLO, NOOP and QUIT before STARTTLS (loopback included), and no
+MAIL before AUTH.  It shares port 25's handler, so the users, the lockouts (a guesser
+gains nothing by switching ports) and every limit are the same.
+
 A message is answered 250 only after ``spool.queue`` has it on disk (see its order of
 operations); a spool write failure answers 452 and keeps nothing.
 """
@@ -320,6 +325,7 @@ class SubmissionProtocol(SMTPProtocol):
     """aiosmtpd's SMTP with AUTH allowed in the clear only for loopback peers."""
 
     live: "set[SubmissionProtocol]" = set()  # open connections, for a graceful shutdown
+    clear_auth_on_loopback = True  # port 25: a script on this machine may AUTH without TLS
     release: Callable[[], None] = staticmethod(lambda: None)  # gives the connection slot back
     junk_commands = 0
 
@@ -330,7 +336,7 @@ class SubmissionProtocol(SMTPProtocol):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            self._auth_require_tls = not peer_is_loopback(self.session.peer)
+            self._auth_require_tls = not (self.clear_auth_on_loopback and peer_is_loopback(self.session.peer))
             SubmissionProtocol.live.add(self)
 
     def connection_lost(self, error) -> None:
@@ -507,6 +513,13 @@ class SubmissionProtocol(SMTPProtocol):
         await super().smtp_AUTH(arg)
 
 
+class ClientSubmissionProtocol(SubmissionProtocol):
+    """Port 587: TLS first and AUTH before MAIL for every client, loopback included (the
+    requirement itself is aiosmtpd's ``require_starttls`` and ``auth_required``)."""
+
+    clear_auth_on_loopback = False
+
+
 def tls_context(cert, key) -> ssl.SSLContext | None:
     if not cert:
         return None
@@ -521,7 +534,6 @@ async def start_servers(config: Config, handler: SubmissionHandler) -> list[List
     admission = Admission("SMTP", config.smtp.max_connections, config.smtp.max_connections_per_client, log,
                           unlimited=config.server.in_mynetworks)
     refusal = Reply.TOO_MANY_CONNECTIONS.format(host=config.server.hostname).encode() + b"\r\n"
-    servers: list[Listener] = []
 
     async def serve(conn, ip: str, release: Callable[[], None]) -> None:
         protocol = SubmissionProtocol(handler, hostname=config.server.hostname, ident="dialmail",
@@ -531,13 +543,42 @@ async def start_servers(config: Config, handler: SubmissionHandler) -> list[List
         protocol.release = release
         await loop.connect_accepted_socket(lambda: protocol, conn)
 
-    for listen in config.smtp.listen:
+    return await _open_all(config.smtp.listen, admission, serve, refusal, "smtp", "SMTP")
+
+
+async def start_submission(config: Config, handler: SubmissionHandler) -> list[Listener]:
+    """The ``[submission]`` listeners (port 587), or none when the section is absent.
+
+    Their own connection caps (a flood on port 25 must not lock the office's mail clients
+    out), with ``[smtp]``'s numbers."""
+    if config.submission is None:
+        return []
+    loop = asyncio.get_running_loop()
+    ctx = tls_context(config.submission.tls_cert, config.submission.tls_key)
+    admission = Admission("submission", config.smtp.max_connections, config.smtp.max_connections_per_client, log)
+    refusal = Reply.TOO_MANY_CONNECTIONS.format(host=config.server.hostname).encode() + b"\r\n"
+
+    async def serve(conn, ip: str, release: Callable[[], None]) -> None:
+        protocol = ClientSubmissionProtocol(handler, hostname=config.server.hostname, ident="dialmail",
+                                            data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
+                                            tls_context=ctx, require_starttls=True, auth_required=True,
+                                            authenticator=handler.authenticate, auth_require_tls=True,
+                                            timeout=300)
+        protocol.release = release
+        await loop.connect_accepted_socket(lambda: protocol, conn)
+
+    return await _open_all(config.submission.listen, admission, serve, refusal, "submission", "submission")
+
+
+async def _open_all(listens, admission: Admission, serve, refusal: bytes, section: str, what: str) -> list[Listener]:
+    servers: list[Listener] = []
+    for listen in listens:
         try:
             server = await Listener.open(listen.host, listen.port, admission, serve, refusal)
         except OSError as exc:  # one line for the admin, not a traceback
             for started in servers:
                 started.close()
-            raise ConfigError(f"smtp.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+            raise ConfigError(f"{section}.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
         servers.append(server)
-        log.info("SMTP listening on %s", listen)
+        log.info("%s listening on %s", what, listen)
     return servers
