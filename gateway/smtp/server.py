@@ -33,7 +33,7 @@ from gateway.office.directory import Directory
 from gateway.policy.connections import Admission, Listener
 from gateway.policy.throttle import LoginThrottle
 from gateway.smtp.incoming import IncomingBody
-from gateway.smtp.replies import Reply
+from gateway.smtp.replies import Reply, with_status_code
 from spool.fsio import free_bytes, is_disk_full
 from spool.queue import LOCAL, RELAY, Queue
 from spool.users import Users
@@ -183,7 +183,7 @@ class SubmissionHandler:
         # 503; the null sender (bounces, auto-replies) is kept as "<>" until DATA.
         envelope.mail_from = sender or NULL_SENDER
         envelope.mail_options.extend(mail_options)
-        return Reply.OK
+        return Reply.SENDER_OK
 
     async def handle_RCPT(self, server, session, envelope, addr, rcpt_options):
         rcpt = address.normalise(addr)
@@ -204,7 +204,7 @@ class SubmissionHandler:
                 return refusal
         envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(rcpt_options)
-        return Reply.OK
+        return Reply.RECIPIENT_OK
 
     async def open_body(self, session: Session, envelope: Envelope) -> IncomingBody:
         """Where the DATA of this transaction goes as it arrives: the spool's tmp file,
@@ -322,6 +322,9 @@ class SubmissionProtocol(SMTPProtocol):
     live: "set[SubmissionProtocol]" = set()  # open connections, for a graceful shutdown
     release: Callable[[], None] = staticmethod(lambda: None)  # gives the connection slot back
     junk_commands = 0
+    # RFC 2034 §3: the greeting and the answers to HELO/EHLO carry no enhanced status code
+    greeted = False
+    answering_helo = False
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -340,6 +343,13 @@ class SubmissionProtocol(SMTPProtocol):
 
     def _create_envelope(self) -> Envelope:
         return SubmissionEnvelope()
+
+    async def push(self, status) -> None:
+        """Every reply leaves with an enhanced status code (see gateway.smtp.replies), aiosmtpd's too."""
+        if isinstance(status, str) and self.greeted and not self.answering_helo:
+            status = with_status_code(status, self.data_size_limit)
+        self.greeted = True
+        await super().push(status)
 
     async def _junk(self) -> bool:
         """Count a command that moves no mail; True when the client was disconnected for it."""
@@ -472,7 +482,7 @@ class SubmissionProtocol(SMTPProtocol):
             if refusal:
                 continue
             if limit and size > limit:
-                refusal = "552 Error: Too much mail data"
+                refusal = Reply.TOO_MUCH_DATA
                 body.refuse()
             elif starts_line and piece[:1] == b".":
                 await body.write(memoryview(piece)[1:])
@@ -481,18 +491,29 @@ class SubmissionProtocol(SMTPProtocol):
 
     # A HELO/EHLO argument ends up in our own Received: header: one with a control
     # character (a bare CR or LF smuggles a header line in) is refused, as Postfix does.
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if _has_control(hostname):
             await self.push(Reply.BAD_HELO)
             return
-        await super().smtp_EHLO(hostname)
+        self.answering_helo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self.answering_helo = False
 
+    @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if _has_control(hostname):
             await self.push(Reply.BAD_HELO)
             return
-        await super().smtp_HELO(hostname)
+        self.answering_helo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self.answering_helo = False
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         # A locked-out address is refused before any password is looked at; each recent
         # failure from the address slows the next answer.  A refusal that is not a login
