@@ -32,7 +32,9 @@ from gateway.mail.errors import ConfigError
 from gateway.office.directory import Directory
 from gateway.policy.connections import Admission, Listener
 from gateway.policy.throttle import LoginThrottle
+from gateway.smtp import received
 from gateway.smtp.incoming import IncomingBody
+from gateway.smtp.received import Received
 from gateway.smtp.replies import Reply, with_status_code
 from spool.fsio import free_bytes, is_disk_full
 from spool.queue import LOCAL, RELAY, Queue
@@ -249,16 +251,13 @@ class SubmissionHandler:
         return Reply.NO_SPACE if is_disk_full(exc) else Reply.LOCAL_ERROR
 
     def _received(self, session: Session, envelope: Envelope) -> bytes:
-        helo = session.host_name or "unknown"
-        proto = "ESMTP"
-        if session.ssl:
-            proto += "S"
-        if session.authenticated:
-            proto += "A"
-        for_part = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        line = (f"Received: from {helo} ([{peer_ip(session)}])\r\n\tby {self.hostname} (dialmail) with {proto}"
-                f"{for_part};\r\n\t{email.utils.formatdate(time.time(), localtime=True)}\r\n")
-        return line.encode("utf-8", "replace")
+        trace = Received(
+            helo=session.host_name, client_ip=peer_ip(session), by=self.hostname,
+            with_protocol=received.protocol(session.extended_smtp, session.ssl is not None,
+                                            bool(session.authenticated), bool(envelope.smtp_utf8)),
+            date=email.utils.formatdate(time.time(), localtime=True),
+            recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None)
+        return trace.header().encode("utf-8", "replace")
 
 
 NULL_SENDER = "<>"
