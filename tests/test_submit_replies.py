@@ -132,3 +132,26 @@ def test_relay_refusal_from_outside_mynetworks_carries_its_code(small):
         (b"RCPT TO:<victim@elsewhere.test>", b"554 5.7.1 Relay access denied\r\n"),
     ])
     w.close()
+
+
+def test_a_non_ascii_address_needs_the_smtputf8_parameter_on_mail(small):
+    # RFC 6531 §3.4: without SMTPUTF8 on MAIL a non-ASCII address is refused with 553 5.6.7;
+    # with it, the recipient is taken and the message queued for the smarthost as it is.
+    w = Wire(small.smtp_port)
+    w.say(b"EHLO client.test")
+    w.walk([
+        ("MAIL FROM:<jörg@bücher.example>".encode(),
+         b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL\r\n"),
+        (b"MAIL FROM:<a@outside.test>", b"250 2.1.0 Ok\r\n"),
+        ("RCPT TO:<jörg@bücher.example>".encode(),
+         b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL\r\n"),
+        (b"RSET", b"250 2.0.0 Ok\r\n"),
+        ("MAIL FROM:<jörg@bücher.example> SMTPUTF8".encode(), b"250 2.1.0 Ok\r\n"),
+        ("RCPT TO:<jörg@bücher.example>".encode(), b"250 2.1.5 Ok\r\n"),
+        (b"DATA", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+    ])
+    w.sock.sendall("Subject: Grüße\r\n\r\nhallo\r\n.\r\n".encode())
+    assert w.reply().startswith(b"250 2.0.0 Ok: queued as ")
+    w.close()
+    listing = small.cli("queue", "list").stdout.decode()
+    assert "jörg@bücher.example [relay] queued" in listing

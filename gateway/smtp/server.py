@@ -177,6 +177,8 @@ class SubmissionHandler:
             log.warning("refusing mail from=<%s>: only %d bytes free in the spool", addr, free)
             return Reply.NO_SPACE
         sender = address.normalise(addr) if addr else ""
+        if address.needs_smtputf8(sender) and not envelope.smtp_utf8:
+            return Reply.UTF8_NEEDS_SMTPUTF8  # RFC 6531 §3.4
         if self.policy is not None:
             refusal = await self.policy.check_sender(sender, peer_ip(session))
             if refusal:
@@ -191,6 +193,8 @@ class SubmissionHandler:
         rcpt = address.normalise(addr)
         if len(envelope.rcpt_tos) >= 1000:
             return Reply.TOO_MANY_RCPTS
+        if address.needs_smtputf8(rcpt) and not envelope.smtp_utf8:
+            return Reply.UTF8_NEEDS_SMTPUTF8  # RFC 6531 §3.4
         if self.directory.is_local(rcpt):
             if not self.directory.exists(rcpt):
                 log.info("reject rcpt=<%s> from=%s: no such user", rcpt, peer_ip(session))
