@@ -202,7 +202,7 @@ class SubmissionHandler:
         elif not (session.authenticated or self.config.server.in_mynetworks(peer_ip(session))):
             log.warning("reject rcpt=<%s> from=%s: relay access denied", rcpt, peer_ip(session))
             return Reply.RELAY_DENIED
-        elif not address.is_plain(rcpt) and not address.needs_smtputf8(rcpt):
+        elif not address.is_relayable(rcpt):
             return Reply.BAD_ADDRESS
         if self.policy is not None:
             refusal = await self.policy.check_recipient(_sender(envelope), rcpt, peer_ip(session))
