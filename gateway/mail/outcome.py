@@ -94,6 +94,13 @@ def smtputf8_not_offered(host: str) -> Outcome:
                                           f"{host} does not support it")
 
 
+def not_convertible_to_7bit(host: str, why: str) -> Outcome:
+    """8-bit data for a smarthost without 8BITMIME that no re-encoding can carry unchanged:
+    deferred, as the smarthost may offer 8BITMIME on another day; the queue lifetime ends it."""
+    return Outcome(DEFERRED, 451, "4.6.3", f"{host} does not offer 8BITMIME and the message cannot be "
+                                           f"converted to 7-bit: {why}")
+
+
 def expired(lifetime: int, last: str | None) -> Outcome:
     days = lifetime / 86400
     span = f"{days:g} days" if days >= 1 else f"{lifetime // 3600 or 1} hours" if lifetime >= 3600 \
