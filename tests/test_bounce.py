@@ -297,3 +297,30 @@ def test_mail_from_a_stranger_that_cannot_be_delivered_is_kept_not_bounced_to_a_
     assert office.queue.get(qid) is None and notices(office) == []
     [kept] = office.mailbox("postmaster")
     assert "nosuch@office.test" in kept["X-Dialmail-Review"]
+
+
+def test_a_dsn_about_a_utf8_recipient_uses_the_rfc_6533_global_types():
+    headers = "From: Jörg <jörg@office.test>\r\nTo: jürgen@bücher.example\r\nSubject: Grüße\r\n\r\n".encode()
+    data = bytes(dsn.build(hostname="mail.office.test", sender="jörg@office.test", qid="Q1", arrival=time.time(),
+                            action=dsn.FAILED, original_headers=headers, entries=[
+                                dsn.Entry("jürgen@bücher.example", None, "5.1.1", "550 5.1.1 no such user")]))
+    msg = parse(data)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "global-delivery-status"
+    text, status, original = msg.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    # RFC 6533 §6.2: a UTF-8 body of header-like blocks; the address type is utf-8 (§3)
+    raw = data.split(b"Content-Type: message/global-delivery-status\r\n")[1].split(b"\r\n\r\n", 1)[1]
+    blocks = raw.split(b"\r\n--")[0].decode("utf-8").split("\r\n\r\n")
+    per_message, per_rcpt = (email.message_from_string(b, policy=email.policy.default) for b in blocks if b.strip())
+    assert per_message["Reporting-MTA"] == "dns; mail.office.test"
+    assert (per_rcpt["Final-Recipient"], per_rcpt["Action"], per_rcpt["Status"]) == \
+        ("utf-8; jürgen@bücher.example", "failed", "5.1.1")
+    assert original.get_content_type() == "message/global-headers"
+    assert "Subject: Grüße".encode() in original.as_bytes()
+    # the same report for an ASCII recipient keeps the RFC 3464 types
+    ascii_report = parse(bytes(dsn.build(hostname="mail.office.test", sender="alice@office.test", qid="Q2",
+                                         arrival=time.time(), action=dsn.FAILED, original_headers=b"Subject: x\r\n\r\n",
+                                         entries=[dsn.Entry("x@example.com", None, "5.1.1", None)])))
+    assert [p.get_content_type() for p in ascii_report.get_payload()] == \
+        ["text/plain", "message/delivery-status", "text/rfc822-headers"]
