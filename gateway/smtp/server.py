@@ -214,8 +214,10 @@ class SubmissionHandler:
 
     async def open_body(self, session: Session, envelope: Envelope) -> IncomingBody:
         """Where the DATA of this transaction goes as it arrives: the spool's tmp file,
-        starting with our Received: header."""
-        return await IncomingBody.open(self.queue, self._received(session, envelope))
+        starting with our Received: header; LAN mail gets a missing Date:/Message-ID:."""
+        lan = session.authenticated or self.config.server.in_mynetworks(peer_ip(session))
+        return await IncomingBody.open(self.queue, self._received(session, envelope),
+                                       complete_for=self.hostname if lan else None)
 
     async def handle_DATA(self, server, session, envelope: "SubmissionEnvelope"):
         body = envelope.body
