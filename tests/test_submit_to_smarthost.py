@@ -41,3 +41,24 @@ def test_a_quoted_local_part_is_accepted_and_relayed_byte_exact(site, smtp_sink)
     flush(site)
     got = smtp_sink.wait_messages(1)[0]
     assert sorted(got.rcpts) == ['"a\\"b"@remote.example', '"john doe"@remote.example']
+
+
+def test_a_utf8_message_is_stored_and_relayed_with_smtputf8(site, postfix_smarthost):
+    # RFC 6531: taken with the SMTPUTF8 parameter and passed on with it, bytes unchanged, to
+    # a real Postfix with smtputf8_enable = yes (smtp-sink never offers SMTPUTF8).
+    postfix_smarthost.set_params(smtputf8_enable="yes")
+    with_smarthost(site, postfix_smarthost)
+    data = ("From: Jörg <jörg@office.test>\r\nTo: jürgen@bücher.example\r\nSubject: Grüße\r\n"
+            "Date: Sat, 28 Nov 2026 10:00:00 +0100\r\nMessage-ID: <grüße@office.test>\r\n\r\nHallo\r\n").encode()
+    c = smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=30)
+    c.ehlo("client.test")
+    assert c.mail("jörg@office.test", ["SMTPUTF8"]) == (250, b"2.1.0 Ok")
+    assert c.rcpt("jürgen@bücher.example") == (250, b"2.1.5 Ok")
+    assert c.data(data)[0] == 250
+    c.quit()
+    flush(site)
+    got = postfix_smarthost.wait_delivered(1)[0]
+    head = got.raw.split(b"\n\n", 1)[0].split(b"\n")
+    assert "X-Original-To: jürgen@bücher.example".encode() in head
+    assert "Return-Path: <jörg@office.test>".encode() in head
+    assert got.raw.endswith(data.replace(b"\r\n", b"\n"))
