@@ -149,8 +149,11 @@ def test_expiry_and_one_delay_warning_with_injected_clock(office):
     failure = notice_of(office, notices(office)[0])
     assert scan_message(failure) == {b"slow@example.com"}
     block = failure.get_payload()[1].get_payload()[1]
-    assert block["Status"] == "4.4.7" and "451 4.3.0 server busy" in block["Diagnostic-Code"]
-    assert "expired after 4 days" in block["Diagnostic-Code"]
+    # as Postfix's expiry bounces: the last temporary error's status and the server's own
+    # reply, whose classes agree (4.3.0 with 451), under Action: failed
+    assert (block["Action"], block["Status"]) == ("failed", "4.3.0")
+    assert " ".join(block["Diagnostic-Code"].split()) == \
+        "smtp; 451 4.3.0 server busy (message expired after 4 days in the queue)"
     office.deliver_local()
     assert [m["Subject"] for m in office.mailbox("alice")] == ["Delayed Mail (still being retried)",
                                                                "Undelivered Mail Returned to Sender"]
@@ -324,3 +327,26 @@ def test_a_dsn_about_a_utf8_recipient_uses_the_rfc_6533_global_types():
                                          entries=[dsn.Entry("x@example.com", None, "5.1.1", None)])))
     assert [p.get_content_type() for p in ascii_report.get_payload()] == \
         ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+
+
+def test_a_refusal_dialmail_made_itself_claims_no_smtp_reply(office):
+    # Mail that expired without ever reaching a server, and a refusal made here: no server
+    # said these, so the Diagnostic-Code is dialmail's own (as Postfix writes X-Postfix;).
+    never = office.send("alice@office.test", ["never@example.com"], message("never tried"))
+    arrival = office.queue.get(never).arrival
+    expire(office.cfg, office.queue, arrival + 4 * DAY + 1)
+    blocks = {}
+    for n in notices(office):
+        report = notice_of(office, n)
+        if "Undelivered" in report["Subject"]:
+            for b in report.get_payload()[1].get_payload()[1:]:
+                blocks[b["Final-Recipient"]] = (b["Status"], " ".join(b["Diagnostic-Code"].split()))
+    assert blocks["rfc822; never@example.com"] == ("4.4.7", "X-Dialmail; message expired after 4 days in the queue")
+    qid = office.send("alice@office.test", ["jörg@example.com"], message("umlaut"))
+    office.queue.record_outcomes(qid, {"jörg@example.com": outcome.smtputf8_not_offered("127.0.0.1:25")})
+    bounce.settle(office.cfg, office.queue, qid)
+    [report] = [notice_of(office, n) for n in notices(office)
+                if "jörg@example.com".encode() in office.queue.body_path(n.id).read_bytes()]
+    raw = report.as_bytes()
+    assert "Diagnostic-Code: X-Dialmail; the message needs SMTPUTF8".encode() in raw, raw
+    assert b"smtp; 553" not in raw

@@ -20,6 +20,8 @@ from gateway.mail import address, headers
 
 FAILED = "failed"
 DELAYED = "delayed"
+SMTP_DIAGNOSTIC = "smtp"  # a server's reply
+LOCAL_DIAGNOSTIC = "X-Dialmail"  # decided here (no server said it), as Postfix writes X-Postfix
 MAX_HEADER_BYTES = 64 * 1024  # of the original, returned as text/rfc822-headers
 
 
@@ -29,7 +31,8 @@ class Entry:
     rcpt: str
     orcpt: str | None
     status: str  # RFC 3463 x.y.z
-    diagnostic: str | None  # "550 5.1.1 no such user" (the server's reply) or None
+    diagnostic: str | None  # "550 5.1.1 no such user" (the server's reply), dialmail's own words, or None
+    diagnostic_type: str = SMTP_DIAGNOSTIC  # RFC 3464 §2.3.6: who said ``diagnostic``
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def _status_part(hostname: str, qid: str, arrival: float, action: str, entries: 
         block["Action"] = action
         block["Status"] = e.status
         if e.diagnostic:
-            block["Diagnostic-Code"] = f"smtp; {e.diagnostic}"
+            block["Diagnostic-Code"] = f"{e.diagnostic_type}; {e.diagnostic}"
         if action == DELAYED and retry_until is not None:
             block["Will-Retry-Until"] = email.utils.formatdate(retry_until, localtime=True)
         blocks.append(block)

@@ -255,8 +255,8 @@ class _Context:
                 self.result.bounced += 1
             else:
                 self.result.deferred += 1
-            log.info("%s: to=<%s> relay=%s status=%s (%s %s)", qid, rcpt, self.config.smarthost.host,
-                     o.status, o.code, o.reply)
+            log.info("%s: to=<%s> relay=%s status=%s (%s)", qid, rcpt, self.config.smarthost.host,
+                     o.status, o.said)
         self.result.local_notices += settled.local
 
     def _record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool) -> bounce.Settled:
