@@ -62,3 +62,20 @@ def test_a_utf8_message_is_stored_and_relayed_with_smtputf8(site, postfix_smarth
     assert "X-Original-To: jürgen@bücher.example".encode() in head
     assert "Return-Path: <jörg@office.test>".encode() in head
     assert got.raw.endswith(data.replace(b"\r\n", b"\n"))
+
+
+def test_quoted_local_part_passes_a_strict_postfix_byte_exact(site, postfix_smarthost):
+    # The smarthost as strict as Postfix gets about envelopes and HELO: it takes what
+    # dialmail relays, and the quoted local part arrives as the client wrote it.
+    postfix_smarthost.set_params(strict_rfc821_envelopes="yes", smtpd_helo_required="yes",
+                                 smtpd_helo_restrictions="reject_non_fqdn_helo_hostname")
+    with_smarthost(site, postfix_smarthost)
+    c = smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=30)
+    c.ehlo("client.test")
+    c.mail("alice@office.test")
+    assert c.docmd('RCPT TO:<"john doe"@remote.example>') == (250, b"2.1.5 Ok")
+    c.data(b"Subject: quoted\r\nDate: Sat, 28 Nov 2026 10:00:00 +0100\r\nMessage-ID: <q@office.test>\r\n\r\nhi\r\n")
+    c.quit()
+    flush(site)
+    got = postfix_smarthost.wait_delivered(1)[0]
+    assert b'X-Original-To: "john doe"@remote.example\n' in got.raw
