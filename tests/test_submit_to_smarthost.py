@@ -79,3 +79,26 @@ def test_quoted_local_part_passes_a_strict_postfix_byte_exact(site, postfix_smar
     flush(site)
     got = postfix_smarthost.wait_delivered(1)[0]
     assert b'X-Original-To: "john doe"@remote.example\n' in got.raw
+
+
+def test_utf8_mail_no_route_can_carry_is_refused_at_rcpt(site, postfix_smarthost):
+    # The smarthost (Postfix, smtputf8_enable = no) did not offer SMTPUTF8 at its last EHLO:
+    # a UTF-8 address for the outside is refused while the client is there, instead of a
+    # bounce after the next dial.  Local recipients still take it; ASCII mail still goes.
+    with_smarthost(site, postfix_smarthost)
+    c = smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=30)
+    c.ehlo("client.test")
+    c.mail("alice@office.test", ["SMTPUTF8"])
+    assert c.rcpt("jürgen@bücher.example") == (250, b"2.1.5 Ok")  # nothing known about the smarthost yet
+    c.rset()
+    c.sendmail("alice@office.test", ["friend@remote.example"], b"Subject: first\r\n\r\nhi\r\n")
+    flush(site)  # the smarthost answers EHLO: no SMTPUTF8
+    postfix_smarthost.wait_delivered(1)
+    c.mail("alice@office.test", ["SMTPUTF8"])
+    assert c.rcpt("jürgen@bücher.example") == \
+        (553, b"5.6.7 The smarthost cannot take non-ASCII addresses (no SMTPUTF8 on the way out)")
+    c.rset()
+    c.mail("jörg@office.test", ["SMTPUTF8"])
+    assert c.rcpt("friend@remote.example")[0] == 553
+    assert c.rcpt("alice@office.test") == (250, b"2.1.5 Ok")
+    c.quit()

@@ -63,6 +63,7 @@ from spool.queue import (
     Queue,
     Recipient,
 )
+from spool.smarthosts import SmarthostMemory
 
 log = logging.getLogger("dialmail.relay")
 
@@ -509,6 +510,9 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         ctx.result.error = stop.why
         await ctx.record_all(jobs, stop.why, unsent=True)
         return False
+    # what it offers now, so SMTP can refuse at RCPT what it cannot carry (spool.smarthosts)
+    await asyncio.to_thread(_remember_ehlo, ctx.queue, f"{peer.host}:{peer.port}",
+                            list(conn.smtp.esmtp_extensions))
     waiting = deque(jobs)
     halted: list[Outcome] = []
 
@@ -545,6 +549,10 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         for _ in range(extras):
             group.create_task(open_and_send())
     return True
+
+
+def _remember_ehlo(queue: Queue, server: str, keywords: list[str]) -> None:
+    SmarthostMemory.beside(queue).remember(server, keywords)
 
 
 async def _abortable(ctx: _Context, coro: Awaitable):

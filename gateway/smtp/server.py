@@ -38,6 +38,7 @@ from gateway.smtp.received import Received
 from gateway.smtp.replies import Reply, with_status_code
 from spool.fsio import free_bytes, is_disk_full
 from spool.queue import LOCAL, RELAY, Queue
+from spool.smarthosts import SmarthostMemory
 from spool.users import Users
 
 log = logging.getLogger("dialmail.submit")
@@ -79,6 +80,7 @@ class SubmissionHandler:
         self.on_queued = on_queued or (lambda accepted: None)
         self.policy = policy  # optional gateway.delivery.pipeline hooks (block lists, virus scan)
         self.hostname = config.server.hostname
+        self.smarthosts = SmarthostMemory.beside(queue)
         # not named auth_*: aiosmtpd takes every handler attribute so named for a mechanism
         self.login_throttle = LoginThrottle(config.smtp.max_auth_failures, config.smtp.auth_lockout)
 
@@ -204,6 +206,10 @@ class SubmissionHandler:
             return Reply.RELAY_DENIED
         elif not address.is_relayable(rcpt):
             return Reply.BAD_ADDRESS
+        elif (address.needs_smtputf8(rcpt) or address.needs_smtputf8(_sender(envelope))) \
+                and not await self._smarthost_takes_utf8():
+            log.info("reject rcpt=<%s> from=%s: the smarthost offers no SMTPUTF8", rcpt, peer_ip(session))
+            return Reply.UTF8_NO_ROUTE
         if self.policy is not None:
             refusal = await self.policy.check_recipient(_sender(envelope), rcpt, peer_ip(session))
             if refusal:
@@ -211,6 +217,14 @@ class SubmissionHandler:
         envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(rcpt_options)
         return Reply.RECIPIENT_OK
+
+    async def _smarthost_takes_utf8(self) -> bool:
+        """False only when the smarthost's last EHLO lacked SMTPUTF8 (direct MX: not known)."""
+        sh = self.config.smarthost
+        if sh.route != "smarthost" or not sh.host:
+            return True
+        offered = await asyncio.to_thread(self.smarthosts.keywords, f"{sh.host}:{sh.port}")
+        return offered is None or "SMTPUTF8" in offered
 
     async def open_body(self, session: Session, envelope: Envelope) -> IncomingBody:
         """Where the DATA of this transaction goes as it arrives: the spool's tmp file,
