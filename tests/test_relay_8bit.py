@@ -116,3 +116,17 @@ def test_conversion_rules_without_a_peer():
     binary = to_7bit(b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
                      b"Content-Transfer-Encoding: binary\r\n\r\n\x00\xff\xfe")
     assert binary.endswith(b"Content-Transfer-Encoding: base64\r\n\r\nAP/+\r\n")
+
+
+def test_a_postfix_that_hides_8bitmime_gets_only_7bit(office, postfix_smarthost):
+    # A real Postfix told not to offer 8BITMIME (smtpd_discard_ehlo_keywords): what it
+    # delivers is the converted message, readable as the original.
+    postfix_smarthost.set_params(smtpd_discard_ehlo_keywords="8bitmime")
+    o = office(postfix_smarthost.port)
+    o.send("alice@office.test", ["friend@example.com"], MIXED_8BIT)
+    o.flush()
+    got = postfix_smarthost.wait_delivered(1)[0]
+    body = got.raw.split(b"\n\n", 1)[1]
+    assert body.isascii(), body
+    text, _attachment = parsed(got.raw).iter_parts()
+    assert text.get_content() == UMLAUTS
