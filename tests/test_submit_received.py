@@ -5,6 +5,7 @@ import pytest
 
 from gateway.smtp.received import Received, address_literal, protocol
 from tests.harness import wait_for
+from tests.test_submit import swaks
 from tests.test_submit_replies import Wire
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,3 +73,15 @@ def test_rfc_3848_and_6531_protocol_names():
         ["ESMTP", "ESMTPA", "ESMTPS", "ESMTPSA"]
     assert [protocol(True, tls, auth, True) for tls in (False, True) for auth in (False, True)] == \
         ["UTF8SMTP", "UTF8SMTPA", "UTF8SMTPS", "UTF8SMTPSA"]
+
+
+def test_swaks_with_an_unbalanced_helo_gets_a_well_formed_trace_and_coded_replies(running):
+    r = swaks(running, "--helo", "my laptop (home", "--to", "alice@office.test", "--from", "x@office.test",
+              "--header", "Subject: swaks trace")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for line in ("<-  250 2.1.0 Ok", "<-  250 2.1.5 Ok", "<-  354 End data with <CR><LF>.<CR><LF>",
+                 "<-  221 2.0.0 Bye"):
+        assert line in r.stdout.splitlines(), r.stdout
+    mail = wait_for(lambda: running.mail_of("alice"), what="alice's mail")[0]
+    assert b"Received: from [127.0.0.1]\r\n\t(helo=my laptop \\(home)\r\n\tby mail.office.test (dialmail) with ESMTP" \
+        in mail
