@@ -113,6 +113,11 @@ def test_conversion_rules_without_a_peer():
         to_7bit(signed)
     latin1 = to_7bit(b"Subject: x\r\n\r\nK\xf6ln\r\n")
     assert b"Content-Type: text/plain; charset=\"unknown-8bit\"" in latin1 and b"K=F6ln" in latin1
+    # quoted-printable gives back every octet: trailing blanks, long lines, CRLFs
+    text = ("Grüße aus Köln! " * 20 + "\r\n").encode() * 3 + b"tab\there \r\nend"
+    converted = to_7bit(b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text)
+    assert converted.isascii() and max(len(line) for line in converted.split(b"\r\n")) <= 76
+    assert email.message_from_bytes(converted).get_payload(decode=True) == text
     binary = to_7bit(b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
                      b"Content-Transfer-Encoding: binary\r\n\r\n\x00\xff\xfe")
     assert binary.endswith(b"Content-Transfer-Encoding: base64\r\n\r\nAP/+\r\n")

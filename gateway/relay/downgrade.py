@@ -13,8 +13,8 @@ unknown), or inside a signed or encrypted part (RFC 1847: converting breaks the 
 from __future__ import annotations
 
 import base64
+import binascii
 import email.policy
-import email.quoprimime
 from email import message_from_bytes
 from email.generator import BytesGenerator
 from email.message import Message
@@ -75,8 +75,9 @@ def _convert(part: Message, sealed: bool) -> None:
     if sealed:
         raise CannotDowngrade("8-bit octets inside a signed or encrypted part")
     if part.get_content_maintype() == "text":
-        # quoted-printable keeps text readable; line breaks stay line breaks
-        encoded = email.quoprimime.body_encode(raw.decode("latin-1"), maxlinelen=76, eol="\n")
+        # quoted-printable keeps text readable; line breaks stay line breaks (binascii's C
+        # encoder: the email package's own is ~20 times slower on a large text)
+        encoded = binascii.b2a_qp(raw, istext=True).decode("ascii")
         cte = "quoted-printable"
     else:
         encoded = base64.encodebytes(raw).decode("ascii")
