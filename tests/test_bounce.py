@@ -149,8 +149,11 @@ def test_expiry_and_one_delay_warning_with_injected_clock(office):
     failure = notice_of(office, notices(office)[0])
     assert scan_message(failure) == {b"slow@example.com"}
     block = failure.get_payload()[1].get_payload()[1]
-    assert block["Status"] == "4.4.7" and "451 4.3.0 server busy" in block["Diagnostic-Code"]
-    assert "expired after 4 days" in block["Diagnostic-Code"]
+    # as Postfix's expiry bounces: the last temporary error's status and the server's own
+    # reply, whose classes agree (4.3.0 with 451), under Action: failed
+    assert (block["Action"], block["Status"]) == ("failed", "4.3.0")
+    assert " ".join(block["Diagnostic-Code"].split()) == \
+        "smtp; 451 4.3.0 server busy (message expired after 4 days in the queue)"
     office.deliver_local()
     assert [m["Subject"] for m in office.mailbox("alice")] == ["Delayed Mail (still being retried)",
                                                                "Undelivered Mail Returned to Sender"]
@@ -297,3 +300,53 @@ def test_mail_from_a_stranger_that_cannot_be_delivered_is_kept_not_bounced_to_a_
     assert office.queue.get(qid) is None and notices(office) == []
     [kept] = office.mailbox("postmaster")
     assert "nosuch@office.test" in kept["X-Dialmail-Review"]
+
+
+def test_a_dsn_about_a_utf8_recipient_uses_the_rfc_6533_global_types():
+    headers = "From: Jörg <jörg@office.test>\r\nTo: jürgen@bücher.example\r\nSubject: Grüße\r\n\r\n".encode()
+    data = bytes(dsn.build(hostname="mail.office.test", sender="jörg@office.test", qid="Q1", arrival=time.time(),
+                            action=dsn.FAILED, original_headers=headers, entries=[
+                                dsn.Entry("jürgen@bücher.example", None, "5.1.1", "550 5.1.1 no such user")]))
+    msg = parse(data)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "global-delivery-status"
+    text, status, original = msg.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    # RFC 6533 §6.2: a UTF-8 body of header-like blocks; the address type is utf-8 (§3)
+    raw = data.split(b"Content-Type: message/global-delivery-status\r\n")[1].split(b"\r\n\r\n", 1)[1]
+    blocks = raw.split(b"\r\n--")[0].decode("utf-8").split("\r\n\r\n")
+    per_message, per_rcpt = (email.message_from_string(b, policy=email.policy.default) for b in blocks if b.strip())
+    assert per_message["Reporting-MTA"] == "dns; mail.office.test"
+    assert (per_rcpt["Final-Recipient"], per_rcpt["Action"], per_rcpt["Status"]) == \
+        ("utf-8; jürgen@bücher.example", "failed", "5.1.1")
+    assert original.get_content_type() == "message/global-headers"
+    assert "Subject: Grüße".encode() in original.as_bytes()
+    # the same report for an ASCII recipient keeps the RFC 3464 types
+    ascii_report = parse(bytes(dsn.build(hostname="mail.office.test", sender="alice@office.test", qid="Q2",
+                                         arrival=time.time(), action=dsn.FAILED, original_headers=b"Subject: x\r\n\r\n",
+                                         entries=[dsn.Entry("x@example.com", None, "5.1.1", None)])))
+    assert [p.get_content_type() for p in ascii_report.get_payload()] == \
+        ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+
+
+def test_a_refusal_dialmail_made_itself_claims_no_smtp_reply(office):
+    # Mail that expired without ever reaching a server, and a refusal made here: no server
+    # said these, so the Diagnostic-Code is dialmail's own (as Postfix writes X-Postfix;).
+    never = office.send("alice@office.test", ["never@example.com"], message("never tried"))
+    arrival = office.queue.get(never).arrival
+    expire(office.cfg, office.queue, arrival + 4 * DAY + 1)
+    blocks = {}
+    for n in notices(office):
+        report = notice_of(office, n)
+        if "Undelivered" in report["Subject"]:
+            for b in report.get_payload()[1].get_payload()[1:]:
+                blocks[b["Final-Recipient"]] = (b["Status"], " ".join(b["Diagnostic-Code"].split()))
+    assert blocks["rfc822; never@example.com"] == ("4.4.7", "X-Dialmail; message expired after 4 days in the queue")
+    qid = office.send("alice@office.test", ["jörg@example.com"], message("umlaut"))
+    office.queue.record_outcomes(qid, {"jörg@example.com": outcome.smtputf8_not_offered("127.0.0.1:25")})
+    bounce.settle(office.cfg, office.queue, qid)
+    [report] = [notice_of(office, n) for n in notices(office)
+                if "jörg@example.com".encode() in office.queue.body_path(n.id).read_bytes()]
+    raw = report.as_bytes()
+    assert "Diagnostic-Code: X-Dialmail; the message needs SMTPUTF8".encode() in raw, raw
+    assert b"smtp; 553" not in raw

@@ -201,12 +201,13 @@ body = "Back on Monday."
     for i in range(5):  # from 127.0.0.2, outside mynetworks, no AUTH
         with smtplib.SMTP("127.0.0.1", site.smtp_port, source_address=("127.0.0.2", 0), timeout=30) as c:
             c.sendmail(f"victim{i}@forged.test", ["info@office.test", "bob@office.test"],
-                       f"From: victim{i}@forged.test\r\nSubject: spam {i}\r\n\r\nhi\r\n")
+                       f"From: victim{i}@forged.test\r\nTo: info@office.test, bob@office.test\r\n"
+                       f"Subject: spam {i}\r\n\r\nhi\r\n")
     with smtplib.SMTP("127.0.0.1", site.smtp_port, source_address=("127.0.0.2", 0), timeout=30) as c:
         c.login("alice", "alice-pw")  # a logged-in user outside the LAN: a real colleague
-        c.sendmail("alice@office.test", ["bob@office.test"], "Subject: from alice\r\n\r\nhi\r\n")
+        c.sendmail("alice@office.test", ["bob@office.test"], "To: bob@office.test\r\nSubject: from alice\r\n\r\nhi\r\n")
     with smtplib.SMTP("127.0.0.1", site.smtp_port, timeout=30) as c:  # 127.0.0.1: in mynetworks
-        c.sendmail("partner@lan.test", ["info@office.test"], "Subject: from the LAN\r\n\r\nhi\r\n")
+        c.sendmail("partner@lan.test", ["info@office.test"], "To: info@office.test\r\nSubject: from the LAN\r\n\r\nhi\r\n")
     settled(site)
     q = queue_of(site)
     try:
@@ -216,3 +217,57 @@ body = "Back on Monday."
     assert replies == ["partner@lan.test"]  # alice's reply went into her mailbox (local)
     assert any(m["Subject"] == "Away" for m in pop3(site, "alice"))
     assert site.log().count("its sender may be forged") == 10
+
+
+def test_no_reply_unless_the_recipient_is_named_in_to_or_cc(site):
+    # RFC 3834 §2: an out-of-office answers only mail that names its user (or an alias of
+    # the user) in To/Cc/Bcc; an old-style list without List-* headers names only itself.
+    site.write_config(f"""
+[aliases]
+robert = ["bob"]
+
+[vacation.bob]
+start = {days(-1)}
+end = {days(1)}
+body = "Back soon."
+""")
+    site.start()
+    for who, to in (("lister@outside.test", "talk@lists.test"), ("alias@outside.test", "Robert <robert@office.test>"),
+                     ("cc@outside.test", None)):
+        m = message(who, to or "someone@outside.test", f"from {who}",
+                    headers={"Cc": "Bob <BOB@Office.Test>"} if to is None else None)
+        assert submit(site, who, ["bob@office.test"], m).accepted
+    settled(site)
+    assert len(pop3(site, "bob")) == 3
+    assert sorted(m.recipients[0].rcpt for m in autoreplies(site)) == ["alias@outside.test", "cc@outside.test"]
+    assert "not addressed to bob@office.test in To/Cc/Bcc" in site.log()
+
+
+def test_the_reply_subject_carries_the_original_unless_the_admin_fixed_one(site):
+    # RFC 3834 §3.1.5: "Auto:" followed by the subject of the message answered.
+    site.write_config(f"""
+[vacation.bob]
+start = {days(-1)}
+end = {days(1)}
+body = "Back soon."
+
+[vacation.alice]
+start = {days(-1)}
+end = {days(1)}
+subject = "Alice is away"
+body = "Back soon."
+""")
+    site.start()
+    send(site, "carol@outside.test", "bob@office.test", "Lunch on Friday?")
+    send(site, "carol@outside.test", "alice@office.test", "Lunch on Friday?")
+    settled(site)
+    q = queue_of(site)
+    try:
+        replies = []
+        for m in autoreplies(site):
+            with q.open_body(m.id) as f:
+                replies.append(email.message_from_bytes(f.read()))
+    finally:
+        q.cat.close()
+    assert sorted((r["From"], r["Subject"]) for r in replies) == [
+        ("alice@office.test", "Alice is away"), ("bob@office.test", "Auto: Lunch on Friday?")]

@@ -43,7 +43,7 @@ def test_block_listed_from_header_is_refused_at_data(site):
     site.start()
     d = submit(site, "relay@fine.test", "alice@office.test",
                message("Spammer <spammer@bad.test>", "alice@office.test", "forged"))
-    assert d.rcpt == [(250, "250 2.1.0 Ok")]
+    assert d.rcpt == [(250, "250 2.1.5 Ok")]
     assert d.data == (550, "550 5.7.1 Message rejected: From address blocked by local policy")
     settled(site)
     assert pop3(site, "alice") == []

@@ -78,7 +78,11 @@ def aliases_list(ctx: typer.Context):
     for user in users:
         vac = responder.vacation(user)
         typer.echo(f"  {user:<34} out of office: {'ON' if vac else 'off'}"
-                   f"{' - ' + vac.subject if vac else ''}")
+                   f"{' - ' + _subject(vac.subject) if vac else ''}")
+
+
+def _subject(fixed: Optional[str]) -> str:
+    return fixed or "Auto: <subject answered>"
 
 
 def _timestamp(text: Optional[str], end: bool) -> Optional[float]:
@@ -97,7 +101,9 @@ def users_vacation(ctx: typer.Context, name: str,
                    start: Annotated[Optional[str],
                                     typer.Option(help="First day (2026-07-01 or 2026-07-01T08:00).")] = None,
                    end: Annotated[Optional[str], typer.Option(help="Last day (inclusive) or end time.")] = None,
-                   subject: Annotated[str, typer.Option(help="Subject of the reply.")] = "Out of office",
+                   subject: Annotated[Optional[str],
+                                      typer.Option(help="Subject of the reply (default: \"Auto: \" and the "
+                                                        "subject answered).")] = None,
                    message_file: Annotated[Optional[Path], typer.Option(help="Text of the reply (UTF-8).")] = None,
                    every: Annotated[Optional[str],
                                     typer.Option(help="Answer one sender at most once per this long "
@@ -117,12 +123,12 @@ def users_vacation(ctx: typer.Context, name: str,
         v = st.vacation(user)
         if v is None:
             conf = cfg.policy.vacations.get(user)
-            typer.echo(f"{user}: {'from the configuration: ' + conf.subject if conf else 'off'}")
+            typer.echo(f"{user}: {'from the configuration: ' + _subject(conf.subject) if conf else 'off'}")
         elif not v.enabled:
             typer.echo(f"{user}: off")
         else:
             when = lambda t: dt.datetime.fromtimestamp(t).isoformat(" ", "minutes") if t else "-"  # noqa: E731
-            typer.echo(f"{user}: on from {when(v.start)} until {when(v.end)}: {v.subject}")
+            typer.echo(f"{user}: on from {when(v.start)} until {when(v.end)}: {_subject(v.subject)}")
         return
     if off:
         st.vacation_off(user)

@@ -163,13 +163,13 @@ def queue_flush(ctx: typer.Context):
         fail(f"flush stopped: the spool's disk is full ({exc}); the mail waits until there is room",
              EX_TEMPFAIL)
     for r in result.results:
-        typer.echo(f"{r.qid} <{r.rcpt}> {r.outcome.status}: {r.outcome.code} {r.outcome.reply}")
+        typer.echo(f"{r.qid} <{r.rcpt}> {r.outcome.status}: {r.outcome.said}")
     if result.local_notices:
         deliver_local_now(cfg, q)
     typer.echo(f"-- {result.sent} delivered, {result.deferred} deferred, {result.bounced} bounced, "
                f"{result.messages} message(s), {result.bytes} bytes")
     if result.error is not None:
-        fail(f"flush stopped: {result.error.code} {result.error.reply}", EX_TEMPFAIL)
+        fail(f"flush stopped: {result.error.said}", EX_TEMPFAIL)
 
 
 def deliver_local_now(cfg, q) -> None:

@@ -61,7 +61,7 @@ class Vacation:
     user: str
     start: dt.datetime | None
     end: dt.datetime | None  # exclusive
-    subject: str
+    subject: str | None  # None: "Auto: " and the subject answered (RFC 3834 §3.1.5)
     body: str
     every: int
 
@@ -281,7 +281,7 @@ def parse(loader, raw: dict, server, smtp) -> PolicySettings:
                 v.fail("body_file", f"cannot read {body_file}: {exc}")
         if not body:
             v.fail("body", "is required: the text of the out-of-office reply")
-        vacations[user] = Vacation(user, start, end, v.get("subject", str, "Out of office"), body,
+        vacations[user] = Vacation(user, start, end, v.get("subject", str, None), body,
                                    v.convert("every", parse_duration, every))
 
     size = pol.convert("max_message_size", parse_size, smtp.max_message_size)

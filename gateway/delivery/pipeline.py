@@ -108,6 +108,9 @@ class Pipeline:
 
     # ------------------------------------------------------------ the whole run
 
+    # Outcomes made here are recorded without a reply code: no server said them, and a
+    # bounce quotes them as dialmail's own (X-Dialmail), not as an SMTP reply.
+
     def run(self, msg: Message, rcpts: list[str]) -> None:
         self._expire_markers()
         by_rcpt = {r.rcpt: r for r in msg.recipients}
@@ -116,7 +119,7 @@ class Pipeline:
         if verdict.action == DEFER_ACTION:
             retry = time.time() + self.config.queue.retry_min
             for rcpt in rcpts:
-                self.queue.record(msg.id, rcpt, DEFERRED, verdict.code, verdict.reply, next_retry=retry)
+                self.queue.record(msg.id, rcpt, DEFERRED, None, verdict.reply, next_retry=retry)
             return
         if not verdict.accepted:
             self._quarantine(msg, rcpts, verdict, retry=any(by_rcpt[r].attempts for r in rcpts))
@@ -135,7 +138,7 @@ class Pipeline:
                 self._review(msg, rcpt, retry, f"no local user or alias {rcpt}")
                 return
             log.info("%s: to=<%s> status=bounced (no such local user)", msg.id, rcpt)
-            self.queue.record(msg.id, rcpt, BOUNCED, 550, "5.1.1 no such user here")
+            self.queue.record(msg.id, rcpt, BOUNCED, None, "5.1.1 no such user here")
             return
         if resolution.refused_by:
             if self._unreturnable(msg):
@@ -144,7 +147,7 @@ class Pipeline:
                 return
             log.info("%s: to=<%s> status=bounced (<%s> is not a member of %s)", msg.id, rcpt, msg.sender,
                      resolution.refused_by)
-            self.queue.record(msg.id, rcpt, BOUNCED, 550, f"5.7.1 only members may post to {resolution.refused_by}")
+            self.queue.record(msg.id, rcpt, BOUNCED, None, f"5.7.1 only members may post to {resolution.refused_by}")
             return
         done = []
         try:
@@ -164,7 +167,7 @@ class Pipeline:
         except OSError as exc:
             reason = "disk full" if is_disk_full(exc) else exc.strerror or str(exc)
             log.warning("%s: to=<%s> status=deferred (local delivery failed: %s)", msg.id, rcpt, reason)
-            self.queue.record(msg.id, rcpt, DEFERRED, 451, f"4.3.0 local delivery failed: {reason}",
+            self.queue.record(msg.id, rcpt, DEFERRED, None, f"4.3.0 local delivery failed: {reason}",
                               next_retry=time.time() + DISK_FULL_RETRY)
             return
         try:
@@ -244,7 +247,7 @@ class Pipeline:
         except OSError as exc:
             why = "disk full" if is_disk_full(exc) else exc.strerror or str(exc)
             log.warning("%s: to=<%s> status=deferred (keeping it for review failed: %s)", msg.id, rcpt, why)
-            self.queue.record(msg.id, rcpt, DEFERRED, 451, f"4.3.0 local delivery failed: {why}",
+            self.queue.record(msg.id, rcpt, DEFERRED, None, f"4.3.0 local delivery failed: {why}",
                               next_retry=time.time() + DISK_FULL_RETRY)
             return
         where = ", ".join(p.parent.parent.name for p in paths)
@@ -263,7 +266,7 @@ class Pipeline:
         except OSError as exc:
             log.warning("%s: quarantine failed (%s); deferred", msg.id, exc.strerror or exc)
             for rcpt in rcpts:
-                self.queue.record(msg.id, rcpt, DEFERRED, 451, "4.3.0 quarantine failed",
+                self.queue.record(msg.id, rcpt, DEFERRED, None, "4.3.0 quarantine failed",
                                   next_retry=time.time() + DISK_FULL_RETRY)
             return
         log.warning("%s: from=<%s> to=<%s> status=quarantined (%s) in %s", msg.id, msg.sender, ",".join(rcpts),

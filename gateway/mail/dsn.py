@@ -20,6 +20,8 @@ from gateway.mail import address, headers
 
 FAILED = "failed"
 DELAYED = "delayed"
+SMTP_DIAGNOSTIC = "smtp"  # a server's reply
+LOCAL_DIAGNOSTIC = "X-Dialmail"  # decided here (no server said it), as Postfix writes X-Postfix
 MAX_HEADER_BYTES = 64 * 1024  # of the original, returned as text/rfc822-headers
 
 
@@ -29,7 +31,8 @@ class Entry:
     rcpt: str
     orcpt: str | None
     status: str  # RFC 3463 x.y.z
-    diagnostic: str | None  # "550 5.1.1 no such user" (the server's reply) or None
+    diagnostic: str | None  # "550 5.1.1 no such user" (the server's reply), dialmail's own words, or None
+    diagnostic_type: str = SMTP_DIAGNOSTIC  # RFC 3464 §2.3.6: who said ``diagnostic``
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ def build(*, hostname: str, sender: str, qid: str, arrival: float, action: str, 
           whole_message: bool = False) -> Report:
     """The DSN to ``sender`` about ``entries`` (see the module doc for ``whole_message``)."""
     now = time.time() if now is None else now
-    utf8 = not all(x.isascii() for e in entries for x in (e.rcpt, e.orcpt or "")) or not sender.isascii()
+    # RFC 6533: UTF-8 addresses or headers make it a "global" report throughout
+    utf8 = not all(x.isascii() for e in entries for x in (e.rcpt, e.orcpt or "")) or not sender.isascii() \
+        or not headers.split(original_headers, MAX_HEADER_BYTES)[0].isascii()
     policy = SMTPUTF8 if utf8 else SMTP
     report = EmailMessage(policy=policy)
     report["From"] = f"Mail Delivery System <{address.MAILER_DAEMON}@{hostname}>"
@@ -62,30 +67,37 @@ def build(*, hostname: str, sender: str, qid: str, arrival: float, action: str, 
                        charset="utf-8", cte="8bit")
     report.make_mixed()
     report.set_type("multipart/report")
-    report.set_param("report-type", "delivery-status")
+    # RFC 6522 §3: report-type names the second part's subtype
+    report.set_param("report-type", "global-delivery-status" if utf8 else "delivery-status")
     report.preamble = "This is a MIME-encapsulated message."
     notification, = report.get_payload()
     notification["Content-Description"] = "Notification"
-    report.attach(_status_part(hostname, qid, arrival, action, entries, retry_until, policy))
+    bodies: dict[str, bytes] | None = {} if utf8 else None
+    report.attach(_status_part(hostname, qid, arrival, action, entries, retry_until, policy, bodies))
     placeholder = f"dialmail-original-{secrets.token_hex(16)}"
     if whole_message:
         original = EmailMessage(policy=policy)
         original["Content-Description"] = "Undelivered Message"
         inner = Message()
         inner["X-Dialmail-Placeholder"] = placeholder
-        original.set_type("message/rfc822")
+        original.set_type("message/global" if utf8 else "message/rfc822")
         original["Content-Transfer-Encoding"] = "8bit"
         original.set_payload([inner])
         report.attach(original)
     else:
         part = EmailMessage(policy=policy)
         part["Content-Description"] = "Undelivered Message Headers"
-        part["Content-Type"] = "text/rfc822-headers"
+        part["Content-Type"] = "message/global-headers" if utf8 else "text/rfc822-headers"
         part["Content-Transfer-Encoding"] = "8bit"
         block = headers.crlf(headers.split(original_headers, MAX_HEADER_BYTES)[0])
-        part.set_payload(block.decode("ascii", "surrogateescape"))
+        if bodies is None:
+            part.set_payload(block.decode("ascii", "surrogateescape"))
+        else:
+            part.set_payload(_utf8_body(block, bodies))
         report.attach(part)
     data = report.as_bytes()
+    for token, body in (bodies or {}).items():
+        data = data.replace(token.encode(), body.rstrip(b"\r\n"), 1)
     if not whole_message:
         return Report(data)
     marker = f"X-Dialmail-Placeholder: {placeholder}\r\n\r\n".encode()
@@ -94,7 +106,8 @@ def build(*, hostname: str, sender: str, qid: str, arrival: float, action: str, 
 
 
 def _status_part(hostname: str, qid: str, arrival: float, action: str, entries: list[Entry],
-                 retry_until: float | None, policy) -> EmailMessage:
+                 retry_until: float | None, policy, bodies: dict[str, bytes] | None) -> EmailMessage:
+    """The report part; ``bodies`` (for a global report) receives its UTF-8 body."""
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     per_message["X-Dialmail-Queue-ID"] = qid
@@ -108,15 +121,31 @@ def _status_part(hostname: str, qid: str, arrival: float, action: str, entries: 
         block["Action"] = action
         block["Status"] = e.status
         if e.diagnostic:
-            block["Diagnostic-Code"] = f"smtp; {e.diagnostic}"
+            block["Diagnostic-Code"] = f"{e.diagnostic_type}; {e.diagnostic}"
         if action == DELAYED and retry_until is not None:
             block["Will-Retry-Until"] = email.utils.formatdate(retry_until, localtime=True)
         blocks.append(block)
     part = EmailMessage(policy=policy)
     part["Content-Description"] = "Delivery report"
-    part.set_type("message/delivery-status")
-    part.set_payload(blocks)
+    if bodies is None:
+        part.set_type("message/delivery-status")
+        part.set_payload(blocks)
+        return part
+    # message/global-delivery-status (RFC 6533 §6.2): the same blocks as UTF-8 text.  The
+    # email package knows only message/delivery-status as blocks and writes any other
+    # message/* body as ASCII, so the part holds a token that ``build`` replaces.
+    part["Content-Type"] = "message/global-delivery-status"
+    part["Content-Transfer-Encoding"] = "8bit"
+    text = "\r\n".join("".join(f"{name}: {value}\r\n" for name, value in b.items()) for b in blocks)
+    part.set_payload(_utf8_body(text.encode("utf-8"), bodies))
     return part
+
+
+def _utf8_body(data: bytes, bodies: dict[str, bytes]) -> str:
+    """A token for the body of a message/global-* part, which ``build`` swaps for ``data``."""
+    token = f"dialmail-utf8-body-{secrets.token_hex(16)}"
+    bodies[token] = data
+    return token
 
 
 def _addr_type(addr: str) -> str:

@@ -19,7 +19,9 @@ _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 class Outcome:
     """One recipient's result: spool status, SMTP code, RFC 3463 status, reason text."""
     status: str  # DELIVERED | DEFERRED | BOUNCED
-    code: int
+    # the reply code a server gave; None when dialmail decided it itself (no server said it,
+    # so a bounce must not quote it as an SMTP reply)
+    code: int | None
     dsn: str  # RFC 3463 "x.y.z"
     reason: str
     # The line or connection failed while this message was in flight: no verdict of the
@@ -29,6 +31,11 @@ class Outcome:
     @property
     def final(self) -> bool:
         return self.status != DEFERRED
+
+    @property
+    def said(self) -> str:
+        """For people: ``"550 5.1.1 no such user"``, or the reply alone when dialmail made it."""
+        return f"{self.code} {self.reply}" if self.code else self.reply
 
     @property
     def reply(self) -> str:
@@ -60,24 +67,24 @@ def from_reply(code: int, text: str) -> Outcome:
 
 def lost_connection(what: str) -> Outcome:
     """Connection lost, timed out or carrier dropped: the server may or may not have the message."""
-    return Outcome(DEFERRED, 421, "4.4.2", f"lost connection with the mail server {what}", dropped=True)
+    return Outcome(DEFERRED, None, "4.4.2", f"lost connection with the mail server {what}", dropped=True)
 
 
 def timed_out(what: str) -> Outcome:
-    return Outcome(DEFERRED, 421, "4.4.2", f"timed out {what}", dropped=True)
+    return Outcome(DEFERRED, None, "4.4.2", f"timed out {what}", dropped=True)
 
 
 def cannot_connect(detail: str) -> Outcome:
-    return Outcome(DEFERRED, 421, "4.4.1", f"cannot connect to the mail server: {detail}")
+    return Outcome(DEFERRED, None, "4.4.1", f"cannot connect to the mail server: {detail}")
 
 
 def tls_required_not_offered(host: str) -> Outcome:
-    return Outcome(DEFERRED, 421, "4.7.4", f"TLS is required but {host} does not offer STARTTLS "
+    return Outcome(DEFERRED, None, "4.7.4", f"TLS is required but {host} does not offer STARTTLS "
                                             "(smarthost starttls = \"required\")")
 
 
 def tls_failed(detail: str) -> Outcome:
-    return Outcome(DEFERRED, 421, "4.7.5", f"TLS with the mail server failed: {detail}")
+    return Outcome(DEFERRED, None, "4.7.5", f"TLS with the mail server failed: {detail}")
 
 
 def auth_failed(code: int, detail: str) -> Outcome:
@@ -86,44 +93,57 @@ def auth_failed(code: int, detail: str) -> Outcome:
 
 
 def too_big(size: int, limit: int) -> Outcome:
-    return Outcome(BOUNCED, 552, "5.3.4", f"message size {size} exceeds the size limit {limit} of the mail server")
+    return Outcome(BOUNCED, None, "5.3.4", f"message size {size} exceeds the size limit {limit} of the mail server")
 
 
 def smtputf8_not_offered(host: str) -> Outcome:
-    return Outcome(BOUNCED, 553, "5.6.7", f"the message needs SMTPUTF8 (non-ASCII addresses or headers) but "
+    return Outcome(BOUNCED, None, "5.6.7", f"the message needs SMTPUTF8 (non-ASCII addresses or headers) but "
                                           f"{host} does not support it")
 
 
-def expired(lifetime: int, last: str | None) -> Outcome:
+def not_convertible_to_7bit(host: str, why: str) -> Outcome:
+    """8-bit data for a smarthost without 8BITMIME that no re-encoding can carry unchanged:
+    deferred, as the smarthost may offer 8BITMIME on another day; the queue lifetime ends it."""
+    return Outcome(DEFERRED, None, "4.6.3", f"{host} does not offer 8BITMIME and the message cannot be "
+                                           f"converted to 7-bit: {why}")
+
+
+def expired(lifetime: int, last_code: int | None, last_reply: str | None) -> Outcome:
+    """A recipient still waiting at the end of the queue lifetime, reported as Postfix does:
+    with the last temporary error (its status, and the server's reply when a server gave
+    it), or 4.4.7 when it never got one."""
     days = lifetime / 86400
     span = f"{days:g} days" if days >= 1 else f"{lifetime // 3600 or 1} hours" if lifetime >= 3600 \
         else f"{lifetime} seconds"
-    reason = f"message expired after {span} in the queue"
-    if last:
-        reason += f"; last error: {last}"
-    return Outcome(BOUNCED, 554, "4.4.7", reason)
+    why = f"message expired after {span} in the queue"
+    if not last_reply:
+        return Outcome(BOUNCED, None, "4.4.7", why)
+    status = enhanced_status(last_code or 451, last_reply)
+    if not status.startswith("4"):
+        status = "4.4.7"
+    return Outcome(BOUNCED, last_code, status, f"{last_reply} ({why})")
 
 
 def body_missing(qid: str) -> Outcome:
     """The queue still lists the message but its file is gone (removed by hand, a damaged
     disk): nothing can be sent or delivered.  Deferred, so it waits visibly in the queue for
     the administrator and expires with the queue lifetime like any message."""
-    return Outcome(DEFERRED, 451, "4.3.0", f"the message file queue/msg/{qid} is missing from the spool; "
+    return Outcome(DEFERRED, None, "4.3.0", f"the message file queue/msg/{qid} is missing from the spool; "
                                            "nothing to deliver until it is restored")
 
 
 def stopped_early() -> Outcome:
     """The flush was asked to stop (an interrupt, the session's max_time) between messages."""
-    return Outcome(DEFERRED, 421, "4.4.2", "the session was stopped; the rest waits for the next one")
+    return Outcome(DEFERRED, None, "4.4.2", "the session was stopped; the rest waits for the next one")
 
 
 def spool_full(what: str) -> Outcome:
     """The spool's disk has no room to record what happens to the mail (RFC 3463 4.3.1)."""
-    return Outcome(DEFERRED, 452, "4.3.1", f"the spool's disk is full ({what}); the mail waits until there is room")
+    return Outcome(DEFERRED, None, "4.3.1", f"the spool's disk is full ({what}); the mail waits until there is room")
 
 
 def administrator_bounce() -> Outcome:
-    return Outcome(BOUNCED, 554, "5.0.0", "deleted by the administrator")
+    return Outcome(BOUNCED, None, "5.0.0", "deleted by the administrator")
 
 
 # Refusals that are about this office as a client (its HELO name, its missing AUTH, its

@@ -56,13 +56,20 @@ def read_headers(queue: Queue, qid: str) -> bytes:
 
 
 def entry(r: Recipient) -> Entry:
-    """A failed recipient's DSN line, from its outcome as stored in the spool."""
+    """A failed recipient's DSN line, from its outcome as stored in the spool: a stored reply
+    code means a server said it (``smtp;``), none means dialmail decided it (``X-Dialmail;``)."""
     reply = r.last_reply or ""
-    code = r.last_code or (554 if r.status == BOUNCED else 451)
-    # The stored reply leads with the status chosen when the outcome was made (an expired
-    # recipient keeps 4.4.7 under a 554); fall back to the basic code's class.
-    status = reply.split()[0] if reply and _STATUS.fullmatch(reply.split()[0]) else enhanced_status(code, reply)
-    return Entry(r.rcpt, r.orcpt, status, f"{code} {reply}".strip() if reply else None)
+    # The stored reply leads with the status chosen when the outcome was made; fall back to
+    # the basic code's class.
+    first = reply.split()[0] if reply.split() else ""
+    status = first if _STATUS.fullmatch(first) else \
+        enhanced_status(r.last_code or (554 if r.status == BOUNCED else 451), reply)
+    if not reply:
+        return Entry(r.rcpt, r.orcpt, status, None)
+    if r.last_code:
+        return Entry(r.rcpt, r.orcpt, status, f"{r.last_code} {reply}")
+    ours = reply[len(first):].strip() if _STATUS.fullmatch(first) else reply
+    return Entry(r.rcpt, r.orcpt, status, ours, dsn.LOCAL_DIAGNOSTIC)
 
 
 # ---------------------------------------------------------------- leaving the queue
@@ -156,10 +163,9 @@ def warn_delayed(config: Config, queue: Queue, msg: Message, now: float | None =
 
 
 def _delayed_entry(r: Recipient) -> Entry:
-    if r.last_reply and r.last_code:
-        status = enhanced_status(r.last_code, r.last_reply)
-        if not status.startswith("4"):
-            status = "4.0.0"
-        return Entry(r.rcpt, r.orcpt, status, f"{r.last_code} {r.last_reply}")
-    return Entry(r.rcpt, r.orcpt, "4.4.1", "not sent yet: waiting for the link to the Internet")
-
+    if r.last_reply:
+        e = entry(r)
+        return Entry(e.rcpt, e.orcpt, e.status if e.status.startswith("4") else "4.0.0", e.diagnostic,
+                     e.diagnostic_type)
+    return Entry(r.rcpt, r.orcpt, "4.4.1", "not sent yet: waiting for the link to the Internet",
+                 dsn.LOCAL_DIAGNOSTIC)

@@ -76,6 +76,6 @@ def age_by_both_clocks(arrival: float, now: float, steps: list[Step]) -> float:
 def _fail_waiting(queue: Queue, qid: str, lifetime: int) -> int:
     """Fail the waiting recipients not being worked on right now (a claim = in flight)."""
     def why(r: Recipient) -> outcome.Outcome:
-        return outcome.expired(lifetime, f"{r.last_code} {r.last_reply}" if r.last_reply else None)
+        return outcome.expired(lifetime, r.last_code, r.last_reply)
 
     return queue.fail_waiting(qid, why)

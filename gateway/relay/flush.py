@@ -4,7 +4,8 @@
 per ``[smarthost] starttls`` with certificate verification, AUTH) and sends every due
 ``relay`` recipient over it, message after message:
 
-    MAIL FROM (rewritten sender, SIZE, BODY=8BITMIME, SMTPUTF8 as needed)
+    MAIL FROM (rewritten sender, SIZE, BODY=8BITMIME, SMTPUTF8 as needed; 8-bit parts
+               converted for a smarthost without 8BITMIME: gateway.relay.downgrade)
     RCPT TO for each recipient not yet final   -- each refusal is that recipient's outcome
     DATA                                       -- its reply is the accepted ones' outcome
     RSET after any refusal, so the next message starts clean
@@ -50,7 +51,7 @@ from gateway.mail.outcome import Outcome
 from gateway.oauth import tokens
 from gateway.oauth.tokens import TokenProblem
 from gateway.office import bounce
-from gateway.relay import fold, mx
+from gateway.relay import downgrade, fold, mx
 from gateway.relay.expiry import expire
 from gateway.relay.rewrite import SenderRewriter
 from spool.fsio import free_bytes, is_disk_full
@@ -65,6 +66,7 @@ from spool.queue import (
     Queue,
     Recipient,
 )
+from spool.smarthosts import SmarthostMemory
 
 log = logging.getLogger("dialmail.relay")
 
@@ -257,8 +259,8 @@ class _Context:
                 self.result.bounced += 1
             else:
                 self.result.deferred += 1
-            log.info("%s: to=<%s> relay=%s status=%s (%s %s)", qid, rcpt, self.config.smarthost.host,
-                     o.status, o.code, o.reply)
+            log.info("%s: to=<%s> relay=%s status=%s (%s)", qid, rcpt, self.config.smarthost.host,
+                     o.status, o.said)
         self.result.local_notices += settled.local
 
     def _record(self, qid: str, outcomes: dict[str, Outcome], unsent: bool) -> bounce.Settled:
@@ -548,6 +550,9 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         ctx.result.error = stop.why
         await ctx.record_all(jobs, stop.why, unsent=True)
         return False
+    # what it offers now, so SMTP can refuse at RCPT what it cannot carry (spool.smarthosts)
+    await asyncio.to_thread(_remember_ehlo, ctx.queue, f"{peer.host}:{peer.port}",
+                            list(conn.smtp.esmtp_extensions))
     waiting = deque(jobs)
     halted: list[Outcome] = []
 
@@ -584,6 +589,10 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         for _ in range(extras):
             group.create_task(open_and_send())
     return True
+
+
+def _remember_ehlo(queue: Queue, server: str, keywords: list[str]) -> None:
+    SmarthostMemory.beside(queue).remember(server, keywords)
 
 
 async def _abortable(ctx: _Context, coro: Awaitable):
@@ -664,8 +673,7 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
         await ctx.record(job.qid, {r: missing for r in rcpts})
         return
     sender = ctx.rewriter.address(msg.sender)
-    # Submission takes lines over 1,000 octets; the smarthost gets them folded.
-    data = fold.long_lines(ctx.rewriter.message(data))
+    data = ctx.rewriter.message(data)
     outcomes: dict[str, Outcome] = {}
     where = f"{conn.peer.host}:{conn.peer.port}"
     utf8 = not sender.isascii() or _utf8_headers(msg, data) or any(not r.isascii() for r in rcpts)
@@ -679,6 +687,16 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
         if not rcpts:
             await ctx.record(job.qid, outcomes)
             return
+    if not data.isascii() and not conn.smtp.supports_extension("8bitmime"):
+        # never 8-bit to a 7-bit hop (RFC 6152 §3): convert, or keep it with the reason
+        try:
+            data = await asyncio.to_thread(downgrade.to_7bit, data)
+        except downgrade.CannotDowngrade as exc:
+            outcomes.update({r: outcome.not_convertible_to_7bit(where, str(exc)) for r in rcpts})
+            await ctx.record(job.qid, outcomes)
+            return
+    # Submission takes lines over 1,000 octets; the smarthost gets them folded.
+    data = fold.long_lines(data)
     limit = conn.size_limit
     if limit and len(data) > limit:
         outcomes.update({r: outcome.too_big(len(data), limit) for r in rcpts})

@@ -5,6 +5,11 @@ piece of an overlong one), already unstuffed; at most ``FLUSH_AT`` bytes wait he
 they are written, on a thread, to the tmp file that ``spool.queue`` gave out.  The file
 starts with our Received: header.
 
+Mail submitted from the LAN (mynetworks or AUTH) that lacks Date: or Message-ID: gets
+them here, once, at the end of its header block (RFC 6409 §8, as Postfix's cleanup does
+for local clients): the block is still in the buffer when its first bytes go to the file.
+A header block longer than the buffer is left as it came.
+
 The order that keeps the spool honest: write as it comes -> at the final dot, fsync ->
 policy reads the file -> ``Queue.enqueue_file`` renames it into the queue -> 250.
 Whatever is not queued (a refusal, a disk error, a client that went away, a cancelled
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -38,18 +45,21 @@ class IncomingBody:
     size: int = 0  # the message's own bytes, unstuffed, without our Received: header
     error: OSError | None = None  # the first write that failed; answered at the dot
     pending: bytearray = field(default_factory=bytearray)
+    # host name for a Message-ID when the header block is to be completed (LAN mail), else None
+    complete_for: str | None = None
+    header_seen: bool = False  # the header block went by (completed or not)
 
     @classmethod
-    async def open(cls, queue: Queue, received: bytes) -> "IncomingBody":
+    async def open(cls, queue: Queue, received: bytes, complete_for: str | None = None) -> "IncomingBody":
         """A new tmp file with ``received`` written; a disk error is kept, not raised, so the
         client can be read to its final dot and then told 452."""
-        return await asyncio.to_thread(cls._open, queue, received)
+        return await asyncio.to_thread(cls._open, queue, received, complete_for)
 
     @classmethod
-    def _open(cls, queue: Queue, received: bytes) -> "IncomingBody":
+    def _open(cls, queue: Queue, received: bytes, complete_for: str | None) -> "IncomingBody":
         hold = contextlib.ExitStack()
         qid, path = hold.enter_context(queue.receiving())
-        body = cls(qid, path, len(received), None, hold)
+        body = cls(qid, path, len(received), None, hold, complete_for=complete_for)
         try:
             body.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
             body.file.write(received)
@@ -65,7 +75,9 @@ class IncomingBody:
         if len(self.pending) >= FLUSH_AT:
             await self._flush()
 
-    async def _flush(self) -> None:
+    async def _flush(self, whole: bool = False) -> None:
+        if not self.header_seen:
+            self._complete_header_block(whole)
         chunk, self.pending = self.pending, bytearray()
         try:
             await asyncio.to_thread(self.file.write, chunk)
@@ -75,8 +87,8 @@ class IncomingBody:
     async def finish(self) -> None:
         """Everything written and fsynced, as ``enqueue_file`` expects; raises the disk
         error met on the way, if any (the file is then gone)."""
-        if self.file is not None and self.pending:
-            await self._flush()
+        if self.file is not None and (self.pending or not self.header_seen):
+            await self._flush(whole=True)
         if self.error is not None:
             raise self.error
         try:
@@ -92,6 +104,31 @@ class IncomingBody:
             os.fsync(f.fileno())
         finally:
             f.close()
+
+    def _complete_header_block(self, whole: bool) -> None:
+        """Add a missing Date: and Message-ID: at the end of the header block in ``pending``
+        (``whole``: the buffer holds the whole message)."""
+        self.header_seen = True
+        if self.complete_for is None:
+            return
+        data = bytes(self.pending)
+        if data.startswith(b"\r\n"):
+            end = 0  # no header at all: the added ones are the block
+        else:
+            end = data.find(b"\r\n\r\n") + 2
+            if end == 1:
+                if not (whole and data.endswith(b"\r\n")) or b"\n\n" in data:
+                    return  # the block goes on past the buffer, or ends in bare LFs: left as it came
+                end = len(data)  # headers only, no body
+        block = mail_headers.parse(data[:end])
+        added = []
+        if block.get("Date") is None:
+            added.append(f"Date: {email.utils.formatdate(time.time(), localtime=True)}\r\n")
+        if block.get("Message-ID") is None:
+            stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+            added.append(f"Message-ID: <{stamp}.{self.qid}@{self.complete_for}>\r\n")
+        if added:
+            self.pending[end:end] = "".join(added).encode("ascii")
 
     def read_headers(self) -> mail_headers.Headers:
         """The message's header block, parsed (blocking: call it on a thread)."""

@@ -37,10 +37,13 @@ from gateway.mail.errors import ConfigError
 from gateway.office.directory import Directory
 from gateway.policy.connections import Admission, Listener
 from gateway.policy.throttle import LoginThrottle
+from gateway.smtp import received
 from gateway.smtp.incoming import IncomingBody
-from gateway.smtp.replies import Reply
+from gateway.smtp.received import Received
+from gateway.smtp.replies import Reply, with_status_code
 from spool.fsio import free_bytes, is_disk_full
 from spool.queue import LOCAL, RELAY, Queue
+from spool.smarthosts import SmarthostMemory
 from spool.users import Users
 
 log = logging.getLogger("dialmail.submit")
@@ -82,6 +85,7 @@ class SubmissionHandler:
         self.on_queued = on_queued or (lambda accepted: None)
         self.policy = policy  # optional gateway.delivery.pipeline hooks (block lists, virus scan)
         self.hostname = config.server.hostname
+        self.smarthosts = SmarthostMemory.beside(queue)
         # not named auth_*: aiosmtpd takes every handler attribute so named for a mechanism
         self.login_throttle = LoginThrottle(config.smtp.max_auth_failures, config.smtp.auth_lockout)
 
@@ -180,6 +184,8 @@ class SubmissionHandler:
             log.warning("refusing mail from=<%s>: only %d bytes free in the spool", addr, free)
             return Reply.NO_SPACE
         sender = address.normalise(addr) if addr else ""
+        if address.needs_smtputf8(sender) and not envelope.smtp_utf8:
+            return Reply.UTF8_NEEDS_SMTPUTF8  # RFC 6531 §3.4
         if self.policy is not None:
             refusal = await self.policy.check_sender(sender, peer_ip(session))
             if refusal:
@@ -188,12 +194,14 @@ class SubmissionHandler:
         # 503; the null sender (bounces, auto-replies) is kept as "<>" until DATA.
         envelope.mail_from = sender or NULL_SENDER
         envelope.mail_options.extend(mail_options)
-        return Reply.OK
+        return Reply.SENDER_OK
 
     async def handle_RCPT(self, server, session, envelope, addr, rcpt_options):
         rcpt = address.normalise(addr)
         if len(envelope.rcpt_tos) >= 1000:
             return Reply.TOO_MANY_RCPTS
+        if address.needs_smtputf8(rcpt) and not envelope.smtp_utf8:
+            return Reply.UTF8_NEEDS_SMTPUTF8  # RFC 6531 §3.4
         if self.directory.is_local(rcpt):
             if not self.directory.exists(rcpt):
                 log.info("reject rcpt=<%s> from=%s: no such user", rcpt, peer_ip(session))
@@ -201,20 +209,34 @@ class SubmissionHandler:
         elif not (session.authenticated or self.config.server.in_mynetworks(peer_ip(session))):
             log.warning("reject rcpt=<%s> from=%s: relay access denied", rcpt, peer_ip(session))
             return Reply.RELAY_DENIED
-        elif not address.is_plain(rcpt) and not address.needs_smtputf8(rcpt):
+        elif not address.is_relayable(rcpt):
             return Reply.BAD_ADDRESS
+        elif (address.needs_smtputf8(rcpt) or address.needs_smtputf8(_sender(envelope))) \
+                and not await self._smarthost_takes_utf8():
+            log.info("reject rcpt=<%s> from=%s: the smarthost offers no SMTPUTF8", rcpt, peer_ip(session))
+            return Reply.UTF8_NO_ROUTE
         if self.policy is not None:
             refusal = await self.policy.check_recipient(_sender(envelope), rcpt, peer_ip(session))
             if refusal:
                 return refusal
         envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(rcpt_options)
-        return Reply.OK
+        return Reply.RECIPIENT_OK
+
+    async def _smarthost_takes_utf8(self) -> bool:
+        """False only when the smarthost's last EHLO lacked SMTPUTF8 (direct MX: not known)."""
+        sh = self.config.smarthost
+        if sh.route != "smarthost" or not sh.host:
+            return True
+        offered = await asyncio.to_thread(self.smarthosts.keywords, f"{sh.host}:{sh.port}")
+        return offered is None or "SMTPUTF8" in offered
 
     async def open_body(self, session: Session, envelope: Envelope) -> IncomingBody:
         """Where the DATA of this transaction goes as it arrives: the spool's tmp file,
-        starting with our Received: header."""
-        return await IncomingBody.open(self.queue, self._received(session, envelope))
+        starting with our Received: header; LAN mail gets a missing Date:/Message-ID:."""
+        lan = session.authenticated or self.config.server.in_mynetworks(peer_ip(session))
+        return await IncomingBody.open(self.queue, self._received(session, envelope),
+                                       complete_for=self.hostname if lan else None)
 
     async def handle_DATA(self, server, session, envelope: "SubmissionEnvelope"):
         body = envelope.body
@@ -254,16 +276,13 @@ class SubmissionHandler:
         return Reply.NO_SPACE if is_disk_full(exc) else Reply.LOCAL_ERROR
 
     def _received(self, session: Session, envelope: Envelope) -> bytes:
-        helo = session.host_name or "unknown"
-        proto = "ESMTP"
-        if session.ssl:
-            proto += "S"
-        if session.authenticated:
-            proto += "A"
-        for_part = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        line = (f"Received: from {helo} ([{peer_ip(session)}])\r\n\tby {self.hostname} (dialmail) with {proto}"
-                f"{for_part};\r\n\t{email.utils.formatdate(time.time(), localtime=True)}\r\n")
-        return line.encode("utf-8", "replace")
+        trace = Received(
+            helo=session.host_name, client_ip=peer_ip(session), by=self.hostname,
+            with_protocol=received.protocol(session.extended_smtp, session.ssl is not None,
+                                            bool(session.authenticated), bool(envelope.smtp_utf8)),
+            date=email.utils.formatdate(time.time(), localtime=True),
+            recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None)
+        return trace.header().encode("utf-8", "replace")
 
 
 NULL_SENDER = "<>"
@@ -328,6 +347,9 @@ class SubmissionProtocol(SMTPProtocol):
     clear_auth_on_loopback = True  # port 25: a script on this machine may AUTH without TLS
     release: Callable[[], None] = staticmethod(lambda: None)  # gives the connection slot back
     junk_commands = 0
+    # RFC 2034 §3: the greeting and the answers to HELO/EHLO carry no enhanced status code
+    greeted = False
+    answering_helo = False
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -346,6 +368,13 @@ class SubmissionProtocol(SMTPProtocol):
 
     def _create_envelope(self) -> Envelope:
         return SubmissionEnvelope()
+
+    async def push(self, status) -> None:
+        """Every reply leaves with an enhanced status code (see gateway.smtp.replies), aiosmtpd's too."""
+        if isinstance(status, str) and self.greeted and not self.answering_helo:
+            status = with_status_code(status, self.data_size_limit)
+        self.greeted = True
+        await super().push(status)
 
     async def _junk(self) -> bool:
         """Count a command that moves no mail; True when the client was disconnected for it."""
@@ -478,7 +507,7 @@ class SubmissionProtocol(SMTPProtocol):
             if refusal:
                 continue
             if limit and size > limit:
-                refusal = "552 Error: Too much mail data"
+                refusal = Reply.TOO_MUCH_DATA
                 body.refuse()
             elif starts_line and piece[:1] == b".":
                 await body.write(memoryview(piece)[1:])
@@ -487,18 +516,29 @@ class SubmissionProtocol(SMTPProtocol):
 
     # A HELO/EHLO argument ends up in our own Received: header: one with a control
     # character (a bare CR or LF smuggles a header line in) is refused, as Postfix does.
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if _has_control(hostname):
             await self.push(Reply.BAD_HELO)
             return
-        await super().smtp_EHLO(hostname)
+        self.answering_helo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self.answering_helo = False
 
+    @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if _has_control(hostname):
             await self.push(Reply.BAD_HELO)
             return
-        await super().smtp_HELO(hostname)
+        self.answering_helo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self.answering_helo = False
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         # A locked-out address is refused before any password is looked at; each recent
         # failure from the address slows the next answer.  A refusal that is not a login

@@ -10,8 +10,15 @@ Who answers:
 When not to answer (RFC 3834 §2, §3.1): the null sender, MAILER-DAEMON, postmaster,
 owner-*/*-request senders, mail marked ``Auto-Submitted`` (anything but "no"), mailing
 lists (``List-Id`` and the other ``List-*`` headers, ``Precedence: bulk/list/junk``),
-Microsoft's ``X-Auto-Response-Suppress``, one's own address, and a sender already
-answered by the same address within ``every`` (persisted in the spool).
+Microsoft's ``X-Auto-Response-Suppress``, one's own address, a sender already
+answered by the same address within ``every`` (persisted in the spool), and mail that
+does not name the recipient in To/Cc/Bcc (or their Resent- forms): the envelope
+recipient, the answering address, or an address that leads to the same mailbox (RFC 3834
+§2; an old-style list without List-* headers names only itself).
+
+The reply's Subject is "Auto: " and the original subject (RFC 3834 §3.1.5) unless the
+admin fixed one (``subject`` of the out-of-office, the Subject of an autoresponder's
+document).
 
 The reply goes out through the queue like any message, to the original envelope sender,
 from the null envelope sender (RFC 3834 §3.3: a reply from the null sender can be
@@ -68,6 +75,21 @@ def reason_not_to_answer(sender: str, headers: EmailHeaders, responder: str) -> 
     return None
 
 
+_RECIPIENT_FIELDS = ("To", "Cc", "Bcc", "Resent-To", "Resent-Cc", "Resent-Bcc")
+
+
+def named_recipients(headers: EmailHeaders) -> set[str]:
+    """Every address in the message's recipient fields, normalised and lower-cased."""
+    values = [str(v) for name in _RECIPIENT_FIELDS for v in (headers.get_all(name) or [])]
+    return {address.normalise(a).lower() for _, a in email.utils.getaddresses(values) if "@" in a}
+
+
+def auto_subject(orig: EmailHeaders) -> str:
+    """RFC 3834 §3.1.5: "Auto: " followed by the subject of the message answered."""
+    subject = " ".join(str(orig.get("Subject", "") or "").split())
+    return f"Auto: {subject}" if subject else "Auto: Out of office"
+
+
 def _threading(orig: EmailHeaders) -> dict[str, str]:
     out = {}
     mid = str(orig.get("Message-ID", "") or "").strip()
@@ -82,7 +104,7 @@ def vacation_reply(config: Config, responder: str, to: str, vac: Vacation, orig:
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = responder
     msg["To"] = to
-    msg["Subject"] = vac.subject
+    msg["Subject"] = vac.subject or auto_subject(orig)
     msg["Date"] = email.utils.formatdate(time.time(), localtime=True)
     msg["Message-ID"] = email.utils.make_msgid(domain=config.server.hostname)
     for k, v in _threading(orig).items():
@@ -102,6 +124,8 @@ def document_reply(config: Config, responder: str, to: str, document: bytes, ori
             *_threading(orig).items(), ("Auto-Submitted", "auto-replied")]
     for name, value in reversed(head):
         doc._headers.insert(0, (name, value))  # new headers first, the document's own after
+    if "Subject" not in doc:
+        doc["Subject"] = auto_subject(orig)
     if "MIME-Version" not in doc:
         doc["MIME-Version"] = "1.0"
     return doc.as_bytes(policy=_CRLF)
@@ -124,7 +148,7 @@ class Responder:
                 return None
             if (stored.start is not None and now < stored.start) or (stored.end is not None and now >= stored.end):
                 return None
-            return Vacation(user, None, None, stored.subject or "Out of office", stored.body or "",
+            return Vacation(user, None, None, stored.subject or None, stored.body or "",
                             stored.every or self.policy.autoreply_every)
         vac = self.policy.vacations.get(user)
         if vac is None or not vac.active(dt.datetime.fromtimestamp(now)):
@@ -135,9 +159,12 @@ class Responder:
         """Queue the replies this delivery calls for; returns their queue ids."""
         queued = []
         domain = address.split(rcpt)[1]
+        named = named_recipients(headers)
+        envelope_named = address.normalise(rcpt).lower() in named
         auto = self.policy.autoresponders.get(address.normalise(rcpt).lower())
         if auto is not None:
-            qid = self._reply(msg, auto.address, auto.every, headers,
+            addressed = envelope_named or auto.address.lower() in named
+            qid = self._reply(msg, auto.address, auto.every, headers, addressed,
                               lambda to: document_reply(self.config, auto.address, to, auto.file.read_bytes(),
                                                         headers))
             queued += [qid] if qid else []
@@ -146,14 +173,28 @@ class Responder:
             if vac is None:
                 continue
             responder = user if "@" in user else f"{user}@{domain}"
-            qid = self._reply(msg, responder, vac.every, headers,
+            addressed = envelope_named or responder.lower() in named or self._leads_to(named, user)
+            qid = self._reply(msg, responder, vac.every, headers, addressed,
                               lambda to: vacation_reply(self.config, responder, to, vac, headers))
             queued += [qid] if qid else []
         return queued
 
-    def _reply(self, msg: Message, responder: str, every: int, headers: EmailHeaders, build) -> str | None:
+    def _leads_to(self, named: set[str], user: str) -> bool:
+        """Whether one of the local addresses ``named`` delivers to ``user``'s mailbox (an alias,
+        a group, the user at another local domain)."""
+        for addr in named:
+            if self.directory.is_local(addr):
+                res = self.directory.resolve(addr)
+                if res is not None and user in res.mailboxes:
+                    return True
+        return False
+
+    def _reply(self, msg: Message, responder: str, every: int, headers: EmailHeaders, addressed: bool,
+               build) -> str | None:
         sender = address.normalise(msg.sender)
         why = reason_not_to_answer(sender, headers, responder)
+        if why is None and not addressed:
+            why = f"not addressed to {responder} in To/Cc/Bcc"
         now = time.time()
         if why is None and self.state.replied_since(responder, sender, now - every):
             why = "already answered recently"
