@@ -40,8 +40,9 @@ PASSWORD = "alice-pw"
 
 
 def message(n: int, extra: bytes = b"") -> bytes:
+    # Date and Message-ID of its own: mail from the LAN without them gets them added
     return (b"From: sender@example.com\r\nTo: alice@office.test\r\nSubject: message %d\r\n"
-            b"Message-ID: <m%d@example.com>\r\n\r\n"
+            b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <m%d@example.com>\r\n\r\n"
             b"Hello %d.\r\n.leading dot\r\n.\r\n..two dots\r\n" % (n, n, n) + extra + b"last line\r\n")
 
 

@@ -59,7 +59,9 @@ def _print_queue(queue) -> None:
         for r in m.recipients:
             detail = r.status
             if r.status not in ("queued",) and r.last_reply:
-                detail += f": {r.last_code or ''} {r.last_reply}".rstrip()
+                # a failure dialmail decided itself has no reply code: its text stands alone
+                said = f"{r.last_code} {r.last_reply}" if r.last_code else r.last_reply
+                detail += f": {said}"
             if r.status in ("queued", "deferred") and r.next_retry > now:
                 detail += f" (next try in {_age(r.next_retry - now)})"
             typer.echo(f"{'':<37}  {r.rcpt} [{r.route}] {detail}")
