@@ -115,6 +115,8 @@ __all__ = [
     "dovecot",
     "dovecot_notls_server",
     "dovecot_notls",
+    "dovecot_zlib_server",
+    "dovecot_zlib",
     "smtp_sink",
     "smtp_sink_factory",
     "postfix_smarthost_server",
@@ -581,6 +583,14 @@ service anvil {{
 }}
 service ipc {{
 {chroot}}}
+{compress}"""
+
+# RFC 4978 COMPRESS=DEFLATE, as an ISP running Dovecot 2.3 offers it
+_DOVECOT_COMPRESS = """\
+mail_plugins = $mail_plugins zlib
+protocol imap {
+  mail_plugins = $mail_plugins imap_zlib
+}
 """
 
 
@@ -616,11 +626,12 @@ class Dovecot(_Peer):
 
     name = "dovecot"
 
-    def __init__(self, basedir: Path | str | None = None, *, tls: str = "starttls"):
+    def __init__(self, basedir: Path | str | None = None, *, tls: str = "starttls", compress: bool = False):
         if tls not in ("starttls", "none"):
             raise ValueError(f"tls must be 'starttls' or 'none', not {tls!r}")
         super().__init__(basedir)
         self.tls = tls
+        self.compress = compress  # offer COMPRESS=DEFLATE (the imap_zlib plugin)
         self.host = HOST
         self.imap_port = self.pop3_port = 0
         self.imaps_port: int | None = None
@@ -669,7 +680,8 @@ class Dovecot(_Peer):
                      "mail_user": me, "mail_group": group, "chroot": "  chroot =\n"}
         self.conf.write_text(_DOVECOT_CONF.format(
             d=d, host=HOST, ssl=ssl_conf, imap_port=self.imap_port, pop3_port=self.pop3_port,
-            imaps_port=self.imaps_port or 0, pop3s_port=self.pop3s_port or 0, **users))
+            imaps_port=self.imaps_port or 0, pop3s_port=self.pop3s_port or 0,
+            compress=_DOVECOT_COMPRESS if self.compress else "", **users))
         check = subprocess.run([_prog("doveconf"), "-c", str(self.conf), "-n"], capture_output=True, text=True)
         if check.returncode:
             raise RuntimeError(f"dovecot config rejected: {check.stderr}")
@@ -1462,9 +1474,9 @@ def peer_tmp():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _dovecot_session(tls: str):
+def _dovecot_session(tls: str, compress: bool = False):
     need("dovecot", "doveadm", "doveconf", "openssl")
-    with Dovecot(tls=tls) as server:
+    with Dovecot(tls=tls, compress=compress) as server:
         yield server
 
 
@@ -1480,6 +1492,20 @@ def dovecot(dovecot_server):
     dovecot_server.reset()
     yield dovecot_server
     dovecot_server.reset()
+
+
+@pytest.fixture(scope="session")
+def dovecot_zlib_server():
+    """Session-wide Dovecot offering COMPRESS=DEFLATE (imap_zlib) and STARTTLS."""
+    yield from _dovecot_session("starttls", compress=True)
+
+
+@pytest.fixture
+def dovecot_zlib(dovecot_zlib_server):
+    """Dovecot with COMPRESS=DEFLATE, emptied for this test."""
+    dovecot_zlib_server.reset()
+    yield dovecot_zlib_server
+    dovecot_zlib_server.reset()
 
 
 @pytest.fixture(scope="session")

@@ -145,6 +145,7 @@ class FetchConfig:
     max_bytes: int | None
     batch_size: int
     chunk_size: int
+    compress: str = "auto"  # auto: COMPRESS=DEFLATE whenever the server offers it | off
     offpeak: tuple[int, int] | None = None  # (start, end) minutes after local midnight, for oversize="defer"
     domains: tuple[str, ...] = ()  # ISP-side domains whose local parts are local users (multidrop)
 

@@ -239,7 +239,7 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                  known={"name", "host", "port", "tls", "username", "password_file", "folders", "mode", "deliver_to",
                   "keep", "keep_days", "envelope_header", "envelope_skip", "guess_from_headers", "ca_file",
                   "max_message_size", "oversize", "max_messages", "max_bytes", "batch_size", "chunk_size",
-                  "offpeak", "domains"})
+                  "offpeak", "domains", "compress"})
     tls = s.choice("tls", ("imaps", "starttls", "off"), "imaps")
     mode = s.choice("mode", ("single", "multidrop"), "single")
     name = s.get("name", str, None) or s.get("username", str, f"account{index}")
@@ -275,7 +275,8 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                        max_messages=s.positive("max_messages", None),
                        max_bytes=s.convert("max_bytes", parse_size, None),
                        batch_size=s.positive("batch_size", 50),
-                       chunk_size=s.convert("chunk_size", parse_size, 1024 * 1024))
+                       chunk_size=s.convert("chunk_size", parse_size, 1024 * 1024),
+                       compress=s.choice("compress", ("auto", "off"), "auto"))
 
 
 def _link(s: _Section) -> LinkConfig:

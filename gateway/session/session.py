@@ -377,6 +377,8 @@ class Session:
             raise
         self.record.fetched += result.fetched
         self.record.fetched_bytes += getattr(result, "bytes", 0)
+        self.record.fetch_wire_down += getattr(result, "wire_down", 0)
+        self.record.fetch_wire_up += getattr(result, "wire_up", 0)
         whys = [f"fetch: {err}" for err in getattr(result, "errors", []) or []]
         self.record.errors.extend(whys)
         if result.fetched and self.ctx.kick_delivery:
