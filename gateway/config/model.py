@@ -190,6 +190,7 @@ class SessionConfig:
     cost_per_call: float
     cost_per_minute: float
     currency: str
+    etrn_wait: float = 10.0  # seconds after ETRN the line waits for the ISP's first delivery
 
 
 @dataclass(frozen=True)

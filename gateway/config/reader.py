@@ -120,7 +120,8 @@ def loads(text: str, path: Path | None = None) -> Config:
                                "min_gap", "max_sessions_per_day", "max_minutes_per_day"}))
     session = _session(_Section(loader, "session", raw.get("session"),
                                 {"max_time", "idle_timeout", "retry_delay", "retry_count", "before", "after",
-                                 "etrn_domains", "cost_per_call", "cost_per_minute", "currency"}))
+                                 "etrn_domains", "etrn_wait", "cost_per_call", "cost_per_minute",
+                                 "currency"}))
     alias_sec = _Section(loader, "aliases", raw.get("aliases"))
     aliases: dict[str, tuple[str, ...]] = {}
     for name in alias_sec.data:
@@ -318,6 +319,7 @@ def _session(s: _Section) -> SessionConfig:
                          retry_count=s.get("retry_count", int, 2),
                          before=s.get("before", str, None), after=s.get("after", str, None),
                          etrn_domains=s.str_list("etrn_domains"),
+                         etrn_wait=s.convert("etrn_wait", parse_duration, 10),
                          cost_per_call=s.get("cost_per_call", float, 0.0),
                          cost_per_minute=s.get("cost_per_minute", float, 0.0),
                          currency=s.get("currency", str, ""))
