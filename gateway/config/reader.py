@@ -222,7 +222,7 @@ def _smarthost(s: _Section) -> SmarthostConfig:
                            starttls=s.choice("starttls", ("required", "opportunistic", "off"), "opportunistic"),
                            username=user, password_file=pw, ca_file=s.path("ca_file"),
                            timeout=s.get("timeout", float, 120.0), route=route, rewrite=tuple(rewrite),
-                           connections=s.positive("connections", 1))
+                           connections=s.positive("connections", 2))
 
 
 def _queue(s: _Section) -> QueueConfig:
