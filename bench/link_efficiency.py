@@ -12,7 +12,7 @@ Measured for each setup: CONNECT to hang-up as the simulated modem saw it.
 
 * dialmail: the daemon dials with its own driver (link type ``modem``, a stand-in for
   pppd since this kernel has no PPP), sends and fetches at once, hangs up; once with
-  ``[smarthost] connections = 1`` (the default) and once with 2.
+  ``[smarthost] connections = 1`` and once with 2 (the default).
 * Postfix + fetchmail, the usual admin setup: Postfix with ``relayhost`` and
   ``defer_transports = smtp``; the line is dialled with the same driver; then
   ``postqueue -f`` and fetchmail over IMAP (deleting, delivering with ``mda "cat

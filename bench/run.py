@@ -8,6 +8,7 @@ instead, measured side by side in this run (compare the ratios, not absolute tim
 3. bench/pop3_retrieval.py   poplib RETR from dialmail vs Dovecot
 4. bench/memory.py           daemon peak RSS with 50 MB messages
 5. bench/shaper_rate.py      the simulated line's pace against the wall clock (no peer)
+6. bench/compress_ratio.py   IMAP bytes per byte of mail with COMPRESS=DEFLATE on and off
 
 ``--quick`` shrinks the workloads (for checking the scripts, not for results).
 The link benchmark takes most of the time: ~10 minutes at 33.6 kbit/s.
@@ -30,6 +31,7 @@ SCRIPTS = {
     "pop3": ("pop3_retrieval.py", [], ["--messages", "60", "--rounds", "2"]),
     "memory": ("memory.py", [], ["--size-mb", "10"]),
     "shaper": ("shaper_rate.py", [], ["--seconds", "2"]),
+    "compress": ("compress_ratio.py", [], []),
 }
 
 

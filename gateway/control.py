@@ -218,7 +218,7 @@ def _last(rows) -> dict | None:
     sid, rec = rows[-1]
     return {"id": sid, "started": rec.started, "trigger": rec.trigger, "outcome": rec.outcome,
             "sent": rec.sent, "fetched": rec.fetched, "connected_seconds": round(rec.connected_seconds, 1),
-            "errors": rec.errors}
+            "fetched_bytes": rec.fetched_bytes, "fetch_wire_down": rec.fetch_wire_down, "errors": rec.errors}
 
 
 # ---------------------------------------------------------------- client side

@@ -88,6 +88,7 @@ class Daemon:
         self.tasks: set[asyncio.Task] = set()
         self.smtp_servers: list[asyncio.base_events.Server] = []
         self.worker: DeliveryWorker | None = None
+        self.accepted = 0  # messages the SMTP listener took, for a session waiting on ETRN
         self._stops: list[Callable[[], Awaitable[None]]] = []
 
     def spawn(self, coro, name: str) -> asyncio.Task:
@@ -125,7 +126,11 @@ class Daemon:
             self._stops.append(await service(self))
         log.info("dialmail started (pid %d, spool %s)", os.getpid(), self.config.spool_dir)
 
+    def smtp_connections(self) -> int:
+        return len(SubmissionProtocol.live)
+
     def _queued(self, accepted) -> None:
+        self.accepted += 1
         if accepted.local and self.worker:
             self.worker.kick()
 

@@ -44,6 +44,8 @@ dialogue = logging.getLogger("modem.dialogue")
 
 Progress = Callable[[str], None]
 
+# DTR stays low at least this long: most modems take a drop of over 50 ms (S25) as "hang up".
+DTR_MIN_HOLD = 0.1
 _POLL = 0.05  # how often the watcher wakes to read or poll CD: carrier loss is seen within this
 
 
@@ -325,7 +327,7 @@ class HayesModem:
         dtr_dropped = False
         try:
             await asyncio.to_thread(setattr, port, "dtr", False)
-            await asyncio.sleep(self.dtr_hold)
+            await self._hold_dtr_low()
             await asyncio.to_thread(setattr, port, "dtr", True)
             dtr_dropped = True
             how.append("dropped DTR")
@@ -352,6 +354,15 @@ class HayesModem:
             how.append("but the port still reports carrier")
         log.debug("hang-up after online=%s: %s", was_online, how)
         return "hung up: " + ", ".join(how)
+
+    async def _hold_dtr_low(self) -> None:
+        """Keep DTR low until the modem has dropped carrier, and no longer: on a metered
+        line every fraction of a second counts.  Where the port cannot report carrier,
+        the whole ``dtr_hold``."""
+        await asyncio.sleep(min(DTR_MIN_HOLD, self.dtr_hold))
+        deadline = time.monotonic() + self.dtr_hold - DTR_MIN_HOLD
+        while self.carrier() is not False and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     # -- identification --------------------------------------------------------------
 

@@ -52,6 +52,9 @@ class SessionRecord:
     bounced: int = 0
     fetched: int = 0
     fetched_bytes: int = 0
+    fetch_wire_down: int = 0          # IMAP bytes that carried the fetch, compressed where it was
+    fetch_wire_up: int = 0
+    etrn_received: int = 0            # messages the ISP delivered by SMTP after our ETRN
     errors: list[str] = field(default_factory=list)
     carrier_lost: bool = False        # the line dropped while online (a retry may follow)
     cost: float = 0.0

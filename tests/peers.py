@@ -115,6 +115,8 @@ __all__ = [
     "dovecot",
     "dovecot_notls_server",
     "dovecot_notls",
+    "dovecot_zlib_server",
+    "dovecot_zlib",
     "smtp_sink",
     "smtp_sink_factory",
     "postfix_smarthost_server",
@@ -583,6 +585,14 @@ service anvil {{
 }}
 service ipc {{
 {chroot}}}
+{compress}"""
+
+# RFC 4978 COMPRESS=DEFLATE, as an ISP running Dovecot 2.3 offers it
+_DOVECOT_COMPRESS = """\
+mail_plugins = $mail_plugins zlib
+protocol imap {
+  mail_plugins = $mail_plugins imap_zlib
+}
 """
 
 
@@ -631,7 +641,7 @@ class Dovecot(_Peer):
     name = "dovecot"
 
     def __init__(self, basedir: Path | str | None = None, *, tls: str = "starttls",
-                 introspection_url: str | None = None):
+                 introspection_url: str | None = None, compress: bool = False):
         if tls not in ("starttls", "none"):
             raise ValueError(f"tls must be 'starttls' or 'none', not {tls!r}")
         super().__init__(basedir)
@@ -639,6 +649,7 @@ class Dovecot(_Peer):
         # With an RFC 7662 introspection endpoint, Dovecot also takes SASL XOAUTH2 and
         # OAUTHBEARER, asking that endpoint about every bearer token (passdb oauth2).
         self.introspection_url = introspection_url
+        self.compress = compress  # offer COMPRESS=DEFLATE (the imap_zlib plugin)
         self.host = HOST
         self.imap_port = self.pop3_port = 0
         self.imaps_port: int | None = None
@@ -687,7 +698,8 @@ class Dovecot(_Peer):
                      "mail_user": me, "mail_group": group, "chroot": "  chroot =\n"}
         conf = _DOVECOT_CONF.format(
             d=d, host=HOST, ssl=ssl_conf, imap_port=self.imap_port, pop3_port=self.pop3_port,
-            imaps_port=self.imaps_port or 0, pop3s_port=self.pop3s_port or 0, **users)
+            imaps_port=self.imaps_port or 0, pop3s_port=self.pop3s_port or 0,
+            compress=_DOVECOT_COMPRESS if self.compress else "", **users)
         if self.introspection_url:
             (d / "oauth2.conf.ext").write_text(_DOVECOT_OAUTH2.format(url=self.introspection_url))
             conf = conf.replace("auth_mechanisms = plain login\n",
@@ -1489,9 +1501,9 @@ def peer_tmp():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _dovecot_session(tls: str):
+def _dovecot_session(tls: str, compress: bool = False):
     need("dovecot", "doveadm", "doveconf", "openssl")
-    with Dovecot(tls=tls) as server:
+    with Dovecot(tls=tls, compress=compress) as server:
         yield server
 
 
@@ -1507,6 +1519,20 @@ def dovecot(dovecot_server):
     dovecot_server.reset()
     yield dovecot_server
     dovecot_server.reset()
+
+
+@pytest.fixture(scope="session")
+def dovecot_zlib_server():
+    """Session-wide Dovecot offering COMPRESS=DEFLATE (imap_zlib) and STARTTLS."""
+    yield from _dovecot_session("starttls", compress=True)
+
+
+@pytest.fixture
+def dovecot_zlib(dovecot_zlib_server):
+    """Dovecot with COMPRESS=DEFLATE, emptied for this test."""
+    dovecot_zlib_server.reset()
+    yield dovecot_zlib_server
+    dovecot_zlib_server.reset()
 
 
 @pytest.fixture(scope="session")

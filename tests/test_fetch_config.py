@@ -48,3 +48,10 @@ def test_window_wraps_past_midnight():
     day = parse_window("09:30-17:00")
     assert in_window(day, at(9, 30)) and not in_window(day, at(17, 0))
     assert not in_window(None, at(12, 0))
+
+
+def test_compress_is_auto_unless_turned_off_and_nothing_else():
+    assert loads(BASE + 'deliver_to = "alice"\n').fetch[0].compress == "auto"
+    assert loads(BASE + 'deliver_to = "alice"\ncompress = "off"\n').fetch[0].compress == "off"
+    with pytest.raises(ConfigError, match=r"fetch\[isp\].*compress.*'auto', 'off'.*'yes'"):
+        loads(BASE + 'deliver_to = "alice"\ncompress = "yes"\n')

@@ -160,6 +160,23 @@ def test_hang_up_puts_the_modem_back_on_hook(kind):
         assert how == "hung up: the port cannot drop DTR, sent +++ and ATH0"
 
 
+@pytest.mark.timeout(20)
+def test_dropping_dtr_hangs_up_as_soon_as_the_carrier_goes():
+    """DTR low only until the modem drops carrier: 0.1 s, not a fixed 0.5 s nor +++ guard times."""
+    async def scenario():
+        async with simulated("url", guard_time=1.0) as (port, sim), driver(port) as modem:
+            await modem.dial(plan())
+            started = time.monotonic()
+            how = await modem.hang_up()
+            took = time.monotonic() - started
+            assert not sim.carrier and sim.modem.dtr
+            assert (await modem.command("AT")).result.code is ResultCode.OK
+            return how, took
+    how, took = asyncio.run(scenario())
+    assert how == "hung up by dropping DTR"
+    assert 0.1 <= took < 0.4, took
+
+
 @kinds
 @pytest.mark.timeout(20)
 def test_carrier_drop_is_noticed_within_one_second(kind):

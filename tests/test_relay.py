@@ -31,10 +31,16 @@ pytestmark = pytest.mark.peer
 
 
 class Office:
-    """Config, queue, users and local delivery of one office, driven directly."""
+    """Config, queue, users and local delivery of one office, driven directly.
+
+    One SMTP connection unless ``smarthost`` says otherwise: the tests built on it follow
+    messages one after another (what a stop, a 421 or a hold does to the next one); what
+    changes with more connections is in tests/test_relay_connections.py.
+    """
 
     def __init__(self, tmp: Path, port: int = 25, *, starttls: str = "off", smarthost: str = "",
                  extra: str = "", route: str = "smarthost", timeout: float = 20, server: str = ""):
+        one = "" if "connections" in smarthost else "connections = 1"
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.path = self.tmp / "dialmail.toml"
@@ -51,6 +57,7 @@ port = {port}
 starttls = "{starttls}"
 timeout = {timeout}
 route = "{route}"
+{one}
 {smarthost}
 
 [queue]

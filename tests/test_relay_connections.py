@@ -29,6 +29,23 @@ def test_two_connections_share_the_queue_and_every_message_goes_once(office, smt
     assert all(o.status(qid) == {} for qid in ids)  # settled and removed
 
 
+def test_by_default_a_flush_of_several_messages_uses_two_connections(office, smtp_sink):
+    """The default that measured best on the link benchmark (README, Benchmarks)."""
+    o = office(smtp_sink.port, smarthost="# connections: the default")
+    for i in range(4):
+        o.send("alice@office.test", ["friend@example.com"], message(f"m{i}"))
+
+    async def run():
+        async with Proxy(smtp_sink.port) as proxy:
+            o.cfg = config_mod.loads(o.path.read_text().replace(f"port = {smtp_sink.port}", f"port = {proxy.port}"))
+            r = await flush(o.cfg, o.queue)
+            return proxy.connections, r
+
+    connections, result = asyncio.run(run())
+    assert o.cfg.smarthost.connections == 2 and connections == 2
+    assert (result.sent, result.error) == (4, None)
+
+
 def test_one_message_opens_one_connection_whatever_the_setting(office, smtp_sink):
     o = office(smtp_sink.port, smarthost="connections = 3")
     o.send("alice@office.test", ["friend@example.com"], message("only"))

@@ -174,8 +174,8 @@ def session_log(ctx: typer.Context,
     table = Table(title=f"last {len(rows)} session(s)", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                   collapse_padding=not wide)
     columns = ("#", "started", "trigger", "outcome", "bit/s", "online", "bytes up/down", "sent/defer/bounce",
-               "fetched", "cost") if wide else ("#", "started", "trigger", "outcome", "online", "sent/def/bnc",
-                                                "fetched", "cost")
+               "fetched", "wire/mail", "cost") if wide else ("#", "started", "trigger", "outcome", "online",
+                                                             "sent/def/bnc", "fetched", "wire/mail", "cost")
     for col in columns:
         table.add_column(col, justify="left" if col in ("started", "trigger", "outcome") else "right", no_wrap=True)
     cur = cfg.session.currency
@@ -186,6 +186,7 @@ def session_log(ctx: typer.Context,
                  "bytes up/down": f"{r.bytes_up}/{r.bytes_down}",
                  "sent/defer/bounce": f"{r.sent}/{r.deferred}/{r.bounced}",
                  "sent/def/bnc": f"{r.sent}/{r.deferred}/{r.bounced}", "fetched": str(r.fetched),
+                 "wire/mail": _ratio(r.fetch_wire_down, r.fetched_bytes),
                  "cost": f"{r.cost:.2f}{(' ' + cur) if cur and wide else ''}"}
         table.add_row(*(escape(cells[c]) for c in columns))
     Console(width=width, highlight=False).print(table)
@@ -260,6 +261,11 @@ def _print_logins(cfg) -> None:
             typer.echo(f"oauth: {oauth.account}: {refused_text(oauth.account, rec.error)}")
 
 
+def _ratio(wire: int, mail: int) -> str:
+    """Bytes the fetch moved per byte of mail fetched: below 1 where COMPRESS worked."""
+    return f"{wire / mail:.2f}" if wire and mail else "-"
+
+
 def _print_status(counts: dict, next_dial, last) -> None:
     typer.echo(f"queue: {counts['messages']} message(s), {counts['bytes']} bytes; "
                f"{counts['relay']} recipient(s) waiting to be sent ({counts['deferred']} deferred), "
@@ -267,8 +273,10 @@ def _print_status(counts: dict, next_dial, last) -> None:
     typer.echo(f"next scheduled dial: {next_dial or 'none'}")
     if last:
         started = dt.datetime.fromtimestamp(last["started"]).strftime("%Y-%m-%d %H:%M")
+        ratio = _ratio(last.get("fetch_wire_down", 0), last.get("fetched_bytes", 0))
         typer.echo(f"last session: #{last['id']} {started} {last['trigger']} {last['outcome']}, sent "
                    f"{last['sent']}, fetched {last['fetched']}"
+                   + (f" (the fetch moved {ratio} x the mail's bytes)" if ratio != "-" else "")
                    + (f"; errors: {'; '.join(last['errors'])}" if last.get("errors") else ""))
     else:
         typer.echo("last session: none yet")

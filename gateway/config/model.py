@@ -161,7 +161,7 @@ class SmarthostConfig:
     timeout: float
     route: str  # smarthost | mx
     rewrite: tuple[tuple[str, str], ...]  # local address or @domain -> outside address
-    connections: int = 1  # SMTP connections a flush uses at once
+    connections: int = 2  # SMTP connections a flush uses at once (measured best: README Benchmarks)
     auth: str = "password"  # password | xoauth2 | oauthbearer
     oauth: OAuthConfig | None = None  # who issues the tokens, with auth = xoauth2 | oauthbearer
 
@@ -200,6 +200,7 @@ class FetchConfig:
     max_bytes: int | None
     batch_size: int
     chunk_size: int
+    compress: str = "auto"  # auto: COMPRESS=DEFLATE whenever the server offers it | off
     offpeak: tuple[int, int] | None = None  # (start, end) minutes after local midnight, for oversize="defer"
     domains: tuple[str, ...] = ()  # ISP-side domains whose local parts are local users (multidrop)
     auth: str = "password"  # password | xoauth2 | oauthbearer
@@ -246,6 +247,7 @@ class SessionConfig:
     cost_per_call: float
     cost_per_minute: float
     currency: str
+    etrn_wait: float = 10.0  # seconds after ETRN the line waits for the ISP's first delivery
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,8 @@ def loads(text: str, path: Path | None = None) -> Config:
                                "min_gap", "max_sessions_per_day", "max_minutes_per_day"}))
     session = _session(_Section(loader, "session", raw.get("session"),
                                 {"max_time", "idle_timeout", "retry_delay", "retry_count", "before", "after",
-                                 "etrn_domains", "cost_per_call", "cost_per_minute", "currency"}))
+                                 "etrn_domains", "etrn_wait", "cost_per_call", "cost_per_minute",
+                                 "currency"}))
     alias_sec = _Section(loader, "aliases", raw.get("aliases"))
     aliases: dict[str, tuple[str, ...]] = {}
     for name in alias_sec.data:
@@ -307,7 +308,7 @@ def _smarthost(s: _Section) -> SmarthostConfig:
                            starttls=s.choice("starttls", ("required", "opportunistic", "off"), "opportunistic"),
                            username=user, password_file=pw, ca_file=s.path("ca_file"),
                            timeout=s.get("timeout", float, 120.0), route=route, rewrite=tuple(rewrite),
-                           connections=s.positive("connections", 1), auth=auth, oauth=oauth)
+                           connections=s.positive("connections", 2), auth=auth, oauth=oauth)
 
 
 def _queue(s: _Section) -> QueueConfig:
@@ -325,7 +326,7 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                  known={"name", "host", "port", "tls", "username", "password_file", "folders", "mode", "deliver_to",
                   "keep", "keep_days", "envelope_header", "envelope_skip", "guess_from_headers", "ca_file",
                   "max_message_size", "oversize", "max_messages", "max_bytes", "batch_size", "chunk_size",
-                  "offpeak", "domains", "auth", "oauth"})
+                  "offpeak", "domains", "auth", "oauth", "compress"})
     tls = s.choice("tls", ("imaps", "starttls", "off"), "imaps")
     mode = s.choice("mode", ("single", "multidrop"), "single")
     name = s.get("name", str, None) or s.get("username", str, f"account{index}")
@@ -363,7 +364,7 @@ def _fetch(loader: _Loader, index: int, data: Any, server: ServerConfig) -> Fetc
                        max_bytes=s.convert("max_bytes", parse_size, None),
                        batch_size=s.positive("batch_size", 50),
                        chunk_size=s.convert("chunk_size", parse_size, 1024 * 1024),
-                       auth=auth, oauth=oauth)
+                       auth=auth, oauth=oauth, compress=s.choice("compress", ("auto", "off"), "auto"))
 
 
 def _link(s: _Section) -> LinkConfig:
@@ -405,6 +406,7 @@ def _session(s: _Section) -> SessionConfig:
                          retry_count=s.get("retry_count", int, 2),
                          before=s.get("before", str, None), after=s.get("after", str, None),
                          etrn_domains=s.str_list("etrn_domains"),
+                         etrn_wait=s.convert("etrn_wait", parse_duration, 10),
                          cost_per_call=s.get("cost_per_call", float, 0.0),
                          cost_per_minute=s.get("cost_per_minute", float, 0.0),
                          currency=s.get("currency", str, ""))

@@ -42,6 +42,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 
 from gateway.config import Config, FetchConfig
 from gateway.fetch import plan
+from gateway.fetch.compress import WireCount, count_only, deflate
 from gateway.fetch.envelope import (
     first,
     header_block,
@@ -109,9 +110,13 @@ class AccountResult:
     complete: bool = False  # every folder worked through, nothing left by caps or stop
     error: str | None = None
     seconds: float = 0.0
+    wire: WireCount = field(default_factory=WireCount)  # the IMAP bytes after login, as sent
 
     def summary(self) -> str:
         parts = [f"{self.fetched} fetched ({self.bytes} bytes)"]
+        if self.wire.down:
+            parts.append(f"{self.wire.down}/{self.wire.up} bytes down/up on the wire"
+                         + (" compressed" if self.wire.compressed else ""))
         for name in ("deferred", "oversize", "deleted", "duplicates", "review", "notices"):
             if getattr(self, name):
                 parts.append(f"{getattr(self, name)} {name}")
@@ -139,6 +144,14 @@ class FetchResult:
     @property
     def deferred(self) -> int:
         return self._sum("deferred")
+
+    @property
+    def wire_down(self) -> int:
+        return sum(a.wire.down for a in self.accounts)
+
+    @property
+    def wire_up(self) -> int:
+        return sum(a.wire.up for a in self.accounts)
 
     @property
     def deleted(self) -> int:
@@ -315,6 +328,8 @@ class AccountFetcher:
             client.login(a.username, password)
         else:
             self.token_login(client)
+        # Compression first: the literal guard then wraps the inflated reads.
+        (deflate if a.compress == "auto" else count_only)(client, self.result.wire)
         self.uidplus = client.has_capability("UIDPLUS")
         limit = a.max_message_size or self.config.policy.max_message_size
         self.guard = LiteralGuard(client, max(limit, a.chunk_size) + LITERAL_MARGIN)

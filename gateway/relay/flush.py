@@ -21,7 +21,10 @@ could be made at all (refused, TLS or AUTH failure) every recipient shows the re
 the queue but counts no attempt: the office's line or setup says nothing about the mail.
 
 Asked to stop (``finish_event``: an interrupt, the session's max_time) the flush finishes
-the message in flight and takes no other.  Each message is read again just before it is
+the message in flight and takes no other; over several connections only the one that
+started first is finished, the others are abandoned before their final dot (no attempt,
+due at once), so the line carries one message to its end instead of sharing itself
+between several until the session's grace runs out.  Each message is read again just before it is
 sent, so one held or deleted meanwhile stays back; one whose file is gone is deferred with
 that reason.  No message goes out while the spool lacks the room to record what the server
 says about it: a full disk stops the flush instead of sending mail twice.
@@ -36,7 +39,9 @@ import asyncio
 import base64
 import errno
 import logging
+import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -114,6 +119,11 @@ class _Stop(Exception):
     def __init__(self, why: Outcome):
         super().__init__(why.reply)
         self.why = why
+
+
+class _Abandoned(_Stop):
+    """Asked to stop while another connection's message goes first: this message was left
+    before its final dot, so the server has not taken it; no attempt, due at once."""
 
 
 @dataclass
@@ -316,6 +326,7 @@ class Connection:
         self.peer = peer
         self.helo = helo
         self.timeout = timeout
+        self.abandon = asyncio.Event()  # leave the message in flight (another one finishes first)
         self.smtp: aiosmtplib.SMTP | None = None
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -370,10 +381,24 @@ class Connection:
                 raise _Stop(outcome.auth_failed(0, _why(exc))) from None
         self.smtp = smtp
 
-    async def close(self, polite: bool = True) -> None:
-        """QUIT and close; without ``polite`` (the link is gone) just close the socket."""
+    async def close(self, polite: bool = True, reset: bool = False) -> None:
+        """QUIT and close; without ``polite`` (the link is gone) just close the socket.
+
+        ``reset``: a message was left mid-DATA.  aiosmtplib wrote all of it, final dot
+        included, at once, and most of it still waits in our buffers: a reset (zero
+        linger, abort) throws that away, so the server never sees the dot and takes
+        nothing, where a plain close would still send every byte.
+        """
         if self.smtp is not None:
-            if polite:
+            if reset:
+                transport = self.smtp.transport
+                sock = transport.get_extra_info("socket") if transport is not None else None
+                if sock is not None:
+                    with suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if transport is not None:
+                    transport.abort()
+            elif polite:
                 await _quit(self.smtp)
             self.smtp.close()
             self.smtp = None
@@ -555,8 +580,10 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
                             list(conn.smtp.esmtp_extensions))
     waiting = deque(jobs)
     halted: list[Outcome] = []
+    in_flight: dict[Connection, float] = {}  # when each connection's current message started
 
     async def send_over(conn: Connection) -> None:
+        abandoned = False
         try:
             while waiting and not halted:
                 if ctx.stopped():
@@ -565,14 +592,27 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
                 if not conn.alive:  # the server said 421 and hung up: the rest waits, untouched
                     ctx.result.error = outcome.lost_connection(f"{peer.host}:{peer.port} (the server closed it)")
                     break
+                in_flight[conn] = time.monotonic()
                 try:
                     await _send_job(ctx, conn, waiting.popleft())
                 except _Stop as stop:
+                    abandoned = isinstance(stop, _Abandoned)
                     ctx.result.error = stop.why
                     halted.append(stop.why)
                     break
+                finally:
+                    in_flight.pop(conn, None)
         finally:
-            await conn.close(polite=not ctx.link_gone())
+            # An abandoned message stopped mid-DATA: a QUIT now would be read as its text.
+            await conn.close(polite=not ctx.link_gone(), reset=abandoned)
+
+    async def finish_one() -> None:
+        """Asked to stop: the message that started first goes on, the others are left."""
+        await ctx.finish_event.wait()
+        first = min(in_flight, key=in_flight.__getitem__, default=None)
+        for other in list(in_flight):
+            if other is not first:
+                other.abandon.set()
 
     async def open_and_send() -> None:
         extra = Connection(peer, ctx.config.server.hostname, ctx.config.smarthost.timeout)
@@ -584,10 +624,18 @@ async def _over_connection(ctx: _Context, peer: Peer, jobs: list[_Job]) -> bool:
         await send_over(extra)
 
     extras = min(ctx.config.smarthost.connections, len(jobs)) - 1
+    finishing = None
     async with asyncio.TaskGroup() as group:
-        group.create_task(send_over(conn))
+        senders = [group.create_task(send_over(conn))]
         for _ in range(extras):
-            group.create_task(open_and_send())
+            senders.append(group.create_task(open_and_send()))
+        if extras and ctx.finish_event is not None:
+            finishing = asyncio.ensure_future(finish_one())
+        try:
+            await asyncio.gather(*senders, return_exceptions=True)
+        finally:
+            if finishing is not None:
+                finishing.cancel()
     return True
 
 
@@ -595,26 +643,30 @@ def _remember_ehlo(queue: Queue, server: str, keywords: list[str]) -> None:
     SmarthostMemory.beside(queue).remember(server, keywords)
 
 
-async def _abortable(ctx: _Context, coro: Awaitable):
-    """Await ``coro`` unless the link goes down first (``stop_event``): then ``_Stop``."""
-    if ctx.stop_event is None:
+async def _abortable(ctx: _Context, coro: Awaitable, abandon: asyncio.Event | None = None):
+    """Await ``coro`` unless the link goes down first (``stop_event``): then ``_Stop``; or
+    unless ``abandon`` is set first: then ``_Abandoned``."""
+    if ctx.stop_event is None and abandon is None:
         return await coro
     task = asyncio.ensure_future(coro)
-    stopper = asyncio.ensure_future(ctx.stop_event.wait())
+    stoppers = [asyncio.ensure_future(e.wait()) for e in (ctx.stop_event, abandon) if e is not None]
     try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, *stoppers}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         # Cancelled from outside: the transfer must not go on as an orphan and finish a
         # message whose reply nobody would record.
         task.cancel()
         raise
     finally:
-        stopper.cancel()
+        for stopper in stoppers:
+            stopper.cancel()
     if not task.done():
         task.cancel()
         with suppress(asyncio.CancelledError, Exception):
             await task
-        raise _Stop(outcome.lost_connection("(link went down)"))
+        if ctx.link_gone():
+            raise _Stop(outcome.lost_connection("(link went down)"))
+        raise _Abandoned(outcome.stopped_early())
     return task.result()
 
 
@@ -703,11 +755,11 @@ async def _send_job(ctx: _Context, conn: Connection, job: _Job) -> None:
         await ctx.record(job.qid, outcomes)
         return
     try:
-        accepted = await _abortable(ctx, conn.send(sender, rcpts, data, utf8, outcomes))
+        accepted = await _abortable(ctx, conn.send(sender, rcpts, data, utf8, outcomes), conn.abandon)
     except _Stop as stop:
         for r in rcpts:
             outcomes.setdefault(r, stop.why)
-        await ctx.record(job.qid, outcomes)
+        await ctx.record(job.qid, outcomes, unsent=isinstance(stop, _Abandoned))
         raise
     await ctx.record(job.qid, outcomes)
     if accepted:

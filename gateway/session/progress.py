@@ -12,6 +12,8 @@ from gateway.session.events import (
     Done,
     End,
     Error,
+    Etrn,
+    EtrnFailed,
     Event,
     FetchDone,
     Fetched,
@@ -77,6 +79,10 @@ class ProgressView:
                 whys = event.errors
                 self.say(f"{t} fetching done: {event.fetched} fetched"
                          + (f" [red]({escape('; '.join(whys))})[/red]" if whys else ""), reason=bool(whys))
+            case Etrn():
+                self.say(f"{t} ETRN {escape(event.domain)}: {event.code} {escape(event.reply)}")
+            case EtrnFailed():
+                self.say(f"{t} [red]ETRN not sent[/red]: {escape(event.error)}", reason=True)
             case Hangup():
                 self.say(f"{t} hanging up")
             case Error():

@@ -9,7 +9,12 @@ import time
 from typing import Any
 
 from gateway.session.events import Connected, Dialing, Done, End, Event, Hangup, Refused
-from gateway.session.session import SessionContext, SessionControl, run_with_retries
+from gateway.session.session import (
+    InboundSmtp,
+    SessionContext,
+    SessionControl,
+    run_with_retries,
+)
 
 log = logging.getLogger("dialmail.control")
 
@@ -39,8 +44,10 @@ class SessionRunner:
         """Start a session unless one runs; True if this call started it."""
         if self.busy or self.closing:
             return False
-        ctx = SessionContext(self.daemon.config, self.daemon.spool,
-                             kick_delivery=self.daemon.worker.kick if self.daemon.worker else None)
+        daemon = self.daemon
+        ctx = SessionContext(daemon.config, daemon.spool,
+                             kick_delivery=daemon.worker.kick if daemon.worker else None,
+                             inbound=InboundSmtp(daemon.smtp_connections, lambda: daemon.accepted))
         self.current = {"trigger": trigger, "mode": mode, "started": time.time()}
         self.control = SessionControl()
         self.task = self.daemon.spawn(self._run(ctx, trigger, mode), f"session-{trigger}")

@@ -1,7 +1,7 @@
 """A dial session: link up, move the mail both ways at once, hang up, account for it.
 
     lock -> before hook -> link up (redial policy of the backend) -> [ETRN]
-         -> relay flush  ||  IMAP fetch      (concurrently: the line carries both ways)
+         -> relay flush  ||  IMAP fetch  ||  [the mail ETRN released, by SMTP]
          -> hang up when both are drained, or idle, or at max_time, or on carrier loss
          -> after hook -> local delivery of what was fetched -> session record
 
@@ -73,6 +73,17 @@ class SessionContext:
     config: Config
     spool: Any                     # gateway.daemon.Spool
     kick_delivery: Callable[[], None] | None = None  # the daemon's local delivery worker
+    inbound: "InboundSmtp | None" = None  # the daemon's SMTP listener; None: nothing can arrive
+
+
+@dataclass
+class InboundSmtp:
+    """What the session needs to know of the SMTP listener to wait for mail released by ETRN."""
+    connections: Callable[[], int]   # SMTP connections open now
+    accepted: Callable[[], int]      # messages accepted since the daemon started
+
+
+ETRN_QUIET = 2.0  # seconds without an SMTP connection after which the ISP is taken to be done
 
 
 class Session:
@@ -94,6 +105,7 @@ class Session:
         self.phase = "starting"
         self.interrupted_by: str | None = None
         self.interrupted_while: str | None = None
+        self.etrn_asked: tuple[float, int] | None = None  # monotonic time, messages accepted then
         self._task: asyncio.Task | None = None
         self._cut = False  # interrupt() cancelled this session's own task
         self._fetched_so_far = [0, 0]  # messages and bytes spooled, from the fetch's progress reports
@@ -328,6 +340,8 @@ class Session:
             jobs.append(self._send())
         if self.record.mode in ("both", "fetch") and cfg.fetch:
             jobs.append(self._fetch())
+        if self.etrn_asked is not None:
+            jobs.append(self._await_released_mail())
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):
@@ -377,6 +391,8 @@ class Session:
             raise
         self.record.fetched += result.fetched
         self.record.fetched_bytes += getattr(result, "bytes", 0)
+        self.record.fetch_wire_down += getattr(result, "wire_down", 0)
+        self.record.fetch_wire_up += getattr(result, "wire_up", 0)
         whys = [f"fetch: {err}" for err in getattr(result, "errors", []) or []]
         self.record.errors.extend(whys)
         if result.fetched and self.ctx.kick_delivery:
@@ -403,8 +419,42 @@ class Session:
                 for domain in self.config.session.etrn_domains:
                     resp = await smtp.execute_command(f"ETRN {domain}".encode())
                     self.emit(Etrn(domain, resp.code, resp.message))
+                    inbound = self.ctx.inbound
+                    if resp.code // 100 == 2 and inbound is not None and self.etrn_asked is None:
+                        self.etrn_asked = (time.monotonic(), inbound.accepted())
         except Exception as exc:
             self.emit(EtrnFailed(str(exc)))
+
+    async def _await_released_mail(self) -> None:
+        """Keep the line up for the mail ETRN released, alongside the relay and the fetch.
+
+        The ISP delivers it to our SMTP listener on its own schedule, and its 250 does
+        not say whether it holds anything (Postfix answers "Queuing started" either way).
+        So: wait up to ``etrn_wait`` after the ETRN for a first connection; once the ISP
+        delivers, wait until no SMTP connection has been open for ETRN_QUIET seconds.
+        Hanging up earlier would leave the mail at the ISP until the next session.
+        """
+        inbound = self.ctx.inbound
+        asked, before = self.etrn_asked
+        seen = False
+        quiet_since = time.monotonic()
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if inbound.connections() or inbound.accepted() > before:
+                seen = True
+            if inbound.connections():
+                quiet_since = now
+            if seen and now - quiet_since >= ETRN_QUIET:
+                break
+            if not seen and now - asked >= self.config.session.etrn_wait:
+                break
+            try:
+                await asyncio.wait_for(self.stop.wait(), 0.1)
+            except TimeoutError:
+                pass
+        arrived = inbound.accepted() - before
+        self.record.etrn_received = arrived
+        self.emit(Info(f"{arrived} message(s) arrived after ETRN"))
 
     async def _hook(self, which: str, command: str | None) -> None:
         if not command:
