@@ -81,16 +81,6 @@ def aliases_list(ctx: typer.Context):
                    f"{' - ' + vac.subject if vac else ''}")
 
 
-def _timestamp(text: Optional[str], end: bool) -> Optional[float]:
-    if not text:
-        return None
-    from gateway.config.policy import parse_when
-    try:
-        return parse_when(text, end=end).timestamp()
-    except ValueError as exc:
-        fail(str(exc), EX_USAGE)
-
-
 @users_app.command("vacation")
 @explained
 def users_vacation(ctx: typer.Context, name: str,
@@ -134,12 +124,14 @@ def users_vacation(ctx: typer.Context, name: str,
         body = message_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {message_file}: {exc}", EX_USAGE)
-    t0, t1 = _timestamp(start, False), _timestamp(end, True)
-    if t0 and t1 and t1 <= t0:
-        fail("--end is before --start", EX_USAGE)
+    from gateway.office import operator
     try:
         interval = parse_duration(every) if every else None
     except ValueError as exc:
         fail(f"--every: {exc}", EX_USAGE)
-    st.set_vacation(user, t0, t1, subject, body, interval)
+    try:
+        operator.set_out_of_office(st, Users(cfg.spool_dir), user,
+                                   operator.OutOfOffice(subject, body, start, end, interval))
+    except ValueError as exc:
+        fail(str(exc), EX_USAGE)
     typer.echo(f"out-of-office of {user} is on{' from ' + start if start else ''}{' until ' + end if end else ''}")

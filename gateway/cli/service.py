@@ -72,4 +72,5 @@ def default_services():
     from gateway import control
     from gateway.pop3 import server as pop3
     from gateway.session import scheduler
-    return [pop3.service, control.service, scheduler.service]
+    from gateway.web import service as web
+    return [pop3.service, control.service, scheduler.service, web.service]

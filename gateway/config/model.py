@@ -98,6 +98,16 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web console in the daemon; ``listen`` empty when there is no ``[web]`` section."""
+    listen: tuple[Listen, ...] = ()
+    tls_cert: Path | None = None  # shared with SMTP/POP3 unless given here
+    tls_key: Path | None = None
+    admins: tuple[str, ...] = ()
+    users_may_connect: bool = True
+
+
+@dataclass(frozen=True)
 class SmarthostConfig:
     host: str | None
     port: int
@@ -208,6 +218,7 @@ class Config:
     raw: dict[str, Any] = field(repr=False, compare=False)
     policy: PolicySettings | None = None  # block lists, virus scan, groups, replies
     source: str = field(default="", repr=False, compare=False)  # the file's text, for line numbers
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def spool_dir(self) -> Path:

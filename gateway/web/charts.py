@@ -1,0 +1,62 @@
+"""The sessions page's charts, drawn by pygal as SVG on the server (no script, no CDN).
+
+Line time and cost per day, bytes each way per session, and line efficiency: the
+payload a session moved against what the line could carry at its connect rate in the
+time it was up, which shows protocol overhead and idle time on the bill.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+import pygal
+from pygal.style import CleanStyle
+
+from spool.sessions import SessionRecord
+
+# js=[]: pygal's tooltips script comes from its CDN, which an office behind a dial-up
+# link (or a test browser without Internet) would wait for.
+_COMMON = dict(style=CleanStyle, js=[], disable_xml_declaration=True, height=300, width=800,
+               legend_at_bottom=True, x_label_rotation=30, print_values=False, show_minor_x_labels=True)
+
+
+def _svg(chart) -> str:
+    return chart.render(is_unicode=True)
+
+
+def line_time_per_day(records: list[SessionRecord], currency: str, days: int = 30) -> str:
+    today = dt.date.today()
+    span = [today - dt.timedelta(days=n) for n in range(days - 1, -1, -1)]
+    minutes: dict[dt.date, float] = defaultdict(float)
+    cost: dict[dt.date, float] = defaultdict(float)
+    for r in records:
+        day = dt.date.fromtimestamp(r.started)
+        minutes[day] += r.connected_seconds / 60
+        cost[day] += r.cost
+    chart = pygal.Bar(title="Line time and cost per day", **_COMMON)
+    chart.x_labels = [d.strftime("%m-%d") for d in span]
+    chart.add("minutes online", [round(minutes[d], 2) for d in span])
+    chart.add(f"cost ({currency})" if currency else "cost", [round(cost[d], 2) for d in span], secondary=True)
+    return _svg(chart)
+
+
+def bytes_per_session(rows: list[tuple[int, SessionRecord]]) -> str:
+    chart = pygal.Bar(title="Bytes per session", **_COMMON)
+    chart.x_labels = [str(sid) for sid, _ in rows]
+    chart.add("up (sent)", [r.bytes_up for _, r in rows])
+    chart.add("down (fetched)", [r.bytes_down for _, r in rows])
+    return _svg(chart)
+
+
+def efficiency(r: SessionRecord) -> float | None:
+    """Percent of the line's capacity (connect rate x time up) that was payload."""
+    if not r.connect_rate or r.connected_seconds <= 0:
+        return None
+    return round(100 * 8 * (r.bytes_up + r.bytes_down) / (r.connect_rate * r.connected_seconds), 1)
+
+
+def efficiency_per_session(rows: list[tuple[int, SessionRecord]]) -> str:
+    chart = pygal.Bar(title="Line efficiency per session (payload / connect rate x time up, %)", **_COMMON)
+    chart.x_labels = [str(sid) for sid, _ in rows]
+    chart.add("efficiency %", [efficiency(r) for _, r in rows])
+    return _svg(chart)
