@@ -150,6 +150,8 @@ _PACKAGE_OF = {
     "mutt": "mutt",
     "wvdial": "wvdial",
     "curl": "curl",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
     "pppd": "ppp",
 }
 

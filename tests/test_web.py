@@ -1,0 +1,248 @@
+"""The web console over plain HTTP against the real daemon: who may open what, CSRF on
+every POST, the cookie, the shared login lockout, and that the console's changes are the
+CLI's changes (both read the same spool).  tests/test_web_browser.py drives it in Chromium."""
+import asyncio
+import os
+import poplib
+import re
+import stat
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from gateway.config import loads
+from tests.harness import wait_for
+from tests.peers import PeerStartError, free_port
+from tests.test_session import submit
+from tests.web_console import ADMIN, ADMIN_PW, USER, USER_PW, Client, start_console
+
+pytestmark = pytest.mark.timeout(120)
+
+CONSOLE_SOURCE = (Path(__file__).resolve().parent.parent / "gateway" / "web" / "console.py").read_text()
+ADMIN_PAGES = ["/sessions", "/queue", "/quarantine", "/users"]
+SAMPLE_PARAMS = {"{sid:int}": "1", "{qid}": "ABC", "{action}": "hold", "{name}": USER, "{key}": "k"}
+
+
+def _routes(method: str) -> list[str]:
+    """Every path the console answers for ``method``, its parameters filled in."""
+    paths = re.findall(r'Route\("([^"]+)", self\.\w+, methods=\["' + method + r'"\]\)', CONSOLE_SOURCE)
+    assert paths, f"no {method} routes found in console.py"
+    out = []
+    for p in paths:
+        for param, value in SAMPLE_PARAMS.items():
+            p = p.replace(param, value)
+        assert "{" not in p, p
+        out.append(p)
+    return out
+
+
+def queued_id(site) -> str:
+    """The id of the one message ``dialmail mailq`` lists."""
+    out = site.cli("mailq").stdout.decode()
+    found = re.findall(r"^(\S+)\s+\d+[smhd]\s", out, re.M)
+    assert len(found) == 1, out
+    return found[0]
+
+
+def test_route_listing_sees_every_page():
+    assert set(_routes("GET")) >= {"/", "/login", "/sessions", "/queue", "/quarantine", "/users", "/me", "/events"}
+    assert "/connect-now" in _routes("POST")
+
+
+def test_no_page_opens_without_login_except_login_and_static_files(site):
+    web = Client(start_console(site))
+    for path in _routes("GET"):
+        r = web.get(path)
+        if path == "/login":
+            assert r.status == 200 and 'name="password"' in r.text
+            continue
+        assert r.status == 303 and r.location.startswith("/login?next="), (path, r.status, r.location)
+    for path in _routes("POST"):
+        if path in ("/login", "/logout"):  # open to all: logging out of no login changes nothing
+            continue
+        r = web.post(path, {"mode": "both"})
+        assert r.status == 401, (path, r.status)
+    for static in ("/static/htmx.min.js", "/static/console.js", "/static/console.css"):
+        assert web.get(static).status == 200, static
+    assert not site.users.exists("x") and "session 1" not in site.cli("log").stdout.decode()
+
+
+def test_every_post_without_its_csrf_token_is_refused(site):
+    base = start_console(site)
+    submit(site.smtp_port, 1)
+    qid = queued_id(site)
+    web = Client(base)
+    assert web.login(ADMIN, ADMIN_PW).status == 303
+    posts = [p.replace("ABC", qid) for p in _routes("POST")]
+    for path in posts:
+        r = web.post(path, {"user": "mallory", "password": "mallory-pw-77", "mode": "both", "enabled": "on",
+                            "body": "gone", "new": "x", "old": ADMIN_PW}, csrf=False)
+        assert r.status == 403 and "CSRF" in r.text, (path, r.status, r.text[:200])
+        # A token from another session is no better than none.
+        r = web.post(path, {"csrf": "not-this-sessions-token"}, csrf=False)
+        assert r.status == 403, path
+    assert not site.users.exists("mallory")
+    assert site.users.exists(USER)
+    assert qid in site.cli("mailq").stdout.decode() and "(held)" not in site.cli("mailq").stdout.decode()
+    assert "session 1" not in site.cli("log").stdout.decode()
+    # The login form is a POST like any other: no token, no login.
+    fresh = Client(base)
+    fresh.get("/login")
+    r = fresh.post("/login", {"user": ADMIN, "password": ADMIN_PW}, csrf=False)
+    assert r.status == 403 and fresh.get("/").status == 303
+
+
+def test_admin_pages_answer_403_to_other_users(site):
+    web = Client(start_console(site))
+    assert web.login(USER, USER_PW).status == 303
+    for path in ADMIN_PAGES + ["/queue/ABC", "/sessions/1/transcript"]:
+        assert web.get(path).status == 403, path
+    for path in ("/users", f"/users/{ADMIN}/password", f"/users/{ADMIN}/delete", f"/users/{ADMIN}/out-of-office",
+                 "/queue/flush", "/queue/ABC/delete", "/quarantine/k/delete"):
+        assert web.post(path, {"user": "eve", "password": "eve-pw-55", "enabled": "on", "body": "x"}).status == 403
+    assert site.users.exists(ADMIN) and not site.users.exists("eve")
+    assert site.users.verify(ADMIN, ADMIN_PW)
+    me = web.get("/me")
+    assert me.status == 200 and f"<h1>{USER}</h1>" in me.text
+    home = web.get("/")
+    assert home.status == 200 and 'href="/queue"' not in home.text and "Connect now" in home.text
+
+
+def test_users_may_connect_false_keeps_the_button_for_admins(site):
+    web = Client(start_console(site, web_extra="users_may_connect = false"))
+    web.login(USER, USER_PW)
+    assert "Connect now" not in web.get("/").text
+    assert web.post("/connect-now", {"mode": "both"}).status == 403
+    assert "session 1" not in site.cli("log").stdout.decode()
+
+
+def test_cookie_is_signed_httponly_samesite_and_its_key_is_private(site):
+    base = start_console(site)
+    web = Client(base)
+    web.get("/login")
+    r = web.post("/login", {"user": ADMIN, "password": ADMIN_PW, "next": "/"})
+    cookie = r.headers["set-cookie"]
+    assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    assert "secure" not in cookie.lower()  # no TLS on this console: a Secure cookie would never come back
+    assert ADMIN_PW not in cookie
+    secret = site.spool / "web.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    # A cookie whose value was changed is no login.
+    for c in web.jar:
+        c.value = c.value[:-3] + ("AAA" if not c.value.endswith("AAA") else "BBB")
+    assert web.get("/").status == 303
+    site.stop()
+    os.chmod(secret, 0o640)
+    with pytest.raises(PeerStartError):
+        site.start()
+        wait_for(lambda: site.proc.poll() is not None, timeout=20, what="the daemon to refuse the key")
+        raise PeerStartError("exited")
+    assert "web.secret" in site.log() and "chmod 600" in site.log()
+
+
+def test_web_logins_share_the_smtp_lockout(site):
+    base = start_console(site, smtp_extra='max_auth_failures = 3\nauth_lockout = "1h"')
+
+    async def wrong_smtp_auth():
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=site.smtp_port) as c:
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                await c.auth_plain(ADMIN, "wrong-guess-1")  # one try; login() tries every mechanism
+    asyncio.run(wrong_smtp_auth())
+    asyncio.run(wrong_smtp_auth())
+    web = Client(base)
+    web.get("/login")
+    assert web.post("/login", {"user": ADMIN, "password": "wrong-guess-2"}).status == 401
+    locked = web.post("/login", {"user": ADMIN, "password": ADMIN_PW})
+    assert locked.status == 429 and "too many failed logins" in locked.text
+    assert web.get("/").status == 303
+
+
+def test_queue_changes_in_the_console_are_the_clis(site):
+    base = start_console(site)
+    submit(site.smtp_port, 1)
+    qid = queued_id(site)
+    web = Client(base)
+    web.login(ADMIN, ADMIN_PW)
+    page = web.get("/queue")
+    assert qid in page.text and "partner@elsewhere.test" in page.text
+    assert "Subject: outbound 0" in web.get(f"/queue/{qid}").text
+    assert web.post(f"/queue/{qid}/hold").status == 303
+    assert "(held)" in site.cli("mailq").stdout.decode()
+    assert f"{qid}: held" in web.get("/queue").text
+    web.post(f"/queue/{qid}/release")
+    assert "(held)" not in site.cli("mailq").stdout.decode()
+    site.cli("queue", "hold", qid, check=True)
+    assert 'class="held"' in web.get("/queue").text
+    web.post(f"/queue/{qid}/delete")
+    assert "queue is empty" in site.cli("mailq").stdout.decode()
+
+
+def test_user_added_in_the_console_logs_in_to_pop3_and_changes_own_password(site):
+    base = start_console(site)
+    web = Client(base)
+    web.login(ADMIN, ADMIN_PW)
+    web.get("/users")
+    assert web.post("/users", {"user": "dora", "password": "dora-pw-31"}).status == 303
+    assert "user dora added" in web.get("/users").text
+    pop = poplib.POP3("127.0.0.1", site.pop3_port, timeout=10)
+    pop.user("dora")
+    assert pop.pass_("dora-pw-31").startswith(b"+OK")
+    pop.quit()
+    dora = Client(base)
+    dora.login("dora", "dora-pw-31")
+    dora.get("/me")
+    dora.post("/me/password", {"old": "wrong-old-pw", "new": "dora-pw-32"})
+    assert "the old password is wrong" in dora.get("/me").text
+    assert site.users.verify("dora", "dora-pw-31")
+    dora.post("/me/password", {"old": "dora-pw-31", "new": "dora-pw-32"})
+    assert site.users.verify("dora", "dora-pw-32")
+    for page in (web.get("/users").text, dora.get("/me").text):
+        assert "dora-pw" not in page
+    assert "dora-pw" not in site.log()
+
+
+def test_out_of_office_from_the_console_is_what_the_cli_shows(site):
+    base = start_console(site)
+    web = Client(base)
+    web.login(USER, USER_PW)
+    web.get("/me")
+    web.post("/me/out-of-office", {"enabled": "on", "start": "2026-01-01", "end": "2099-12-31",
+                                   "subject": "Away until spring", "body": "Back in March."})
+    shown = site.cli("users", "vacation", USER, "--show").stdout.decode()
+    assert "on from 2026-01-01" in shown and "Away until spring" in shown
+    assert "on: Away until spring" in web.get("/me").text
+    web.post("/me/out-of-office", {"enabled": "on", "start": "2026-05-01", "end": "2026-04-01", "body": "x"})
+    assert "the end is before the start" in web.get("/me").text
+    assert "Away until spring" in site.cli("users", "vacation", USER, "--show").stdout.decode()
+    web.post("/me/out-of-office", {})
+    assert f"{USER}: off" in site.cli("users", "vacation", USER, "--show").stdout.decode()
+
+
+def test_connect_now_streams_the_sessions_lines_as_server_sent_events(site):
+    closed = free_port()
+    base = start_console(site, extra=f'[link]\ntype = "always-on"\n[smarthost]\nhost = "127.0.0.1"\n'
+                                     f'port = {closed}\nstarttls = "off"\n')
+    submit(site.smtp_port, 1)
+    web = Client(base)
+    web.login(ADMIN, ADMIN_PW)
+    r = web.post("/connect-now", {"mode": "send"}, headers={"HX-Request": "true"})
+    assert r.status == 200 and 'data-events="/events?after=0"' in r.text
+    stream = web.get("/events?after=0")
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    events = re.findall(r"event: (\w+)\ndata: (.*)\n\n", stream.text)
+    lines = [text for kind, text in events if kind == "line"]
+    assert "session 1 (manual, send)" in lines[0]
+    assert any("sending done: 0 sent, 1 deferred" in ln and f"127.0.0.1:{closed}" in ln for ln in lines), lines
+    assert events[-1] == ("end", "partial")
+    # The same words as `dialmail log` and the dashboard's last session.
+    assert "partial" in site.cli("log").stdout.decode()
+    assert "#1 partial (manual)" in web.get("/").text
+
+
+def test_no_web_section_no_console_and_loopback_by_default():
+    base = '[server]\nhostname = "m.office.test"\ndomains = ["office.test"]\nspool_dir = "/tmp/x"\n'
+    assert loads(base).web.listen == ()
+    cfg = loads(base + "[web]\nadmins = [\"Alice\"]\n")
+    assert [str(x) for x in cfg.web.listen] == ["127.0.0.1:8025"] and cfg.web.admins == ("alice",)
+    assert cfg.web.users_may_connect is True
