@@ -16,8 +16,11 @@ from spool.sessions import SessionRecord
 
 # js=[]: pygal's tooltips script comes from its CDN, which an office behind a dial-up
 # link (or a test browser without Internet) would wait for.
-_COMMON = dict(style=CleanStyle, js=[], disable_xml_declaration=True, height=300, width=800,
-               legend_at_bottom=True, x_label_rotation=30, print_values=False, show_minor_x_labels=True)
+_STYLE = CleanStyle(font_family="system-ui, sans-serif", title_font_size=16, label_font_size=11,
+                    major_label_font_size=11, legend_font_size=12, background="white", plot_background="white")
+_COMMON = dict(style=_STYLE, js=[], disable_xml_declaration=True, height=280, width=800, legend_at_bottom=True,
+               x_label_rotation=30, print_values=False, y_labels_major_count=5, show_minor_y_labels=False,
+               value_formatter=lambda v: f"{v:,.2f}".rstrip("0").rstrip("."))
 
 
 def _svg(chart) -> str:
@@ -41,7 +44,7 @@ def line_time_per_day(records: list[SessionRecord], currency: str, days: int = 3
 
 
 def bytes_per_session(rows: list[tuple[int, SessionRecord]]) -> str:
-    chart = pygal.Bar(title="Bytes per session", **_COMMON)
+    chart = pygal.Bar(title="Bytes per session", **{**_COMMON, "value_formatter": lambda v: f"{v:,.0f}"})
     chart.x_labels = [str(sid) for sid, _ in rows]
     chart.add("up (sent)", [r.bytes_up for _, r in rows])
     chart.add("down (fetched)", [r.bytes_down for _, r in rows])
