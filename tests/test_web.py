@@ -5,7 +5,10 @@ import asyncio
 import os
 import poplib
 import re
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import aiosmtplib
@@ -246,3 +249,26 @@ def test_no_web_section_no_console_and_loopback_by_default():
     cfg = loads(base + "[web]\nadmins = [\"Alice\"]\n")
     assert [str(x) for x in cfg.web.listen] == ["127.0.0.1:8025"] and cfg.web.admins == ("alice",)
     assert cfg.web.users_may_connect is True
+
+
+def test_demo_stay_keeps_the_console_up_and_prints_its_login(tmp_path):
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as f:
+        demo = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--stay"], stdout=f, stderr=f,
+                                cwd=Path(__file__).resolve().parent.parent)
+    try:
+        wait_for(lambda: "Ctrl-C ends the demo" in out.read_text(errors="replace") or demo.poll() is not None,
+                 timeout=90, what="the demo to finish its session")
+        text = out.read_text(errors="replace")
+        assert "every message arrived where it should" in text, text[-3000:]
+        url = re.search(r"web console: (http://127\.0\.0\.1:\d+/)\s+\(log in as alice, password alice-pw\)",
+                        text).group(1)
+        web = Client(url.rstrip("/"))
+        assert web.login("alice", "alice-pw").status == 303
+        assert "#1 ok (manual)" in web.get("/").text
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
