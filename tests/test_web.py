@@ -9,6 +9,8 @@ import signal
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import aiosmtplib
@@ -16,7 +18,7 @@ import pytest
 
 from gateway.config import loads
 from tests.harness import wait_for
-from tests.peers import PeerStartError, free_port
+from tests.peers import PeerStartError, free_port, make_self_signed_cert
 from tests.test_session import submit
 from tests.web_console import ADMIN, ADMIN_PW, USER, USER_PW, Client, start_console
 
@@ -272,3 +274,46 @@ def test_demo_stay_keeps_the_console_up_and_prints_its_login(tmp_path):
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_check_names_the_console_and_an_admin_who_is_no_user(site):
+    port = free_port()
+    site.write_config(f'[web]\nlisten = ["127.0.0.1:{port}"]\nadmins = ["alice", "zoe"]\n')
+    r = site.cli("check")
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, out + err
+    assert f"web console   http://127.0.0.1:{port}/  admins alice, zoe" in out
+    assert "'zoe' is not a local user" in err and "dialmail users add zoe" in err
+    assert "'alice'" not in err
+
+
+def test_console_speaks_https_with_the_smtp_certificate_and_its_cookie_is_secure(site, tmp_path):
+    import ssl
+    cert, key = make_self_signed_cert(tmp_path, cn="127.0.0.1")
+    base = start_console(site, smtp_extra=f'tls_cert = "{cert}"\ntls_key = "{key}"').replace("http:", "https:")
+    web = Client(base, tls=ssl.create_default_context(cafile=str(cert)))
+    web.get("/login")
+    r = web.post("/login", {"user": ADMIN, "password": ADMIN_PW, "next": "/"})
+    assert r.status == 303
+    assert "; secure" in r.headers["set-cookie"].lower()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP on the TLS port gets no page
+        urllib.request.urlopen(base.replace("https:", "http:") + "/login", timeout=10)
+
+
+def test_quarantine_lists_the_reason_and_deletes(site):
+    base = start_console(site)
+    md = site.spool / "mail" / "quarantine"
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True, exist_ok=True)
+    kept = md / "new" / "1700000000.Q1.mail"
+    kept.write_bytes(b"X-Dialmail-Quarantine: virus Eicar-Signature\r\n"
+                     b"X-Dialmail-Original-Recipients: bob@office.test\r\n"
+                     b"From: shady@outside.example\r\nSubject: invoice\r\n\r\nbody\r\n")
+    web = Client(base)
+    web.login(ADMIN, ADMIN_PW)
+    page = web.get("/quarantine").text
+    for said in ("virus Eicar-Signature", "bob@office.test", "shady@outside.example", "invoice"):
+        assert said in page, said
+    assert web.post("/quarantine/no-such-key/delete").status == 303 and kept.exists()
+    assert web.post(f"/quarantine/{kept.name}/delete").status == 303
+    assert not kept.exists() and "The quarantine is empty" in web.get("/quarantine").text

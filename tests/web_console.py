@@ -50,10 +50,13 @@ class Reply:
 class Client:
     """One browser's worth of cookies; redirects are returned, not followed."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, tls=None):
         self.base = base
         self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
+        handlers = [urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect]
+        if tls is not None:  # an ssl.SSLContext that trusts the test's certificate
+            handlers.append(urllib.request.HTTPSHandler(context=tls))
+        self.opener = urllib.request.build_opener(*handlers)
         self.token: str | None = None
 
     def _open(self, req) -> Reply:

@@ -42,6 +42,11 @@ def check(ctx: typer.Context):
     typer.echo(f"  smtp          {', '.join(map(str, cfg.smtp.listen))}  max {cfg.smtp.max_message_size} bytes"
                f"{'  STARTTLS' if cfg.smtp.tls_cert else ''}")
     typer.echo(f"  pop3          {', '.join(map(str, cfg.pop3.listen))}{'  STLS' if cfg.pop3.tls_cert else ''}")
+    web = cfg.web
+    if web.listen:
+        scheme = "https" if web.tls_cert else "http"
+        typer.echo(f"  web console   {', '.join(f'{scheme}://{x}/' for x in web.listen)}  "
+                   f"admins {', '.join(web.admins) or '-'}")
     sh = cfg.smarthost
     typer.echo(f"  smarthost     {sh.host or '-'}:{sh.port} starttls={sh.starttls}"
                f"{' auth=' + sh.username if sh.username else ''} route={sh.route}")
