@@ -2,6 +2,7 @@
 every POST, the cookie, the shared login lockout, and that the console's changes are the
 CLI's changes (both read the same spool).  tests/test_web_browser.py drives it in Chromium."""
 import asyncio
+import html
 import os
 import poplib
 import re
@@ -317,3 +318,34 @@ def test_quarantine_lists_the_reason_and_deletes(site):
     assert web.post("/quarantine/no-such-key/delete").status == 303 and kept.exists()
     assert web.post(f"/quarantine/{kept.name}/delete").status == 303
     assert not kept.exists() and "The quarantine is empty" in web.get("/quarantine").text
+
+
+def test_admin_resets_a_password_sets_an_out_of_office_and_deletes_a_user(site):
+    base = start_console(site)
+    web = Client(base)
+    web.login(ADMIN, ADMIN_PW)
+    web.get("/users")
+    web.post(f"/users/{USER}/password", {"password": "bob-new-pw-8"})
+    assert site.users.verify(USER, "bob-new-pw-8") and not site.users.verify(USER, USER_PW)
+    web.post(f"/users/{USER}/out-of-office", {"enabled": "on", "subject": "Parental leave", "body": "Ask alice."})
+    assert "Parental leave" in site.cli("users", "vacation", USER, "--show").stdout.decode()
+    assert "ON: Parental leave" in web.get("/users").text
+    web.post("/users/nobody-here/out-of-office", {"enabled": "on", "body": "x"})
+    assert "no such user: nobody-here" in web.get("/users").text
+    web.post(f"/users/{USER}/delete")
+    assert not site.users.exists(USER)
+    assert f"user {USER} deleted (mailbox kept)" in web.get("/users").text
+    assert USER not in site.cli("users", "list").stdout.decode().split()
+    web.post("/users", {"user": "zed@other.example", "password": "zed-pw-4"})
+    assert "other.example is not a local domain" in web.get("/users").text
+
+
+def test_users_page_shows_aliases_and_groups_as_the_cli_lists_them(site):
+    base = start_console(site, extra='[aliases]\nsales = ["alice", "bob"]\n'
+                                     '[groups.support]\nmembers = ["alice", "bob"]\nmode = "round-robin"\n')
+    web = Client(base)
+    web.login(ADMIN, ADMIN_PW)
+    page = web.get("/users").text
+    shown = html.unescape(re.search(r'<pre id="aliases">(.*?)</pre>', page, re.S).group(1))
+    assert shown == site.cli("aliases", "list").stdout.decode().rstrip("\n")
+    assert "sales@office.test" in shown and "support@office.test" in shown

@@ -33,6 +33,8 @@ from starlette.templating import Jinja2Templates
 
 from gateway import control
 from gateway.config import parse_duration
+from gateway.delivery import listing
+from gateway.delivery.stages.autoreply import Responder
 from gateway.delivery.stages.quarantine import MAILBOX as QUARANTINE
 from gateway.office import operator
 from gateway.office.bounce import read_headers
@@ -314,10 +316,11 @@ class WebConsole:
         names = await asyncio.to_thread(self.users.names)
         vacations = {v.user: v for v in await asyncio.to_thread(self.policy_state.vacations)}
         pol = self.config.policy
+        responder = Responder(self.config, self.queue, self.daemon.spool.directory, self.policy_state)
+        where = await asyncio.to_thread(listing.lines, self.config, self.daemon.spool.directory, responder)
         return self.render(request, "users.html", who, names=names, vacations=vacations,
                            admins=self.config.web.admins, forwards=pol.forwards if pol else {},
-                           aliases=sorted(self.config.aliases.items()),
-                           groups=sorted(pol.groups.items()) if pol else [])
+                           listing="\n".join(where))
 
     @_page(admin=True)
     async def user_add(self, request: Request, who: Visitor) -> Response:
