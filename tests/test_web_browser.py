@@ -151,12 +151,13 @@ def test_connect_now_shows_live_progress_and_the_session_in_the_table_and_charts
     for said in ("session 1 (manual, both)", "CONNECTED", "→ sent [2/2]", "← fetched [1/1]",
                  "session 1 ok: sent 2, deferred 0, bounced 0, fetched 1"):
         assert said in lines, lines
+    # The figures follow without a reload.
+    shows(chrome, "#last-session", "#1 ok (manual)")
+    shows(chrome, "#queue-waiting", "0")
+    assert "session 1 ok" in chrome.find_element("css selector", "#progress-lines").text
     DOCS.mkdir(exist_ok=True)
     chrome.save_screenshot(str(DOCS / "console-dashboard.png"))
     wait_for(lambda: len(isp.received()) == 2, timeout=10, what="the smarthost to hold both messages")
-    chrome.refresh()
-    shows(chrome, "#last-session", "#1 ok (manual)")
-    shows(chrome, "#queue-waiting", "0")
     click(chrome, 'a[href="/sessions"]')
     row = shows(chrome, "#session-1", "ok")
     assert "manual" in row and "33600" in row

@@ -14,6 +14,10 @@
       end.textContent = "session " + e.data;
       box.classList.add("ended", e.data);
       source.close();
+      // The figures above (queue, last session, line time) changed with the session.
+      if (document.getElementById("figures") && window.htmx) {
+        htmx.ajax("GET", "/", {target: "#figures", select: "#figures", swap: "outerHTML"});
+      }
     });
   }
   function scan(root) {
