@@ -78,8 +78,9 @@ class WebConsole:
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals.update(csrf_field=login.CSRF_FIELD, fmt_day=_day, fmt_time=_time)
         spool = daemon.spool
-        self.queue, self.users, self.catalogue = spool.queue, spool.users, spool.catalogue
+        self.queue, self.users = spool.queue, spool.users
         self.policy_state = PolicyState(spool.catalogue)
+        self.session_log = SessionLog(spool.catalogue)
         secure = self.config.web.tls_cert is not None
         routes = [
             Route("/login", self.login_page, methods=["GET"]),
@@ -166,7 +167,7 @@ class WebConsole:
         now = dt.datetime.now()
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
         month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-        log = SessionLog(self.catalogue)
+        log = self.session_log
         today, this_month = await asyncio.gather(asyncio.to_thread(log.since, midnight),
                                                  asyncio.to_thread(log.since, month))
         disk = shutil.disk_usage(self.config.spool_dir)
@@ -213,7 +214,7 @@ class WebConsole:
 
     @_page(admin=True)
     async def sessions(self, request: Request, who: Visitor) -> Response:
-        log = SessionLog(self.catalogue)
+        log = self.session_log
         rows = await asyncio.to_thread(log.last, 200)
         month_ago = time.time() - 30 * 86400
         recent = await asyncio.to_thread(log.since, month_ago)
@@ -226,8 +227,7 @@ class WebConsole:
     @_page(admin=True)
     async def transcript(self, request: Request, who: Visitor) -> Response:
         sid = request.path_params["sid"]
-        rows = await asyncio.to_thread(SessionLog(self.catalogue).last, 100000)
-        rec = dict(rows).get(sid)
+        rec = await asyncio.to_thread(self.session_log.get, sid)
         if rec is None or not rec.transcript:
             raise HTTPException(404, f"session {sid} has no transcript")
         path = Path(rec.transcript)

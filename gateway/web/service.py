@@ -60,7 +60,7 @@ async def service(daemon):
     feed = SessionFeed()
     follow = daemon.spawn(feed.follow(runner.subscribe()), "web-progress")
     secret = await asyncio.to_thread(login.cookie_secret, daemon.config.spool_dir)
-    console = WebConsole(daemon, runner, feed, secret)
+    console = await asyncio.to_thread(WebConsole, daemon, runner, feed, secret)  # opens spool tables
     sockets = [_bind(listen.host, listen.port) for listen in web.listen]
     config = uvicorn.Config(console.app, lifespan="off", access_log=False, log_config=None,
                             timeout_graceful_shutdown=STOP_GRACE,
