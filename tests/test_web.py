@@ -301,23 +301,33 @@ def test_console_speaks_https_with_the_smtp_certificate_and_its_cookie_is_secure
         urllib.request.urlopen(base.replace("https:", "http:") + "/login", timeout=10)
 
 
-def test_quarantine_lists_the_reason_and_deletes(site):
-    base = start_console(site)
+def test_quarantine_lists_the_reason_releases_to_the_recipient_and_deletes(site):
+    base = start_console(site, extra='[blocklist]\nsenders = ["spam.example"]\n')
+    for n in (1, 2):
+        msg = f"From: x@spam.example\r\nTo: bob@office.test\r\nSubject: offer {n}\r\n\r\nbuy now\r\n".encode()
+        site.cli("sendmail", "-f", "x@spam.example", "bob@office.test", input=msg, check=True)
     md = site.spool / "mail" / "quarantine"
-    for sub in ("tmp", "new", "cur"):
-        (md / sub).mkdir(parents=True, exist_ok=True)
-    kept = md / "new" / "1700000000.Q1.mail"
-    kept.write_bytes(b"X-Dialmail-Quarantine: virus Eicar-Signature\r\n"
-                     b"X-Dialmail-Original-Recipients: bob@office.test\r\n"
-                     b"From: shady@outside.example\r\nSubject: invoice\r\n\r\nbody\r\n")
+    wait_for(lambda: md.is_dir() and len(list((md / "new").iterdir())) == 2, timeout=20,
+             what="both messages in the quarantine")
+    assert site.mail_of(USER) == []
     web = Client(base)
     web.login(ADMIN, ADMIN_PW)
     page = web.get("/quarantine").text
-    for said in ("virus Eicar-Signature", "bob@office.test", "shady@outside.example", "invoice"):
+    for said in ("x@spam.example", "offer 1", "offer 2", "bob@office.test", "block"):
         assert said in page, said
-    assert web.post("/quarantine/no-such-key/delete").status == 303 and kept.exists()
-    assert web.post(f"/quarantine/{kept.name}/delete").status == 303
-    assert not kept.exists() and "The quarantine is empty" in web.get("/quarantine").text
+    keys = {re.search(rb"Subject: (offer \d)", p.read_bytes()).group(1).decode(): p.name
+            for p in (md / "new").iterdir()}
+    assert web.post("/quarantine/no-such-key/delete").status == 303
+    assert len(list((md / "new").iterdir())) == 2
+    web.post(f"/quarantine/{keys['offer 1']}/release")
+    assert "released as" in web.get("/quarantine").text
+    got = wait_for(lambda: site.mail_of(USER), timeout=20, what="the released message in bob's mailbox")
+    assert len(got) == 1 and b"Subject: offer 1" in got[0]
+    assert b"X-Dialmail-Quarantine" not in got[0] and b"Delivered-To: quarantine" not in got[0]
+    assert b"Return-Path: <x@spam.example>" in got[0]
+    web.post(f"/quarantine/{keys['offer 2']}/delete")
+    assert list((md / "new").iterdir()) == [] and "The quarantine is empty" in web.get("/quarantine").text
+    assert len(site.mail_of(USER)) == 1
 
 
 def test_admin_resets_a_password_sets_an_out_of_office_and_deletes_a_user(site):

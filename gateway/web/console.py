@@ -34,8 +34,8 @@ from starlette.templating import Jinja2Templates
 from gateway import control
 from gateway.config import parse_duration
 from gateway.delivery import listing
+from gateway.delivery.stages import quarantine
 from gateway.delivery.stages.autoreply import Responder
-from gateway.delivery.stages.quarantine import MAILBOX as QUARANTINE
 from gateway.office import operator
 from gateway.office.bounce import read_headers
 from gateway.web import charts, login
@@ -97,6 +97,7 @@ class WebConsole:
             Route("/queue/{qid}/{action}", self.queue_action, methods=["POST"]),
             Route("/quarantine", self.quarantine, methods=["GET"]),
             Route("/quarantine/{key}/delete", self.quarantine_delete, methods=["POST"]),
+            Route("/quarantine/{key}/release", self.quarantine_release, methods=["POST"]),
             Route("/users", self.users_page, methods=["GET"]),
             Route("/users", self.user_add, methods=["POST"]),
             Route("/users/{name}/password", self.user_password, methods=["POST"]),
@@ -290,7 +291,7 @@ class WebConsole:
     # ------------------------------------------------------------ quarantine
 
     def _quarantine(self) -> Maildir:
-        return Maildir(self.config.spool_dir / "mail" / QUARANTINE)
+        return Maildir(self.config.spool_dir / "mail" / quarantine.MAILBOX)
 
     @_page(admin=True)
     async def quarantine(self, request: Request, who: Visitor) -> Response:
@@ -298,16 +299,38 @@ class WebConsole:
         items = await asyncio.to_thread(_quarantined, md)
         return self.render(request, "quarantine.html", who, items=items)
 
+    async def _quarantined_file(self, key: str) -> Path | None:
+        md = self._quarantine()
+        for path in await asyncio.to_thread(lambda: list(md.messages()) if md.exists() else []):
+            if path.name == key:
+                return path
+        return None
+
     @_page(admin=True)
     async def quarantine_delete(self, request: Request, who: Visitor) -> Response:
         await login.checked_form(request)
         key = request.path_params["key"]
-        md = self._quarantine()
-        for path in await asyncio.to_thread(lambda: list(md.messages()) if md.exists() else []):
-            if path.name == key:
-                await asyncio.to_thread(path.unlink)
-                return self.back(request, "/quarantine", f"{key}: deleted")
-        return self.back(request, "/quarantine", f"{key}: not in the quarantine")
+        path = await self._quarantined_file(key)
+        if path is None:
+            return self.back(request, "/quarantine", f"{key}: not in the quarantine")
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        return self.back(request, "/quarantine", f"{key}: deleted")
+
+    @_page(admin=True)
+    async def quarantine_release(self, request: Request, who: Visitor) -> Response:
+        """Deliver a quarantined message to whom it was for, past the check that stopped it."""
+        await login.checked_form(request)
+        key = request.path_params["key"]
+        path = await self._quarantined_file(key)
+        if path is None:
+            return self.back(request, "/quarantine", f"{key}: not in the quarantine")
+        try:
+            qid = await asyncio.to_thread(quarantine.release, self.queue, self.daemon.spool.directory, path)
+        except quarantine.NotQuarantined as exc:
+            return self.back(request, "/quarantine", str(exc))
+        if self.daemon.worker:
+            self.daemon.worker.kick()
+        return self.back(request, "/quarantine", f"{key}: released as {qid}")
 
     # ------------------------------------------------------------ users (admin)
 
