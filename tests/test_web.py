@@ -317,7 +317,10 @@ def test_quarantine_lists_the_reason_releases_to_the_recipient_and_deletes(site)
         assert said in page, said
     keys = {re.search(rb"Subject: (offer \d)", p.read_bytes()).group(1).decode(): p.name
             for p in (md / "new").iterdir()}
+    listed = site.cli("quarantine", "list").stdout.decode()
+    assert keys["offer 1"] in listed and keys["offer 2"] in listed and "x@spam.example" in listed
     assert web.post("/quarantine/no-such-key/delete").status == 303
+    assert "no-such-key is not in the quarantine" in web.get("/quarantine").text
     assert len(list((md / "new").iterdir())) == 2
     web.post(f"/quarantine/{keys['offer 1']}/release")
     assert "released as" in web.get("/quarantine").text
@@ -327,6 +330,7 @@ def test_quarantine_lists_the_reason_releases_to_the_recipient_and_deletes(site)
     assert b"Return-Path: <x@spam.example>" in got[0]
     web.post(f"/quarantine/{keys['offer 2']}/delete")
     assert list((md / "new").iterdir()) == [] and "The quarantine is empty" in web.get("/quarantine").text
+    assert site.cli("quarantine", "list").stdout.decode().strip() == "the quarantine is empty"
     assert len(site.mail_of(USER)) == 1
 
 

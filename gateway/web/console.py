@@ -41,7 +41,6 @@ from gateway.office.bounce import read_headers
 from gateway.web import charts, login
 from gateway.web.login import Visitor
 from gateway.web.progress import SessionFeed
-from spool.maildir import Maildir
 from spool.policystate import PolicyState
 from spool.sessions import SessionLog
 from spool.users import UserError
@@ -290,30 +289,19 @@ class WebConsole:
 
     # ------------------------------------------------------------ quarantine
 
-    def _quarantine(self) -> Maildir:
-        return Maildir(self.config.spool_dir / "mail" / quarantine.MAILBOX)
-
     @_page(admin=True)
     async def quarantine(self, request: Request, who: Visitor) -> Response:
-        md = self._quarantine()
-        items = await asyncio.to_thread(_quarantined, md)
+        items = await asyncio.to_thread(quarantine.kept, self.config.spool_dir)
         return self.render(request, "quarantine.html", who, items=items)
-
-    async def _quarantined_file(self, key: str) -> Path | None:
-        md = self._quarantine()
-        for path in await asyncio.to_thread(lambda: list(md.messages()) if md.exists() else []):
-            if path.name == key:
-                return path
-        return None
 
     @_page(admin=True)
     async def quarantine_delete(self, request: Request, who: Visitor) -> Response:
         await login.checked_form(request)
         key = request.path_params["key"]
-        path = await self._quarantined_file(key)
-        if path is None:
-            return self.back(request, "/quarantine", f"{key}: not in the quarantine")
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        try:
+            await asyncio.to_thread(quarantine.delete, self.config.spool_dir, key)
+        except quarantine.NotQuarantined as exc:
+            return self.back(request, "/quarantine", str(exc))
         return self.back(request, "/quarantine", f"{key}: deleted")
 
     @_page(admin=True)
@@ -321,10 +309,8 @@ class WebConsole:
         """Deliver a quarantined message to whom it was for, past the check that stopped it."""
         await login.checked_form(request)
         key = request.path_params["key"]
-        path = await self._quarantined_file(key)
-        if path is None:
-            return self.back(request, "/quarantine", f"{key}: not in the quarantine")
         try:
+            path = await asyncio.to_thread(quarantine.find, self.config.spool_dir, key)
             qid = await asyncio.to_thread(quarantine.release, self.queue, self.daemon.spool.directory, path)
         except quarantine.NotQuarantined as exc:
             return self.back(request, "/quarantine", str(exc))
@@ -445,22 +431,3 @@ def _time(stamp: float) -> str:
 def _line_use(records) -> dict:
     return {"sessions": len(records), "minutes": sum(r.connected_seconds for r in records) / 60,
             "cost": sum(r.cost for r in records)}
-
-
-def _quarantined(md: Maildir) -> list[dict]:
-    from email.parser import BytesHeaderParser
-    out = []
-    if not md.exists():
-        return out
-    for path in md.messages():
-        try:
-            with open(path, "rb") as f:
-                head = BytesHeaderParser().parse(f)
-            size = path.stat().st_size
-        except OSError:
-            continue  # taken away while listing
-        out.append({"key": path.name, "from": head.get("From", ""), "subject": head.get("Subject", ""),
-                    "why": head.get("X-Dialmail-Quarantine", ""),
-                    "rcpts": head.get("X-Dialmail-Original-Recipients", ""),
-                    "size": size})
-    return out

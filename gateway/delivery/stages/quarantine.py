@@ -10,12 +10,14 @@ recipients it was kept from, past the check that stopped it: a person has looked
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from gateway.delivery.stages import mailbox
 from gateway.mail import address
 from gateway.office.directory import Directory
+from spool.maildir import Maildir, mailbox_path
 from spool.queue import LOCAL, RELAY, Message, Queue
 
 MAILBOX = "quarantine"
@@ -32,6 +34,46 @@ def keep(spool_dir: Path, queue: Queue, msg: Message, rcpts: list[str], reason: 
 
 class NotQuarantined(LookupError):
     pass
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One quarantined message as the administrator sees it."""
+    key: str  # its Maildir file name
+    path: Path
+    author: str  # From:
+    subject: str
+    reason: str
+    recipients: str
+    size: int
+
+
+def kept(spool_dir: Path) -> list[Kept]:
+    """What the quarantine holds (``dialmail quarantine list``, the console's quarantine page)."""
+    md = Maildir(mailbox_path(spool_dir, MAILBOX))
+    out = []
+    for path in (md.messages() if md.exists() else []):
+        try:
+            with open(path, "rb") as f:
+                head = BytesHeaderParser().parse(f)
+            size = path.stat().st_size
+        except OSError:
+            continue  # taken away while listing
+        out.append(Kept(path.name, path, str(head.get("From", "")), str(head.get("Subject", "")),
+                        str(head.get("X-Dialmail-Quarantine", "")),
+                        str(head.get("X-Dialmail-Original-Recipients", "")), size))
+    return out
+
+
+def find(spool_dir: Path, key: str) -> Path:
+    for k in kept(spool_dir):
+        if k.key == key:
+            return k.path
+    raise NotQuarantined(f"{key} is not in the quarantine")
+
+
+def delete(spool_dir: Path, key: str) -> None:
+    find(spool_dir, key).unlink(missing_ok=True)
 
 
 def release(queue: Queue, directory: Directory, path: Path) -> str:
