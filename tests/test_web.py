@@ -363,3 +363,22 @@ def test_users_page_shows_aliases_and_groups_as_the_cli_lists_them(site):
     shown = html.unescape(re.search(r'<pre id="aliases">(.*?)</pre>', page, re.S).group(1))
     assert shown == site.cli("aliases", "list").stdout.decode().rstrip("\n")
     assert "sales@office.test" in shown and "support@office.test" in shown
+
+
+def test_mail_text_is_escaped_and_login_goes_back_only_to_this_console(site):
+    base = start_console(site)
+
+    async def hostile():
+        msg = (b"From: alice@office.test\r\nTo: x@elsewhere.test\r\n"
+               b"Subject: <script>alert(1)</script>\r\n\r\nbody\r\n")
+        await aiosmtplib.send(msg, sender="alice@office.test", recipients=["x@elsewhere.test"],
+                              hostname="127.0.0.1", port=site.smtp_port)
+    asyncio.run(hostile())
+    for target, lands in (("/queue", "/queue"), ("//evil.example/", "/"), ("/\\evil.example", "/"),
+                          ("https://evil.example/", "/")):
+        web = Client(base)
+        web.get("/login")
+        r = web.post("/login", {"user": ADMIN, "password": ADMIN_PW, "next": target})
+        assert r.status == 303 and r.location == lands, (target, r.location)
+    page = web.get("/queue").text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

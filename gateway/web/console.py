@@ -417,7 +417,8 @@ class WebConsole:
 def _local_path(target) -> str:
     """Where to go after login: a path on this console, never another site."""
     target = str(target or "/")
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    # "//host" and "/\\host" are other sites to a browser.
+    return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
 
 
 def _day(stamp: float) -> str:
