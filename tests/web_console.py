@@ -9,6 +9,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
+from tests.harness import PASSWORDS
 from tests.peers import free_port, wait_port
 
 ADMIN, ADMIN_PW = "alice", "alice-pw"  # the site fixture's users; alice is made an admin
@@ -75,6 +76,9 @@ class Client:
 
     def post(self, path: str, fields: dict | None = None, csrf: bool = True, headers: dict | None = None) -> Reply:
         data = dict(fields or {})
+        # Every password typed into the console is looked for in the logs after the run
+        # (tests/torture/test_zz_secrets.py).
+        PASSWORDS.update(str(data[k]) for k in ("password", "old", "new") if data.get(k))
         if csrf:
             data["csrf"] = self.token
         return self._open(urllib.request.Request(self.base + path, urllib.parse.urlencode(data).encode(),
