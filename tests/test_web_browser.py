@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.demo.simisp import SimulatedISP
-from tests.harness import wait_for
+from tests.harness import PASSWORDS, wait_for
 from tests.peers import free_port, need
 from tests.test_session import submit
 from tests.web_console import ADMIN, ADMIN_PW, USER, USER_PW, start_console
@@ -20,6 +20,8 @@ from tests.web_console import ADMIN, ADMIN_PW, USER, USER_PW, start_console
 pytestmark = pytest.mark.timeout(180)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+TYPED = {"erin-pw-2024x", "mallory-pw-99"}  # typed into the console here: looked for in the logs afterwards
+PASSWORDS.update(TYPED)
 WAIT = 30  # seconds a page gets to show what the test waits for
 
 
