@@ -132,7 +132,7 @@ def test_cookie_is_signed_httponly_samesite_and_its_key_is_private(site):
     assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
     assert "secure" not in cookie.lower()  # no TLS on this console: a Secure cookie would never come back
     assert ADMIN_PW not in cookie
-    secret = site.spool / "web.secret"
+    secret = site.spool / "console.key"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     # A cookie whose value was changed is no login.
     for c in web.jar:
@@ -144,7 +144,7 @@ def test_cookie_is_signed_httponly_samesite_and_its_key_is_private(site):
         site.start()
         wait_for(lambda: site.proc.poll() is not None, timeout=20, what="the daemon to refuse the key")
         raise PeerStartError("exited")
-    assert "web.secret" in site.log() and "chmod 600" in site.log()
+    assert "console.key" in site.log() and "chmod 600" in site.log()
 
 
 def test_web_logins_share_the_smtp_lockout(site):

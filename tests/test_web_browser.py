@@ -100,6 +100,12 @@ def shows(driver, css: str, text: str, timeout: float = WAIT) -> str:
     return driver.find_element(By.CSS_SELECTOR, css).text
 
 
+def page_says(driver, text: str, timeout: float = WAIT) -> None:
+    """Wait for ``text`` in the page (a form's answer arrives after the click returns)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: text in d.page_source)
+
+
 def log_in(driver, base: str, user: str, password: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -170,7 +176,7 @@ def test_connect_now_shows_live_progress_and_the_session_in_the_table_and_charts
     assert re.search(r">1</text>", bytes_chart), "session 1 is not on the bytes chart's axis"
     chrome.save_screenshot(str(DOCS / "console-sessions.png"))
     click(chrome, '#session-1 a[href="/sessions/1/transcript"]')
-    assert "CONNECT" in chrome.page_source
+    page_says(chrome, "CONNECT")
 
 
 def test_hold_and_release_a_message(site, chrome):
@@ -234,7 +240,7 @@ def test_a_user_gets_403_on_admin_pages_and_cannot_change_another_user(site, chr
     log_in(chrome, base, USER, USER_PW)
     assert not chrome.find_elements("css selector", 'a[href="/users"]')
     for path in ("/sessions", "/queue", "/quarantine", "/users"):
-        chrome.get(base + path)
+        chrome.get(base + path)  # get() returns once the page has loaded
         assert "this page is for the administrators" in chrome.page_source, path
     # A form aimed at another user's settings, posted from this user's page with a good token.
     chrome.get(base + "/me")
@@ -242,7 +248,7 @@ def test_a_user_gets_403_on_admin_pages_and_cannot_change_another_user(site, chr
     click(chrome, ".ooo input[name=enabled]")
     fill(chrome, ".ooo textarea[name=body]", "hijacked")
     click(chrome, ".ooo button")
-    assert "this page is for the administrators" in chrome.page_source
+    page_says(chrome, "this page is for the administrators")
     assert f"{ADMIN}: off" in site.cli("users", "vacation", ADMIN, "--show").stdout.decode()
 
 
@@ -254,7 +260,7 @@ def test_a_post_without_its_csrf_token_is_refused(site, chrome):
     fill(chrome, "#new-user", "mallory")
     fill(chrome, "#new-password", "mallory-pw-99")
     click(chrome, "#add-user button")
-    assert "CSRF token is missing" in chrome.page_source
+    page_says(chrome, "CSRF token is missing")
     assert not site.users.exists("mallory")
     # And a script on another page cannot borrow the cookie: the token is not in it.
     status = chrome.execute_script(

@@ -2,7 +2,7 @@
 cookie, the CSRF token every POST carries, and who may open which page.
 
 The cookie is signed (itsdangerous, through Starlette's SessionMiddleware) with a secret
-kept in the spool (``web.secret``, mode 0600, refused when others can read it), so a
+kept in the spool (``console.key``, mode 0600, refused when others can read it), so a
 restart keeps people logged in and a copied cookie cannot be forged.  It holds the user's
 name and the CSRF token, never a password.
 """
@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from gateway.config import WebConfig, read_secret
 
-SECRET_FILE = "web.secret"
+SECRET_FILE = "console.key"
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"  # what htmx sends (hx-headers on <body>)
 
