@@ -382,3 +382,26 @@ def test_mail_text_is_escaped_and_login_goes_back_only_to_this_console(site):
         assert r.status == 303 and r.location == lands, (target, r.location)
     page = web.get("/queue").text
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_bounce_returns_the_message_to_its_local_sender_and_flush_starts_a_send_session(site):
+    closed = free_port()
+    base = start_console(site, extra=f'[link]\ntype = "always-on"\n[smarthost]\nhost = "127.0.0.1"\n'
+                                     f'port = {closed}\nstarttls = "off"\n')
+    submit(site.smtp_port, 1)
+    qid = queued_id(site)
+    web = Client(base)
+    web.login(ADMIN, ADMIN_PW)
+    web.get("/queue")
+    web.post(f"/queue/{qid}/bounce")
+    assert f"{qid}: bounced to <alice@office.test>" in html.unescape(web.get("/queue").text)
+    bounce = wait_for(lambda: site.mail_of(ADMIN), timeout=20, what="the bounce in alice's mailbox")
+    assert b"outbound 0" in bounce[0] and b"multipart/report" in bounce[0]
+    assert qid not in site.cli("mailq").stdout.decode()
+    submit(site.smtp_port, 1)
+    web.get("/queue")
+    assert web.post("/queue/flush").status == 303
+    assert "flush: 1 message(s) go now" in web.get("/").text
+    log = wait_for(lambda: "flush" in (out := site.cli("log").stdout.decode()) and "partial" in out and out,
+                   timeout=30, what="the flush session in the log")
+    assert "connection refused" in " ".join(log.split())
