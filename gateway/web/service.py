@@ -12,25 +12,14 @@ import logging
 import socket
 import ssl
 
-import uvicorn
-
 from gateway.mail.errors import OperationalError
 from gateway.session.runner import SessionRunner
-from gateway.web import login
-from gateway.web.console import WebConsole
-from gateway.web.progress import SessionFeed
 
 log = logging.getLogger("dialmail.web")
 
 # Browsers following a session's progress hold their connection open: at shutdown they
 # get this long before uvicorn cuts them.
 STOP_GRACE = 2.0
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield  # the daemon owns SIGTERM and SIGINT
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -54,6 +43,18 @@ async def service(daemon):
         async def nothing():
             return None
         return nothing
+    # Imported only for a console: a daemon without one does not carry the web stack (~20 MiB).
+    import uvicorn
+
+    from gateway.web import login
+    from gateway.web.console import WebConsole
+    from gateway.web.progress import SessionFeed
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield  # the daemon owns SIGTERM and SIGINT
+
     runner = getattr(daemon, "sessions", None)
     if runner is None:
         runner = daemon.sessions = SessionRunner(daemon)
@@ -67,7 +68,7 @@ async def service(daemon):
                             ssl_certfile=str(web.tls_cert) if web.tls_cert else None,
                             ssl_keyfile=str(web.tls_key) if web.tls_key else None,
                             ssl_version=ssl.PROTOCOL_TLS_SERVER)
-    server = _Server(config)
+    server = Server(config)
     task = daemon.spawn(server.serve(sockets=sockets), "web-console")
     scheme = "https" if web.tls_cert else "http"
     log.info("web console on %s", ", ".join(f"{scheme}://{listen}" for listen in web.listen))
