@@ -346,8 +346,12 @@ def test_admin_resets_a_password_sets_an_out_of_office_and_deletes_a_user(site):
     assert "ON: Parental leave" in web.get("/users").text
     web.post("/users/nobody-here/out-of-office", {"enabled": "on", "body": "x"})
     assert "no such user: nobody-here" in web.get("/users").text
+    bob = Client(base)
+    bob.login(USER, "bob-new-pw-8")
+    assert bob.get("/me").status == 200
     web.post(f"/users/{USER}/delete")
     assert not site.users.exists(USER)
+    assert bob.get("/me").status == 303  # logged in before the delete: out now
     assert f"user {USER} deleted (mailbox kept)" in web.get("/users").text
     assert USER not in site.cli("users", "list").stdout.decode().split()
     web.post("/users", {"user": "zed@other.example", "password": "zed-pw-4"})

@@ -57,6 +57,9 @@ def _page(admin: bool = False):
         @wraps(fn)
         async def endpoint(self: WebConsole, request: Request) -> Response:
             who = login.visitor(request, self.config.web)
+            if who is not None and not await asyncio.to_thread(self.users.exists, who.name):
+                login.log_out(request)  # deleted since logging in: the cookie is worth nothing now
+                who = None
             if who is None:
                 if request.method == "GET":
                     return RedirectResponse(f"/login?next={quote(request.url.path)}", 303)
