@@ -409,3 +409,13 @@ def test_bounce_returns_the_message_to_its_local_sender_and_flush_starts_a_send_
     log = wait_for(lambda: "flush" in (out := site.cli("log").stdout.decode()) and "partial" in out and out,
                    timeout=30, what="the flush session in the log")
     assert "connection refused" in " ".join(log.split())
+
+
+def test_line_efficiency_weighs_the_busier_direction_against_the_connect_rate():
+    from gateway.web.charts import efficiency
+    from spool.sessions import SessionRecord
+    # 10 s at 33600 bit/s carry 42000 bytes each way at once (full duplex).
+    rec = SessionRecord("manual", connect_rate=33600, connected_at=100.0, hung_up_at=110.0, online_seconds=10.0,
+                        bytes_up=21000, bytes_down=4200)
+    assert efficiency(rec) == 50.0
+    assert efficiency(SessionRecord("manual", connect_rate=None, bytes_up=1)) is None
