@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PEERS  := tests/peers-debian.txt
 
-.PHONY: demo test test-quick torture bench venv peers clean
+.PHONY: demo demo-console test test-quick torture bench venv peers clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ peers:
 
 demo: venv
 	$(VENV)/bin/dialmail demo
+
+# The demo, then its daemon, simulated ISP and web console stay up until Ctrl-C.
+demo-console: venv
+	$(VENV)/bin/dialmail demo --stay
 
 test: venv peers
 	$(PY) -m pytest -q -ra

@@ -251,6 +251,15 @@ def _users(config: Config, users) -> list[Finding]:
                                f"{domain} is not a local domain ([server] domains: {', '.join(config.server.domains)})"
                                f", so mail to {name} is sent out instead of to this mailbox: add the domain to "
                                f"[server] domains or run: dialmail users del {name}"))
+    known = set(users.names())
+    for admin in config.web.admins:
+        if admin not in known:
+            out.append(Finding(WARNING, config.where("web", "admins"),
+                               f"{admin!r} is not a local user, so nobody logs in to the console as that admin: "
+                               f"run: dialmail users add {admin}"))
+    if config.web.listen and not config.web.admins:
+        out.append(Finding(WARNING, config.where("web", "admins"),
+                           "no admins: the console shows only the dashboard and each user's own settings"))
     return out
 
 

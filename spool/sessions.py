@@ -100,6 +100,10 @@ class SessionLog:
         rows = self.cat.execute("SELECT id, record FROM sessions ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [(r["id"], SessionRecord.from_json(r["record"])) for r in reversed(rows)]
 
+    def get(self, session_id: int) -> SessionRecord | None:
+        row = self.cat.execute("SELECT record FROM sessions WHERE id=?", (session_id,)).fetchone()
+        return None if row is None else SessionRecord.from_json(row["record"])
+
     def since(self, when: float, until: float = float("inf")) -> list[SessionRecord]:
         """Sessions started from wall time ``when`` up to ``until``."""
         rows = self.cat.execute("SELECT record FROM sessions WHERE started>=? AND started<=? ORDER BY id",

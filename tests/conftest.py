@@ -7,7 +7,7 @@ from tests.harness import Site
 # Fixtures that start a real peer program: a test using one is marked ``peer`` by itself,
 # so ``make test-quick`` (-m 'not peer') really runs only what needs no peer.
 PEER_FIXTURES = {"dovecot_server", "dovecot", "dovecot_lmtp", "dovecot_notls_server", "dovecot_notls", "dovecot_zlib_server", "dovecot_zlib", "smtp_sink",
-                 "smtp_sink_factory", "postfix_smarthost_server", "postfix_smarthost", "clamd", "oauth_dovecot_server", "oauth_dovecot"}
+                 "smtp_sink_factory", "postfix_smarthost_server", "postfix_smarthost", "clamd", "oauth_dovecot_server", "oauth_dovecot", "browser"}
 # Under CI=true a skipped test is a failure (a missing peer must not pass unnoticed),
 # except where the machine itself cannot have what the test needs.
 ALLOWED_SKIP_MARK = "needs_kernel"

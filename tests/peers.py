@@ -152,6 +152,8 @@ _PACKAGE_OF = {
     "mutt": "mutt",
     "wvdial": "wvdial",
     "curl": "curl",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
     "pppd": "ppp",
     "setpriv": "util-linux",
     "script": "bsdutils",

@@ -4,11 +4,12 @@
 codes); each other module adds its commands or its sub-app when imported here, in the
 order ``dialmail --help`` lists them.
 """
-from gateway.cli import service, sendmail, queue, fetch, demo, session, users, modem, policy, spool, oauth, dovecot  # noqa: F401,I001
+from gateway.cli import service, sendmail, queue, quarantine, fetch, demo, session, users, modem, policy, spool, oauth, dovecot  # noqa: F401,I001
 from gateway.cli.app import app, main
 
 app.add_typer(users.users_app, name="users")
 app.add_typer(queue.queue_app, name="queue")
+app.add_typer(quarantine.quarantine_app, name="quarantine")
 app.add_typer(spool.spool_app, name="spool")
 app.add_typer(modem.modem_app, name="modem")
 app.add_typer(policy.aliases_app, name="aliases")

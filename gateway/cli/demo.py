@@ -17,7 +17,9 @@ from gateway.demo import scenario
 
 @app.command()
 def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary directory.")] = False,
-         rate: Annotated[int, typer.Option("--rate", help="Simulated modem speed, bit/s.")] = 33600):
+         rate: Annotated[int, typer.Option("--rate", help="Simulated modem speed, bit/s.")] = 33600,
+         stay: Annotated[bool, typer.Option("--stay", help="Afterwards keep the daemon, the simulated ISP and "
+                                            "the web console running until Ctrl-C.")] = False):
     """Run the whole system on a simulated modem and ISP, printed as it goes (what `make demo` runs)."""
     if importlib.util.find_spec("pymap") is None:
         typer.echo("dialmail: demo: the simulated ISP needs pymap (a pure-Python IMAP server), which is not "
@@ -27,7 +29,9 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary d
     # The directory goes whatever happens (success, failure, Ctrl-C) unless --keep says otherwise;
     # a failure's explanation is taken from its logs first.
     try:
-        code = asyncio.run(scenario.run(tmp, rate))
+        code = asyncio.run(scenario.run(tmp, rate, stay))
+    except KeyboardInterrupt:
+        code = 0 if stay else 130  # with --stay, Ctrl-C is how the demo ends
     except (RuntimeError, OSError) as exc:
         typer.echo(f"dialmail: demo failed: {exc}", err=True)
         for log in (tmp / "isp" / "imap.log", tmp / "dialmail.log"):

@@ -22,77 +22,23 @@ def _directory(ctx):
     return cfg, Directory(cfg, Users(cfg.spool_dir))
 
 
-def _expansion(directory, addr: str) -> str:
-    res = directory.resolve(addr, pick=None)
-    if res is None:
-        return "(nobody: mail bounces)"
-    parts = [f"mailbox {m}" for m in res.mailboxes] + list(res.remote)
-    parts += [f"one member of {g} in turn" for g in res.rotations]
-    return ", ".join(parts) or "(automatic reply only)"
-
-
-def _addresses(cfg, name: str) -> list[str]:
-    return [name] if "@" in name else [f"{name}@{d}" for d in cfg.server.domains]
-
-
 @aliases_app.command("list")
 @explained
 def aliases_list(ctx: typer.Context):
     """Print every alias, group, forward, catch-all and automatic reply, and where mail to it goes."""
-    cfg, directory = _directory(ctx)
-    pol = cfg.policy
-    typer.echo("ALIASES")
-    for name, targets in sorted(cfg.aliases.items()):
-        if name.startswith("@"):
-            continue
-        for addr in _addresses(cfg, name):
-            typer.echo(f"  {addr:<34} = {', '.join(targets)}\n  {'':<34} -> {_expansion(directory, addr)}")
-    for always in ("postmaster", "abuse"):
-        if always not in cfg.aliases:
-            for addr in _addresses(cfg, always):
-                typer.echo(f"  {addr:<34} (always exists) -> {_expansion(directory, addr)}")
-    typer.echo("CATCH-ALLS")
-    for name, targets in sorted(cfg.aliases.items()):
-        if name.startswith("@"):
-            typer.echo(f"  *{name:<33} = {', '.join(targets)}\n  {'':<34} -> "
-                       f"{_expansion(directory, 'no-such-name-xyzzy' + name)}")
-    typer.echo("GROUPS")
-    for name, group in sorted(pol.groups.items()):
-        flags = group.mode + (", members only" if group.members_only else "")
-        for addr in _addresses(cfg, name):
-            typer.echo(f"  {addr:<34} [{flags}] = {', '.join(group.members)}")
-            if group.mode == "all":
-                typer.echo(f"  {'':<34} -> {_expansion(directory, addr)}")
-    typer.echo("FORWARDS")
-    for user, fwd in sorted(pol.forwards.items()):
-        typer.echo(f"  {user:<34} -> {', '.join(fwd.to)}{' (keeps a copy)' if fwd.keep else ''}")
-    typer.echo("AUTOMATIC REPLIES")
-    for addr, auto in sorted(pol.autoresponders.items()):
-        typer.echo(f"  {addr:<34} answers with {auto.file} (once per sender every {auto.every}s)")
+    from gateway.delivery import listing
     from gateway.delivery.stages.autoreply import Responder
     from spool.policystate import PolicyState
     from spool.queue import Catalogue, Queue
+    cfg, directory = _directory(ctx)
     queue = Queue(Catalogue(cfg.spool_dir))
     responder = Responder(cfg, queue, directory, PolicyState.beside(queue))
-    users = sorted(set(pol.vacations) | {v.user for v in responder.state.vacations()})
-    for user in users:
-        vac = responder.vacation(user)
-        typer.echo(f"  {user:<34} out of office: {'ON' if vac else 'off'}"
-                   f"{' - ' + _subject(vac.subject) if vac else ''}")
+    for line in listing.lines(cfg, directory, responder):
+        typer.echo(line)
 
 
 def _subject(fixed: Optional[str]) -> str:
     return fixed or "Auto: <subject answered>"
-
-
-def _timestamp(text: Optional[str], end: bool) -> Optional[float]:
-    if not text:
-        return None
-    from gateway.config.policy import parse_when
-    try:
-        return parse_when(text, end=end).timestamp()
-    except ValueError as exc:
-        fail(str(exc), EX_USAGE)
 
 
 @users_app.command("vacation")
@@ -140,12 +86,14 @@ def users_vacation(ctx: typer.Context, name: str,
         body = message_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {message_file}: {exc}", EX_USAGE)
-    t0, t1 = _timestamp(start, False), _timestamp(end, True)
-    if t0 and t1 and t1 <= t0:
-        fail("--end is before --start", EX_USAGE)
+    from gateway.office import operator
     try:
         interval = parse_duration(every) if every else None
     except ValueError as exc:
         fail(f"--every: {exc}", EX_USAGE)
-    st.set_vacation(user, t0, t1, subject, body, interval)
+    try:
+        operator.set_out_of_office(st, Users(cfg.spool_dir), user,
+                                   operator.OutOfOffice(subject, body, start, end, interval))
+    except ValueError as exc:
+        fail(str(exc), EX_USAGE)
     typer.echo(f"out-of-office of {user} is on{' from ' + start if start else ''}{' until ' + end if end else ''}")

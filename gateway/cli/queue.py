@@ -70,10 +70,20 @@ def _print_queue(queue) -> None:
 
 
 def _lookup(queue, qid: str):
-    msg = queue.find(qid)
-    if msg is None:
-        fail(f"no queued message matches {qid!r}", EX_USAGE)
-    return msg
+    from gateway.office import operator
+    try:
+        return operator.lookup(queue, qid)
+    except operator.NotQueued as exc:
+        fail(str(exc), EX_USAGE)
+
+
+def _operate(fn, *args):
+    """One of the operator's changes (``gateway.office.operator``, shared with the web console)."""
+    from gateway.office import operator
+    try:
+        return fn(*args)
+    except operator.NotQueued as exc:
+        fail(str(exc), EX_USAGE)
 
 
 @queue_app.command("show")
@@ -97,8 +107,8 @@ def queue_show(ctx: typer.Context, qid: str):
 @explained
 def queue_hold(ctx: typer.Context, qid: str):
     """Keep a message in the queue without sending it until released."""
-    q = _queue(ctx)
-    q.set_hold(_lookup(q, qid).id, True)
+    from gateway.office import operator
+    _operate(operator.hold, _queue(ctx), qid)
     typer.echo(f"{qid}: held")
 
 
@@ -106,11 +116,8 @@ def queue_hold(ctx: typer.Context, qid: str):
 @explained
 def queue_release(ctx: typer.Context, qid: str):
     """Release a held message for the next session."""
-    q = _queue(ctx)
-    m = _lookup(q, qid)
-    changed = q.accept_body(m.id)  # a body held as damaged goes as it is now
-    q.set_hold(m.id, False)
-    q.reschedule(m.id, 0)
+    from gateway.office import operator
+    changed = _operate(operator.release, _queue(ctx), qid)  # a body held as damaged goes as it is now
     typer.echo(f"{qid}: released" + (" (its body as it is now)" if changed else ""))
 
 
@@ -118,9 +125,8 @@ def queue_release(ctx: typer.Context, qid: str):
 @explained
 def queue_delete(ctx: typer.Context, qid: str):
     """Delete a message from the queue without a bounce."""
-    q = _queue(ctx)
-    m = _lookup(q, qid)
-    q.remove(m.id)
+    from gateway.office import operator
+    m = _operate(operator.delete, _queue(ctx), qid)
     typer.echo(f"{m.id}: deleted")
 
 
@@ -128,12 +134,10 @@ def queue_delete(ctx: typer.Context, qid: str):
 @explained
 def queue_bounce(ctx: typer.Context, qid: str):
     """Return a message to its sender now ("deleted by the administrator") and remove it."""
-    from gateway.mail.outcome import administrator_bounce
-    from gateway.office.bounce import bounce_now
+    from gateway.office import operator
     cfg = state(ctx).config()
     q = _queue(ctx)
-    m = _lookup(q, qid)
-    settled = bounce_now(cfg, q, m.id, administrator_bounce())
+    m, settled = _operate(operator.bounce, cfg, q, qid)
     if settled.local:
         deliver_local_now(cfg, q)
     notice = f"bounce {settled.bounce_id} to <{m.sender}>" if settled.bounce_id else "no bounce (null sender)"

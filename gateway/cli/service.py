@@ -47,6 +47,11 @@ def check(ctx: typer.Context):
                    f"  Dovecot {cfg.imap.dovecot}")
     else:
         typer.echo("  imap          off")
+    web = cfg.web
+    if web.listen:
+        scheme = "https" if web.tls_cert else "http"
+        typer.echo(f"  web console   {', '.join(f'{scheme}://{x}/' for x in web.listen)}  "
+                   f"admins {', '.join(web.admins) or '-'}")
     sh = cfg.smarthost
     typer.echo(f"  smarthost     {sh.host or '-'}:{sh.port} starttls={sh.starttls}"
                f"{' auth=' + sh.username if sh.username else ''}"
@@ -80,4 +85,5 @@ def default_services():
     from gateway.imap import supervisor as imap
     from gateway.pop3 import server as pop3
     from gateway.session import scheduler
-    return [pop3.service, imap.service, control.service, scheduler.service]
+    from gateway.web import service as web
+    return [pop3.service, imap.service, control.service, scheduler.service, web.service]

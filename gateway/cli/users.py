@@ -70,15 +70,12 @@ def users_add(ctx: typer.Context, name: str,
               password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from "
                                                                                       "the first line of stdin.")] = False):
     """Add a local user (a mailbox in every local domain, or only in DOMAIN for NAME@DOMAIN)."""
+    from gateway.office import operator
     from spool.users import UserError
-    server = state(ctx).config().server
-    domain = name.rpartition("@")[2].strip().lower() if "@" in name else None
-    if domain is not None and not server.is_local_domain(domain):
-        # Mail to such a user would be relayed out to that domain, never into this mailbox.
-        fail(f"{domain} is not a local domain (have: {', '.join(server.domains)}); add it to [server] domains "
-             f"first, or give the bare name to have a mailbox in every local domain", EX_USAGE)
+    cfg = state(ctx).config()
     try:
-        _users(ctx).add(name, _read_password(password_stdin))
+        operator.check_new_user(cfg, name)  # before a password is asked for
+        operator.add_user(cfg, _users(ctx), name, _read_password(password_stdin))
     except UserError as exc:
         fail(str(exc), EX_USAGE)
     _changed(ctx)

@@ -24,6 +24,7 @@ from gateway.config.model import (
     SmarthostConfig,
     SMTPConfig,
     SubmissionConfig,
+    WebConfig,
     client_address,
     is_loopback,
     parse_duration,
@@ -40,6 +41,6 @@ from gateway.mail.errors import ConfigError
 __all__ = [
     "DEFAULT_PATH", "ENV_VAR", "Config", "ConfigError", "DeliveryConfig", "LMTPTarget", "SubmissionConfig", "DemandConfig", "FetchConfig", "IMAP_OFF", "IMAPConfig", "LinkConfig", "Listen",
     "POP3Config", "QueueConfig", "ScheduleConfig", "ServerConfig", "SessionConfig", "SMTPConfig",
-    "SmarthostConfig", "client_address", "find_config_path", "find_line", "is_loopback", "key_lines", "load",
+    "SmarthostConfig", "WebConfig", "client_address", "find_config_path", "find_line", "is_loopback", "key_lines", "load",
     "loads", "parse_duration", "parse_listen", "parse_lmtp", "parse_size", "parse_window", "read_secret",
 ]

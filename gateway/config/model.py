@@ -151,6 +151,16 @@ IMAP_OFF = IMAPConfig(dovecot="off", listen=(), tls_cert=None, tls_key=None, all
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web console in the daemon; ``listen`` empty when there is no ``[web]`` section."""
+    listen: tuple[Listen, ...] = ()
+    tls_cert: Path | None = None  # shared with SMTP/POP3 unless given here
+    tls_key: Path | None = None
+    admins: tuple[str, ...] = ()
+    users_may_connect: bool = True
+
+
+@dataclass(frozen=True)
 class SmarthostConfig:
     host: str | None
     port: int
@@ -270,6 +280,7 @@ class Config:
     source: str = field(default="", repr=False, compare=False)  # the file's text, for line numbers
     submission: SubmissionConfig | None = None  # port 587, when [submission] is there
     delivery: DeliveryConfig = DeliveryConfig()
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def spool_dir(self) -> Path:

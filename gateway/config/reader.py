@@ -38,6 +38,7 @@ from gateway.config.model import (
     SmarthostConfig,
     SMTPConfig,
     SubmissionConfig,
+    WebConfig,
     parse_duration,
     parse_listen,
     parse_lmtp,
@@ -96,7 +97,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     top = _Section(loader, "", raw, {"server", "smtp", "pop3", "smarthost", "queue", "fetch", "link",
                                                 "schedule", "demand", "session", "aliases", "policy",
                                                 "groups", "forward", "autoreply", "vacation", "blocklist",
-                                                "virus", "users", "imap", "submission", "delivery"})
+                                                "virus", "users", "imap", "submission", "delivery", "web"})
     server = _server(_Section(loader, "server", raw.get("server"),
                               {"hostname", "domains", "spool_dir", "mynetworks", "postmaster",
                                "token_key_file"}))
@@ -147,11 +148,13 @@ def loads(text: str, path: Path | None = None) -> Config:
             alias_sec.fail(name, "an alias needs at least one target address")
         aliases[name.lower()] = targets
     del top
+    web = _web(_Section(loader, "web", raw.get("web"), {"listen", "tls_cert", "tls_key", "admins",
+                                                        "users_may_connect"}), "web" in raw, smtp, pop3)
     policy = parse_policy(loader, raw, server, smtp)  # the policy's own sections, read there
     return Config(path=path, server=server, smtp=smtp, pop3=pop3, smarthost=smarthost, queue=queue,
                   fetch=fetch, link=link, schedule=schedule, demand=demand, session=session,
                   aliases=aliases, raw=raw, policy=policy, imap=imap, source=text,
-                  submission=submission, delivery=delivery)
+                  submission=submission, delivery=delivery, web=web)
 
 
 def _server(s: _Section) -> ServerConfig:
@@ -284,6 +287,22 @@ def _imap(s: _Section, present: bool, smtp: SMTPConfig, pop3: POP3Config) -> IMA
                       allow_plaintext_lan=s.get("allow_plaintext_lan", bool, pop3.allow_plaintext_lan),
                       mail_user=mail_user,
                       dovecot_config=s.path("dovecot_config", Path("/etc/dovecot/dovecot.conf")))
+
+
+def _web(s: _Section, present: bool, smtp: SMTPConfig, pop3: POP3Config) -> WebConfig:
+    """No ``[web]`` section, no console; with one, the console listens on loopback unless
+    told otherwise (it is an administration page), with the certificate SMTP or POP3 use."""
+    if not present:
+        return WebConfig()
+    cert, key = _tls_pair(s)
+    if cert is None:
+        cert, key = (smtp.tls_cert, smtp.tls_key) if smtp.tls_cert else (pop3.tls_cert, pop3.tls_key)
+    listen = _listen_list(s, "listen", ("127.0.0.1:8025",))
+    if not listen:
+        s.fail("listen", "give at least one address, or remove the [web] section to have no console")
+    return WebConfig(listen=listen, tls_cert=cert, tls_key=key,
+                     admins=tuple(a.strip().lower() for a in s.str_list("admins")),
+                     users_may_connect=s.get("users_may_connect", bool, True))
 
 
 def _smarthost(s: _Section) -> SmarthostConfig:

@@ -63,8 +63,9 @@ log = logging.getLogger("dialmail.deliver")
 FETCHED = forward.FETCHED
 DOUBLE_BOUNCE = "double-bounce"  # gateway.bounce.DOUBLE_BOUNCE: a failed null-sender message, for review
 
-# Origins whose admission stages already ran at SMTP time, or that we wrote ourselves.
-SCREENED = ("smtp", autoreply.ORIGIN, notice.ORIGIN, DOUBLE_BOUNCE)
+# Origins whose admission stages already ran at SMTP time, that we wrote ourselves, or that
+# an administrator released from the quarantine.
+SCREENED = ("smtp", autoreply.ORIGIN, notice.ORIGIN, DOUBLE_BOUNCE, quarantine.RELEASED)
 DISK_FULL_RETRY = 60
 
 

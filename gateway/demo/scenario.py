@@ -32,6 +32,7 @@ from gateway.imap.supervisor import find_program
 console = Console(highlight=False, width=118)
 DOMAIN = "office.example"
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
+CONSOLE_ADMIN = "alice"  # the demo's web console admin
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _msg(sender: str, to: str, subject: str, body: str, extra: str = "") -> byte
 
 
 def _config(tmp: Path, isp: SimulatedISP, smtp_port: int, pop3_port: int, relay_port: int, imap_port: int,
-            rate: int, lan_imap_port: int | None) -> str:
+            rate: int, lan_imap_port: int | None, web_port: int) -> str:
     imap = f'\n[imap]\ndovecot = "managed"\nlisten = ["127.0.0.1:{lan_imap_port}"]\n' if lan_imap_port else ""
     return imap + textwrap.dedent(f"""\
         [server]
@@ -94,6 +95,10 @@ def _config(tmp: Path, isp: SimulatedISP, smtp_port: int, pop3_port: int, relay_
         forward = ["127.0.0.1:{relay_port}->127.0.0.1:{isp.smtp_port}",
                    "127.0.0.1:{imap_port}->127.0.0.1:{isp.imap_port}"]
 
+        [web]
+        listen = ["127.0.0.1:{web_port}"]
+        admins = ["{CONSOLE_ADMIN}"]
+
         [session]
         max_time = "5m"
         idle_timeout = "60s"
@@ -103,7 +108,9 @@ def _config(tmp: Path, isp: SimulatedISP, smtp_port: int, pop3_port: int, relay_
         """)
 
 
-async def run(tmp: Path, rate: int) -> int:
+async def run(tmp: Path, rate: int, stay: bool = False) -> int:
+    """The demo; with ``stay``, the daemon, the simulated ISP and the web console keep running
+    afterwards until Ctrl-C, so the console can be tried on what the demo did."""
     console.print(f"[bold]dialmail demo[/bold] in {tmp}")
     isp = SimulatedISP(tmp / "isp")
     daemon: subprocess.Popen | None = None
@@ -112,6 +119,7 @@ async def run(tmp: Path, rate: int) -> int:
         console.print(f"simulated ISP: smarthost 127.0.0.1:{isp.smtp_port}, IMAP (pymap) 127.0.0.1:{isp.imap_port}; "
                       f"reachable only through the simulated modem at {rate} bit/s")
         smtp_port, pop3_port, relay_port, imap_port = free_port(), free_port(), free_port(), free_port()
+        web_port = free_port()
         pw = tmp / "isp.password"
         pw.write_text(isp.password + "\n")
         pw.chmod(0o600)
@@ -127,7 +135,7 @@ async def run(tmp: Path, rate: int) -> int:
         if lan_imap_port:
             tmp.chmod(0o711)
         cfg_path = tmp / "dialmail.toml"
-        cfg_path.write_text(_config(tmp, isp, smtp_port, pop3_port, relay_port, imap_port, rate, lan_imap_port))
+        cfg_path.write_text(_config(tmp, isp, smtp_port, pop3_port, relay_port, imap_port, rate, lan_imap_port, web_port))
 
         def cli(*args, input=None):
             return subprocess.run([sys.executable, "-m", "gateway", "-c", str(cfg_path), *args], input=input,
@@ -144,6 +152,9 @@ async def run(tmp: Path, rate: int) -> int:
         console.print(f"gateway daemon running (pid {daemon.pid}): SMTP 127.0.0.1:{smtp_port}, "
                       f"POP3 127.0.0.1:{pop3_port}"
                       + (f", IMAP 127.0.0.1:{lan_imap_port} (Dovecot, run by dialmail)" if lan_imap_port else ""))
+        console_url = (f"web console: http://127.0.0.1:{web_port}/  "
+                       f"(log in as {CONSOLE_ADMIN}, password {USERS[CONSOLE_ADMIN]})")
+        console.print(console_url)
 
         console.rule("LAN users send mail (the link is down)")
         lan = [
@@ -238,6 +249,10 @@ async def run(tmp: Path, rate: int) -> int:
         console.print(f"ISP mailbox after the session: {left} message(s) left (fetched mail is deleted there)")
         console.print("[bold green]every message arrived where it should[/bold green]" if all_ok
                       else "[bold red]some messages did not arrive where they should[/bold red]")
+        if stay:
+            console.rule("The system stays up")
+            console.print(f"{console_url}\nPress Connect now there to dial again; Ctrl-C ends the demo.")
+            await asyncio.Event().wait()  # until Ctrl-C cancels the demo
         return 0 if all_ok else 1
     finally:
         if daemon is not None:

@@ -6,7 +6,8 @@ temp directory, where each test's site keeps ``dialmail.log`` and its session
 transcripts (``spool/sessions/*.log``).  Passwords: those given to ``Site.add_user``
 and every OAuth2 token, code and device code the test authorization server issued
 (tests/oauth_server.py; both in tests.harness.PASSWORDS), and the contents of every
-password file the tests wrote there.
+password file the tests wrote there,
+and the web console's cookie-signing key (``console.key``).
 """
 import pytest
 
@@ -17,7 +18,7 @@ MIN_LEN = 5  # shorter "passwords" (pw) would match ordinary words
 
 def secrets_in(base) -> set[str]:
     found = {p for p in PASSWORDS if len(p) >= MIN_LEN}
-    for path in base.rglob("*password*"):
+    for path in [*base.rglob("*password*"), *base.rglob("console.key")]:
         if path.is_file() and path.stat().st_size < 4096:
             value = path.read_text(errors="replace").strip()
             if len(value) >= MIN_LEN and "\n" not in value:
