@@ -49,11 +49,15 @@ class Maildir:
                     return d / name
         return None
 
-    def deliver(self, data: bytes | Iterable[bytes] | BinaryIO, unique: str, check_existing: bool = False) -> Path:
+    def deliver(self, data: bytes | Iterable[bytes] | BinaryIO, unique: str, check_existing: bool = False,
+                sync: bool = True) -> Path:
         """Deliver ``data`` as new/<unique>; returns its path.
 
         With ``check_existing`` (a redelivery after a crash) an earlier copy under the
-        same name is found and kept instead of delivering a second copy.
+        same name is found and kept instead of delivering a second copy.  With
+        ``sync=False`` the link into new/ is not yet durable: the caller fsyncs new/
+        (``fsync_dir``) before it counts the message as delivered, once for a batch of
+        deliveries into this Maildir.
         """
         self.create()
         if check_existing:
@@ -73,7 +77,8 @@ class Maildir:
         except FileExistsError:
             pass
         os.unlink(tmp)
-        fsync_dir(self.path / "new")
+        if sync:
+            fsync_dir(self.path / "new")
         return final
 
     def messages(self) -> list[Path]:

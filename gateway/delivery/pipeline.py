@@ -16,6 +16,12 @@ repeated at delivery; for everything else, above all mail fetched from the ISP, 
 here, and what fails them is quarantined (gateway.delivery.stages.quarantine), never dropped, or
 deferred when clamd cannot be reached and ``[virus] on_error = "reject"``.
 
+Recipients delivered into mailboxes are recorded in batches (``commit``): the Maildir
+files of a whole pass are fsynced one by one, each new/ directory once, and then all their
+outcomes go into the queue in one transaction.  Nothing counts as delivered before its
+link into new/ is on disk, and a pass cut short leaves only claims, which are released
+as attempts, so the next pass looks for the copies already linked.
+
 Each recipient is marked done only after stages 5 to 7 have all finished, and each is
 idempotent (the forwarded copy is remembered, Maildir names are fixed, a reply is queued
 in the same transaction that records the sender as answered), so a crash at any point
@@ -27,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from email.message import Message as EmailHeaders
+from pathlib import Path
 
 from gateway.config import Config
 from gateway.delivery.stages import (
@@ -44,7 +51,7 @@ from gateway.office.directory import Directory
 from gateway.policy import blocklist, size, virus
 from gateway.policy.verdict import ACCEPT, DEFER_ACTION, Verdict
 from gateway.policy.verdict import quarantine as quarantined
-from spool.fsio import is_disk_full
+from spool.fsio import fsync_dir, is_disk_full
 from spool.policystate import PolicyState
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue, Recorded
 
@@ -77,6 +84,10 @@ class Pipeline:
         self.scanner = virus.ClamdScanner(self.settings.virus)
         self.responder = autoreply.Responder(config, queue, directory, self.state)
         self._expired = 0.0
+        # The batch since the last ``commit``: mailbox deliveries not yet recorded, and
+        # the new/ directories their links are in.
+        self._delivered: dict[str, dict[str, Outcome]] = {}
+        self._unsynced: set[Path] = set()
 
     # ------------------------------------------------------------ stages 1-3
 
@@ -140,7 +151,9 @@ class Pipeline:
             if resolution.remote:
                 done.append(f"forwarded as {forward.forward(self.queue, self.state, msg, rcpt, resolution.remote, headers)}")
             for user in resolution.mailboxes:
-                path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers)
+                path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers,
+                                       sync=False)
+                self._unsynced.add(path.parent)
                 log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, user, path.name)
             if resolution.mailboxes:
                 done.insert(0, "delivered to mailbox")
@@ -154,7 +167,21 @@ class Pipeline:
             self.responder.answer(msg, rcpt, resolution, headers)
         except Exception:  # a reply that cannot be built must not undo a delivery
             log.exception("%s: to=<%s>: automatic reply failed", msg.id, rcpt)
-        self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
+        self._delivered.setdefault(msg.id, {})[rcpt] = Outcome(
+            DELIVERED, 250, "2.0.0", " and ".join(done) or "answered automatically")
+
+    def commit(self) -> set[str]:
+        """Make the batch durable: fsync each new/ directory it linked into, then record its
+        recipients as delivered in one transaction; returns the messages that left the queue.
+
+        Should this fail, the batch is dropped unrecorded: its claims are released as
+        attempts and the next pass finds the copies already in the Maildirs.
+        """
+        delivered, unsynced = self._delivered, self._unsynced
+        self._delivered, self._unsynced = {}, set()
+        for new in sorted(unsynced):
+            fsync_dir(new)
+        return self.queue.record_deliveries(delivered) if delivered else set()
 
     def _unreturnable(self, msg: Message) -> bool:
         """Fetched mail (the ISP's copy is gone), null-sender mail, and mail from outside whose

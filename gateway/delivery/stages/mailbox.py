@@ -34,14 +34,16 @@ def trace(sender: str, rcpt: str, headers: EmailHeaders | None = None) -> bytes:
 
 
 def deliver(spool_dir: Path, queue: Queue, msg: Message, rcpt: str, user: str, retry: bool,
-            extra_headers: bytes = b"", headers: EmailHeaders | None = None) -> Path:
+            extra_headers: bytes = b"", headers: EmailHeaders | None = None, sync: bool = True) -> Path:
     """Stream the queued body into ``user``'s Maildir; returns the file's path.
 
     ``headers`` (the message's own) lets the trace lines skip what is already there.
+    ``sync=False`` leaves fsyncing new/ (the file's parent) to the caller, before it
+    records the recipient as delivered.
     """
     box = Maildir(mailbox_path(spool_dir, user))
     key = hashlib.sha1(f"{rcpt}\0{user}".encode()).hexdigest()[:10]
     unique = box.unique_name(msg.arrival, f"Q{msg.id}R{key}")
     with queue.open_body(msg.id) as body:
         return box.deliver(chain([trace(msg.sender, rcpt, headers) + extra_headers], iter(lambda: body.read(READ), b"")),
-                           unique, check_existing=retry)
+                           unique, check_existing=retry, sync=sync)
