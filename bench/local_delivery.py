@@ -9,7 +9,10 @@ Every 0.2 s the bench reads the spool's catalogue: how many recipients wait for 
 mailbox and how old the oldest of them is.  It prints the ingest and delivery rates
 over the burst, the largest backlog (count, and count / delivery rate in seconds), the
 oldest undelivered message's largest age, and how long the backlog took to drain after
-the burst.  No peer: the target is delivery >= ingest, backlog under 1 s.
+the burst.  Then the daemon's delivery capacity on its own: ``--capacity`` messages are
+put straight into the stopped daemon's queue, and the bench times how long the restarted
+daemon takes to have them all in the Maildirs.  No peer: the targets are delivery
+capacity >= ingest rate, and a backlog under 1 s during the burst.
 """
 from __future__ import annotations
 
@@ -70,11 +73,33 @@ def sampler(site: DialmailSite, users: list[str], start: float, stop: threading.
         cat.close()
 
 
+def delivery_capacity(site: DialmailSite, users: list[str], n: int, size: int) -> tuple[float, int]:
+    """Queue ``n`` local messages into the stopped daemon's spool; msgs/s it delivers them at."""
+    from spool.queue import LOCAL, Catalogue, Queue
+    body = (b"From: s@outside.test\r\nSubject: capacity\r\n\r\n"
+            + b"".join(b"%069d\r\n" % i for i in range(max(1, size // 71))))
+    queue = Queue(Catalogue(site.spool))
+    try:
+        for i in range(n):
+            queue.enqueue("s@outside.test", [(f"{users[i % len(users)]}@office.test", LOCAL)], body,
+                          origin="smtp", client="127.0.0.1")
+    finally:
+        queue.cat.close()
+    before = delivered(site, users)
+    site.start()
+    # Timed from the first message in a Maildir: the daemon's start-up is not delivery.
+    first = wait_until(lambda: delivered(site, users) - before, 120, "the first queued message", 0.005)
+    start = time.monotonic()
+    wait_until(lambda: delivered(site, users) - before >= n, 600, "the queued messages to be delivered", 0.02)
+    return (n - first) / (time.monotonic() - start), n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--size", type=int, default=2048, help="body bytes per message")
+    ap.add_argument("--capacity", type=int, default=1000, help="messages queued for the capacity run")
     args = ap.parse_args()
     need("smtp-source")
     users = [f"user{i}" for i in range(args.clients)]
@@ -108,6 +133,8 @@ def main() -> None:
             stop.set()
             watch.join()
         drained = time.monotonic() - start - burst
+        site.stop()
+        capacity, queued = delivery_capacity(site, users, args.capacity, args.size)
     ingest = total / burst
     delivery = at_end / burst
     during = [s for s in samples if s.at <= burst] or samples
@@ -121,6 +148,8 @@ def main() -> None:
     print(f"  backlog   max {worst.waiting} waiting (at {worst.at:.1f} s) = {worst.waiting / max(delivery, 1e-9):.2f} s "
           f"of delivery; oldest undelivered waited {oldest:.2f} s at most   (target < 1 s)")
     print(f"  drained   {drained:.2f} s after the burst ended")
+    print(f"  capacity  {queued} queued messages delivered at {capacity:.0f} msgs/s (timed from the first), "
+          f"{capacity / ingest:.2f} x the burst's ingest rate   (target >= 1.0 x)")
 
 
 if __name__ == "__main__":

@@ -592,15 +592,17 @@ class Queue:
         """
         removed = set()
         with self.cat.transaction() as conn:
+            journals = {}
             for qid, mine in outcomes.items():
                 conn.executemany(_RECORD, [(o.status, o.code, o.reply, 1, None, qid, rcpt)
                                            for rcpt, o in mine.items()])
                 settled = not _unsettled(conn, qid)
-                journal(conn, qid, [queuefile.final(rcpt, o.status, o.code, o.reply)
-                                    for rcpt, o in mine.items() if o.status in FINAL]
-                        + ([{"removed": True}] if settled else []))
+                journals[self.env / qid] = ([queuefile.final(rcpt, o.status, o.code, o.reply)
+                                             for rcpt, o in mine.items() if o.status in FINAL]
+                                            + ([{"removed": True}] if settled else []))
                 if settled and conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1:
                     removed.add(qid)
+            queuefile.append_many(journals)
         for qid in removed:
             self.discard_body(qid)
         return removed

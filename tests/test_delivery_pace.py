@@ -1,6 +1,7 @@
 """Local delivery keeps pace with SMTP ingest: a pass over a burst of messages pays the
 disk's price (fsync, COMMIT) per pass and per mailbox where it can, and per message only
-where exactly-once needs it (the Maildir file itself, the message's journal)."""
+where exactly-once needs it (the Maildir file itself, the message's journal), and those
+fsyncs run side by side so the file system can serve them with shared commits."""
 from __future__ import annotations
 
 import os

@@ -17,10 +17,11 @@ here, and what fails them is quarantined (gateway.delivery.stages.quarantine), n
 deferred when clamd cannot be reached and ``[virus] on_error = "reject"``.
 
 Recipients delivered into mailboxes are recorded in batches (``commit``): the Maildir
-files of a whole pass are fsynced one by one, each new/ directory once, and then all their
-outcomes go into the queue in one transaction.  Nothing counts as delivered before its
-link into new/ is on disk, and a pass cut short leaves only claims, which are released
-as attempts, so the next pass looks for the copies already linked.
+files of a whole pass are fsynced side by side and linked into new/, each new/ directory
+is fsynced once (spool.maildir.Batch), and then all their outcomes go into the queue in
+one transaction.  Nothing counts as delivered before its link into new/ is on disk, and
+a pass cut short leaves only claims, which are released as attempts, so the next pass
+looks for the copies already linked.
 
 Each recipient is marked done only after stages 5 to 7 have all finished, and each is
 idempotent (the forwarded copy is remembered, Maildir names are fixed, a reply is queued
@@ -33,7 +34,6 @@ from __future__ import annotations
 import logging
 import time
 from email.message import Message as EmailHeaders
-from pathlib import Path
 
 from gateway.config import Config
 from gateway.delivery.stages import (
@@ -51,7 +51,8 @@ from gateway.office.directory import Directory
 from gateway.policy import blocklist, size, virus
 from gateway.policy.verdict import ACCEPT, DEFER_ACTION, Verdict
 from gateway.policy.verdict import quarantine as quarantined
-from spool.fsio import fsync_dir, is_disk_full
+from spool.fsio import is_disk_full
+from spool.maildir import Batch
 from spool.policystate import PolicyState
 from spool.queue import BOUNCED, DEFERRED, DELIVERED, Message, Queue, Recorded
 
@@ -85,9 +86,9 @@ class Pipeline:
         self.responder = autoreply.Responder(config, queue, directory, self.state)
         self._expired = 0.0
         # The batch since the last ``commit``: mailbox deliveries not yet recorded, and
-        # the new/ directories their links are in.
+        # their Maildir files not yet durable.
         self._delivered: dict[str, dict[str, Outcome]] = {}
-        self._unsynced: set[Path] = set()
+        self._maildirs = Batch()
 
     # ------------------------------------------------------------ stages 1-3
 
@@ -152,8 +153,7 @@ class Pipeline:
                 done.append(f"forwarded as {forward.forward(self.queue, self.state, msg, rcpt, resolution.remote, headers)}")
             for user in resolution.mailboxes:
                 path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers,
-                                       sync=False)
-                self._unsynced.add(path.parent)
+                                       batch=self._maildirs)
                 log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, user, path.name)
             if resolution.mailboxes:
                 done.insert(0, "delivered to mailbox")
@@ -177,10 +177,8 @@ class Pipeline:
         Should this fail, the batch is dropped unrecorded: its claims are released as
         attempts and the next pass finds the copies already in the Maildirs.
         """
-        delivered, unsynced = self._delivered, self._unsynced
-        self._delivered, self._unsynced = {}, set()
-        for new in sorted(unsynced):
-            fsync_dir(new)
+        delivered, self._delivered = self._delivered, {}
+        self._maildirs.commit()
         return self.queue.record_deliveries(delivered) if delivered else set()
 
     def _unreturnable(self, msg: Message) -> bool:
