@@ -1,7 +1,7 @@
 """``make bench``: the four benchmarks of issue 10, each against the tool users would pick
 instead, measured side by side in this run (compare the ratios, not absolute times).
 
-    .venv/bin/python bench/run.py [--quick] [--only link|smtp|pop3|memory|shaper|local ...]
+    .venv/bin/python bench/run.py [--quick] [--only link|smtp|pop3|memory|shaper|local|connmem ...]
 
 1. bench/link_efficiency.py  line time over the simulated modem vs Postfix + fetchmail
 2. bench/smtp_ingest.py      smtp-source into dialmail vs Postfix smtpd (durable queue)
@@ -9,6 +9,8 @@ instead, measured side by side in this run (compare the ratios, not absolute tim
 4. bench/memory.py           daemon peak RSS with 50 MB messages
 5. bench/shaper_rate.py      the simulated line's pace against the wall clock (no peer)
 6. bench/local_delivery.py   Maildir delivery against a 30 s SMTP burst: backlog, capacity
+7. bench/connection_memory.py  memory per idle SMTP connection and per connection in DATA
+                             vs Postfix's smtpd processes
 
 ``--quick`` shrinks the workloads (for checking the scripts, not for results).
 The link benchmark takes most of the time: ~10 minutes at 33.6 kbit/s.
@@ -30,6 +32,7 @@ SCRIPTS = {
     "smtp": ("smtp_ingest.py", [], ["--messages", "300"]),
     "pop3": ("pop3_retrieval.py", [], ["--messages", "60", "--rounds", "2"]),
     "local": ("local_delivery.py", [], ["--seconds", "3", "--capacity", "100"]),
+    "connmem": ("connection_memory.py", [], ["--connections", "10", "--data-kb", "64"]),
     "memory": ("memory.py", [], ["--size-mb", "10"]),
     "shaper": ("shaper_rate.py", [], ["--seconds", "2"]),
 }
