@@ -171,8 +171,9 @@ class Pipeline:
             DELIVERED, 250, "2.0.0", " and ".join(done) or "answered automatically")
 
     def commit(self) -> set[str]:
-        """Make the batch durable: fsync each new/ directory it linked into, then record its
-        recipients as delivered in one transaction; returns the messages that left the queue.
+        """Make the batch durable: fsync its Maildir files side by side, link them into
+        new/, fsync each new/ once, then record its recipients as delivered in one
+        transaction; returns the messages that left the queue.
 
         Should this fail, the batch is dropped unrecorded: its claims are released as
         attempts and the next pass finds the copies already in the Maildirs.

@@ -6,8 +6,9 @@ message.  Exactly once, also across a kill -9: each (queue id, recipient, mailbo
 fixed Maildir name, and a recipient whose earlier claim was cut short is delivered with
 ``check_existing`` so the copy that may already be in new/ or cur/ is found instead of
 duplicated.  The recipient is marked delivered only after the Maildir link is fsynced;
-a pass links all its messages first and then fsyncs each new/ once and records them
-all in one transaction, so delivery keeps pace with a burst of SMTP ingest.
+a pass writes all its messages' files first, then fsyncs them side by side, links them,
+fsyncs each new/ once and records them all in one transaction, so delivery keeps pace
+with a burst of SMTP ingest.
 """
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ class LocalDelivery:
                     handled += len(rcpts)
                 except Exception as exc:
                     self._failed(qid, rcpts, exc)
-            # One fsync per Maildir and one COMMIT for the whole pass, then settle what
-            # is left (bounces to report): see gateway.delivery.pipeline.
+            # The pass's Maildir files made durable together, one COMMIT for all its
+            # outcomes, then settle what is left (bounces to report): see
+            # gateway.delivery.pipeline.
             try:
                 removed = self.pipeline.commit()
             except Exception as exc:
