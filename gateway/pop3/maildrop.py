@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.pop3.wire import wire_octets
+from gateway.pop3.wire import scan
 from spool.fsio import fsync_dir
 
 MAX_UID = 70  # RFC 1939: 1 to 70 characters in the range 0x21 to 0x7E
@@ -34,6 +34,7 @@ class MaildropMessage:
     uid: str
     octets: int  # size on the wire: CRLF line ends, before dot-stuffing
     path: Path
+    verbatim: bool = False  # stored exactly as sent (wire.scan): RETR passes it through
 
 
 def unique_part(name: str) -> str:
@@ -82,22 +83,27 @@ class OctetCounts:
     """
 
     def __init__(self):
-        self._known: dict[tuple[int, int, int], int] = {}
+        self._known: dict[tuple[int, int, int], tuple[int, bool]] = {}
         self._lock = threading.Lock()
 
     def of(self, path: Path, st: os.stat_result) -> int:
+        return self.measure(path, st)[0]
+
+    def measure(self, path: Path, st: os.stat_result) -> tuple[int, bool]:
+        """(wire size, verbatim: see ``wire.scan``); a size Dovecot put in the name is
+        taken as it is, without reading the file (and without the verbatim shortcut)."""
         found = _WIRE_SIZE.search(path.name)
         if found:
-            return int(found.group(1))
+            return int(found.group(1)), False
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             if key in self._known:
                 return self._known[key]
         with open(path, "rb") as f:
-            octets = wire_octets(f)
+            measured = scan(f)
         with self._lock:
-            self._known[key] = octets
-        return octets
+            self._known[key] = measured
+        return measured
 
 
 class MaildropLocks:
@@ -153,7 +159,8 @@ class Maildrop:
             path = cur / name
             try:
                 st = path.stat()
-                messages.append(MaildropMessage(uid_of(name), self.octets.of(path, st), path))
+                octets, verbatim = self.octets.measure(path, st)
+                messages.append(MaildropMessage(uid_of(name), octets, path, verbatim))
             except FileNotFoundError:
                 continue  # removed by another reader while we listed
         # Maildir unique names begin with the delivery time, so this is arrival order.

@@ -243,7 +243,7 @@ class Connection:
         f, chunk = opened
         self.streaming = True
         try:
-            encoder = MessageEncoder(action.body_lines)
+            encoder = MessageEncoder(action.body_lines, verbatim=action.message.verbatim)
             # Status line, text and terminator leave in one write (one send() for a
             # message that fits in a chunk, instead of three).
             out = [action.head]
