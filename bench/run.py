@@ -1,14 +1,17 @@
 """``make bench``: the four benchmarks of issue 10, each against the tool users would pick
 instead, measured side by side in this run (compare the ratios, not absolute times).
 
-    .venv/bin/python bench/run.py [--quick] [--only link|smtp|pop3|memory ...]
+    .venv/bin/python bench/run.py [--quick] [--only link|smtp|pop3|memory|shaper|local|connmem ...]
 
 1. bench/link_efficiency.py  line time over the simulated modem vs Postfix + fetchmail
 2. bench/smtp_ingest.py      smtp-source into dialmail vs Postfix smtpd (durable queue)
 3. bench/pop3_retrieval.py   poplib RETR from dialmail vs Dovecot
 4. bench/memory.py           daemon peak RSS with 50 MB messages
 5. bench/shaper_rate.py      the simulated line's pace against the wall clock (no peer)
-6. bench/compress_ratio.py   IMAP bytes per byte of mail with COMPRESS=DEFLATE on and off
+6. bench/local_delivery.py   Maildir delivery against a 30 s SMTP burst: backlog, capacity
+7. bench/connection_memory.py  memory per idle SMTP connection and per connection in DATA
+                             vs Postfix's smtpd processes
+8. bench/compress_ratio.py   IMAP bytes per byte of mail with COMPRESS=DEFLATE on and off
 
 ``--quick`` shrinks the workloads (for checking the scripts, not for results).
 The link benchmark takes most of the time: ~10 minutes at 33.6 kbit/s.
@@ -29,6 +32,8 @@ SCRIPTS = {
     "link": ("link_efficiency.py", [], ["--scale", "0.1"]),
     "smtp": ("smtp_ingest.py", [], ["--messages", "300"]),
     "pop3": ("pop3_retrieval.py", [], ["--messages", "60", "--rounds", "2"]),
+    "local": ("local_delivery.py", [], ["--seconds", "3", "--capacity", "100"]),
+    "connmem": ("connection_memory.py", [], ["--connections", "10", "--data-kb", "64"]),
     "memory": ("memory.py", [], ["--size-mb", "10"]),
     "shaper": ("shaper_rate.py", [], ["--seconds", "2"]),
     "compress": ("compress_ratio.py", [], []),

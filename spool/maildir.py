@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from spool.fsio import fsync_dir, write_file
+from spool.fsio import fsync_dir, fsync_paths, write_file
 
 SUBDIRS = ("tmp", "new", "cur")
 
@@ -72,11 +72,14 @@ class Maildir:
                     return d / name
         return None
 
-    def deliver(self, data: bytes | Iterable[bytes] | BinaryIO, unique: str, check_existing: bool = False) -> Path:
+    def deliver(self, data: bytes | Iterable[bytes] | BinaryIO, unique: str, check_existing: bool = False,
+                batch: "Batch | None" = None) -> Path:
         """Deliver ``data`` as new/<unique>; returns its path.
 
         With ``check_existing`` (a redelivery after a crash) an earlier copy under the
-        same name is found and kept instead of delivering a second copy.
+        same name is found and kept instead of delivering a second copy.  With a
+        ``batch`` the file is only written into tmp/: ``batch.commit()`` fsyncs it, links
+        it to the returned path and fsyncs new/, together with the rest of the batch.
         """
         self.create()
         if check_existing:
@@ -88,17 +91,15 @@ class Maildir:
             os.unlink(tmp)  # left over by a crash before the link: it was never visible
         except FileNotFoundError:
             pass
-        size = write_file(tmp, data)
+        size = write_file(tmp, data, sync=batch is None)
         owner = owner_of(self.path.parent)
         if owner is not None:  # before the link: a reader never sees it owned by root
             os.chown(tmp, *owner)
         final = self.path / "new" / f"{unique},S={size}"
-        # link, not rename: if new/ already has the name we must not overwrite it.
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            pass
-        os.unlink(tmp)
+        if batch is not None:
+            batch.written.append((tmp, final))
+            return final
+        _link(tmp, final)
         fsync_dir(self.path / "new")
         return final
 
@@ -109,3 +110,33 @@ class Maildir:
             if d.is_dir():
                 out.extend(d / n for n in os.listdir(d) if not n.startswith("."))
         return sorted(out, key=lambda p: p.name)
+
+
+def _link(tmp: Path, final: Path) -> None:
+    # link, not rename: if new/ already has the name we must not overwrite it.
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        pass
+    os.unlink(tmp)
+
+
+class Batch:
+    """Deliveries into Maildirs made durable together, in the qmail order for each file
+    (tmp/ written and fsynced, then linked into new/, then new/ fsynced) but with the
+    fsyncs of many files running side by side and each new/ fsynced once.  Nothing
+    delivered this way may count as delivered before ``commit`` returns; a batch cut
+    short leaves files in tmp/, which readers ignore and a redelivery replaces, and links
+    that a redelivery with ``check_existing`` finds."""
+
+    def __init__(self):
+        self.written: list[tuple[Path, Path]] = []  # (tmp/ file, its name in new/)
+
+    def commit(self) -> None:
+        """fsync every file written, link each into new/, fsync each new/ once.  Raises
+        if any step fails; the batch is empty afterwards either way."""
+        written, self.written = self.written, []
+        fsync_paths(tmp for tmp, _ in written)
+        for tmp, final in written:
+            _link(tmp, final)
+        fsync_paths(sorted({final.parent for _, final in written}))

@@ -589,6 +589,32 @@ class Queue:
             self.discard_body(qid)
         return removed
 
+    def record_deliveries(self, outcomes: Mapping[str, Mapping[str, Result]]) -> set[str]:
+        """Store the outcomes of several messages' recipients in one transaction, and remove
+        each message that is then settled (as ``record_outcomes(remove_settled=True)``);
+        returns the ids of the messages that left.
+
+        Local delivery's batch: one COMMIT (one fsync of the WAL) for a whole pass, and one
+        journal write per message holding its final outcomes and, when it leaves, its
+        removal.  Each journal is written before the COMMIT, as everywhere.
+        """
+        removed = set()
+        with self.cat.transaction() as conn:
+            journals = {}
+            for qid, mine in outcomes.items():
+                conn.executemany(_RECORD, [(o.status, o.code, o.reply, 1, None, qid, rcpt)
+                                           for rcpt, o in mine.items()])
+                settled = not _unsettled(conn, qid)
+                journals[self.env / qid] = ([queuefile.final(rcpt, o.status, o.code, o.reply)
+                                             for rcpt, o in mine.items() if o.status in FINAL]
+                                            + ([{"removed": True}] if settled else []))
+                if settled and conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1:
+                    removed.add(qid)
+            queuefile.append_many(journals)
+        for qid in removed:
+            self.discard_body(qid)
+        return removed
+
     def fail_waiting(self, qid: str, why: Callable[[Recipient], Result], *, in_flight_too: bool = False) -> int:
         """Bounce every recipient still waiting, with ``why(recipient)``'s code and reply; how many.
 
@@ -765,13 +791,17 @@ class Recorded:
 def _remove_if_settled(conn: sqlite3.Connection, qid: str) -> bool:
     """Delete the message's row when every recipient is final and no bounced one still
     needs reporting (``spool.notices`` does that part); the caller unlinks after COMMIT."""
-    left = conn.execute("SELECT COUNT(*) FROM recipients r WHERE r.msg_id=? AND (r.status NOT IN (?,?) OR "
-                        "(r.status=? AND NOT EXISTS (SELECT 1 FROM bounce_reported b "
-                        "WHERE b.msg_id=r.msg_id AND b.rcpt=r.rcpt)))", (qid, *FINAL, BOUNCED)).fetchone()[0]
-    if left:
+    if _unsettled(conn, qid):
         return False
     journal(conn, qid, [{"removed": True}])
     return conn.execute("DELETE FROM messages WHERE id=?", (qid,)).rowcount == 1
+
+
+def _unsettled(conn: sqlite3.Connection, qid: str) -> int:
+    """How many of ``qid``'s recipients still wait, or bounced and are not yet reported."""
+    return conn.execute("SELECT COUNT(*) FROM recipients r WHERE r.msg_id=? AND (r.status NOT IN (?,?) OR "
+                        "(r.status=? AND NOT EXISTS (SELECT 1 FROM bounce_reported b "
+                        "WHERE b.msg_id=r.msg_id AND b.rcpt=r.rcpt)))", (qid, *FINAL, BOUNCED)).fetchone()[0]
 
 
 def journal(conn: sqlite3.Connection, qid: str, records: list[dict]) -> None:

@@ -21,7 +21,7 @@ from gateway.pop3.protocol import (
     Stream,
     Update,
 )
-from gateway.pop3.wire import MessageEncoder, wire_octets
+from gateway.pop3.wire import MessageEncoder, scan, wire_octets
 
 
 @dataclass(frozen=True)
@@ -276,6 +276,29 @@ def test_encoder_output_unstuffs_to_crlf_message_whatever_the_chunking(data, cut
         assert b"\r\n.\r\n" not in out[:-3] and not out.startswith(b".\r\n")
     assert unstuff(out) == normalise(data)
     assert enc.octets == len(normalise(data)) == wire_octets(io.BytesIO(data), chunk=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=message_bytes)
+def test_a_message_scanned_verbatim_is_sent_as_stored_and_the_shortcut_sends_the_same_bytes(data):
+    octets, verbatim = scan(io.BytesIO(data), chunk=3)
+    enc = MessageEncoder()
+    full = enc.encode(data) + enc.end()
+    assert octets == enc.octets
+    assert verbatim == (full == data + b".\r\n")
+    if verbatim:
+        short = MessageEncoder(verbatim=True)
+        assert short.encode(data[:5]) + short.encode(data[5:]) + short.end() == full
+
+
+def test_scan_tells_which_stored_messages_need_no_encoding():
+    assert scan(io.BytesIO(b"Subject: a\r\n\r\nbody\r\n")) == (20, True)
+    assert scan(io.BytesIO(b"Subject: a\r\n\r\n.dot\r\n")) == (20, False)  # stuffed on the wire
+    assert scan(io.BytesIO(b"Subject: a\n\nbody\n")) == (20, False)  # bare LF becomes CRLF
+    assert scan(io.BytesIO(b"Subject: a\r\n\r\nbody")) == (20, False)  # a final CRLF is added
+    # TOP never takes the shortcut: it must count the body's lines.
+    top = MessageEncoder(body_lines=0, verbatim=True)
+    assert top.encode(b"Subject: a\r\n\r\nbody\r\n") + top.end() == b"Subject: a\r\n\r\n.\r\n"
 
 
 def test_bare_cr_is_content_not_a_line_end():

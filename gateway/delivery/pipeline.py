@@ -17,6 +17,13 @@ repeated at delivery; for everything else, above all mail fetched from the ISP, 
 here, and what fails them is quarantined (gateway.delivery.stages.quarantine), never dropped, or
 deferred when clamd cannot be reached and ``[virus] on_error = "reject"``.
 
+Recipients delivered into mailboxes are recorded in batches (``commit``): the Maildir
+files of a whole pass are fsynced side by side and linked into new/, each new/ directory
+is fsynced once (spool.maildir.Batch), and then all their outcomes go into the queue in
+one transaction.  Nothing counts as delivered before its link into new/ is on disk, and
+a pass cut short leaves only claims, which are released as attempts, so the next pass
+looks for the copies already linked.
+
 Each recipient is marked done only after stages 5 to 7 have all finished, and each is
 idempotent (the forwarded copy is remembered, Maildir names are fixed, a reply is queued
 in the same transaction that records the sender as answered), so a crash at any point
@@ -47,6 +54,7 @@ from gateway.policy import blocklist, size, virus
 from gateway.policy.verdict import ACCEPT, DEFER_ACTION, Verdict
 from gateway.policy.verdict import quarantine as quarantined
 from spool.fsio import is_disk_full
+from spool.maildir import Batch
 from spool.policystate import PolicyState
 from spool.queue import (
     BOUNCED,
@@ -88,6 +96,10 @@ class Pipeline:
         self.scanner = virus.ClamdScanner(self.settings.virus)
         self.responder = autoreply.Responder(config, queue, directory, self.state)
         self._expired = 0.0
+        # The batch since the last ``commit``: mailbox deliveries not yet recorded, and
+        # their Maildir files not yet durable.
+        self._delivered: dict[str, dict[str, Outcome]] = {}
+        self._maildirs = Batch()
 
     # ------------------------------------------------------------ stages 1-3
 
@@ -161,7 +173,8 @@ class Pipeline:
                 done.insert(0, said)
             else:
                 for user in resolution.mailboxes:
-                    path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers)
+                    path = mailbox.deliver(self.config.spool_dir, self.queue, msg, rcpt, user, retry, headers=headers,
+                                           batch=self._maildirs)
                     log.info("%s: to=<%s> mailbox=%s status=delivered (%s)", msg.id, rcpt, user, path.name)
                 if resolution.mailboxes:
                     done.insert(0, "delivered to mailbox")
@@ -175,7 +188,20 @@ class Pipeline:
             self.responder.answer(msg, rcpt, resolution, headers)
         except Exception:  # a reply that cannot be built must not undo a delivery
             log.exception("%s: to=<%s>: automatic reply failed", msg.id, rcpt)
-        self.queue.record(msg.id, rcpt, DELIVERED, 250, f"2.0.0 {' and '.join(done) or 'answered automatically'}")
+        self._delivered.setdefault(msg.id, {})[rcpt] = Outcome(
+            DELIVERED, 250, "2.0.0", " and ".join(done) or "answered automatically")
+
+    def commit(self) -> set[str]:
+        """Make the batch durable: fsync its Maildir files side by side, link them into
+        new/, fsync each new/ once, then record its recipients as delivered in one
+        transaction; returns the messages that left the queue.
+
+        Should this fail, the batch is dropped unrecorded: its claims are released as
+        attempts and the next pass finds the copies already in the Maildirs.
+        """
+        delivered, self._delivered = self._delivered, {}
+        self._maildirs.commit()
+        return self.queue.record_deliveries(delivered) if delivered else set()
 
     def _hand_over(self, msg: Message, before: Recipient, mailboxes: tuple[str, ...] | list[str],
                    headers: EmailHeaders) -> str | None:

@@ -5,7 +5,10 @@ replies) are gateway.delivery.pipeline's; this module claims recipients, runs th
 message.  Exactly once, also across a kill -9: each (queue id, recipient, mailbox) gets a
 fixed Maildir name, and a recipient whose earlier claim was cut short is delivered with
 ``check_existing`` so the copy that may already be in new/ or cur/ is found instead of
-duplicated.  The recipient is marked delivered only after the Maildir link is fsynced.
+duplicated.  The recipient is marked delivered only after the Maildir link is fsynced;
+a pass writes all its messages' files first, then fsyncs them side by side, links them,
+fsyncs each new/ once and records them all in one transaction, so delivery keeps pace
+with a burst of SMTP ingest.
 """
 from __future__ import annotations
 
@@ -63,10 +66,27 @@ class LocalDelivery:
             by_msg: dict[str, list[str]] = {}
             for qid, rcpt in pairs:
                 by_msg.setdefault(qid, []).append(rcpt)
+            ran: dict[str, list[str]] = {}
             for qid, rcpts in by_msg.items():
                 try:
-                    self._deliver_message(qid, rcpts)
+                    if self._deliver_message(qid, rcpts):
+                        ran[qid] = rcpts
                     handled += len(rcpts)
+                except Exception as exc:
+                    self._failed(qid, rcpts, exc)
+            # The pass's Maildir files made durable together, one COMMIT for all its
+            # outcomes, then settle what is left (bounces to report): see
+            # gateway.delivery.pipeline.
+            try:
+                removed = self.pipeline.commit()
+            except Exception as exc:
+                self._failed_batch(ran, exc)
+                return 0
+            for qid, rcpts in ran.items():
+                if qid in removed:
+                    continue
+                try:
+                    settle(self.config, self.queue, qid)
                 except Exception as exc:
                     self._failed(qid, rcpts, exc)
         finally:
@@ -96,6 +116,13 @@ class LocalDelivery:
             return
         log.exception("%s: local delivery failed; will retry", qid)
 
+    def _failed_batch(self, ran: dict[str, list[str]], exc: Exception) -> None:
+        self._leftovers_checked = None
+        if is_disk_full(exc):
+            log.warning("local delivery of %d messages stopped: the spool's disk is full; will retry", len(ran))
+            return
+        log.exception("local delivery of %d messages failed; will retry", len(ran))
+
     def _look_after(self) -> None:
         """At the first pass and then once a minute: settle messages left with every
         recipient final (a kill -9, or a full disk, between recording the last outcome and
@@ -111,21 +138,23 @@ class LocalDelivery:
             log.info("%s: every recipient was final but the message was still queued; settling it", qid)
             settle(self.config, self.queue, qid)
 
-    def _deliver_message(self, qid: str, rcpts: list[str]) -> None:
+    def _deliver_message(self, qid: str, rcpts: list[str]) -> bool:
+        """Run the pipeline for the message; True if it ran (the message is then settled
+        once the pass's batch is committed)."""
         msg = self.queue.get(qid)
         if msg is None:
-            return
+            return False
         if not self.queue.body_path(qid).exists():
             self._body_missing(msg, rcpts)
-            return
+            return False
         try:
             with self.queue.open_body(qid):
                 pass  # a body damaged since it was accepted is held here, not delivered
         except DamagedBody:
-            return
+            return False
         # size -> block lists -> virus -> expansion -> forwarding -> mailbox -> replies
         self.pipeline.run(msg, rcpts)
-        settle(self.config, self.queue, qid)
+        return True
 
     def _body_missing(self, msg: Message, rcpts: list[str]) -> None:
         """Record the loss where ``dialmail queue list`` shows it; the message waits for the

@@ -2,8 +2,9 @@
 
 Each connection feeds what it reads to ``protocol.Session`` and carries out the
 actions it gets back, one at a time, so pipelined commands keep their order.
-Messages are read in chunks in a worker thread and written with flow control
-(``drain``), so a 20 MB message never sits in memory whole.
+Messages are read in chunks and written with flow control (``drain``), so a 20 MB
+message never sits in memory whole.  A chunk the page cache holds is read on the event
+loop without waiting for the disk (``read_cached``); any other goes to a worker thread.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from gateway.config import Config, is_loopback
 from gateway.mail.errors import ConfigError
 from gateway.policy.connections import Admission, Listener
 from gateway.policy.throttle import LoginThrottle
-from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts
+from gateway.pop3.maildrop import Maildrop, MaildropLocks, OctetCounts, read_cached
 from gateway.pop3.protocol import (
     Authenticate,
     Close,
@@ -230,9 +231,11 @@ class Connection:
                  len(messages), sum(m.octets for m in messages))
 
     async def _stream(self, action: Stream) -> None:
-        # One worker-thread hop opens the file and reads the first chunk: most messages
-        # fit in it, and each hop costs more than sending a small message does.
-        opened = await asyncio.to_thread(self._open_and_read, action.message)
+        # Most messages fit in one chunk and are in the page cache: read at once.  Else
+        # one worker-thread hop opens the file and reads the first chunk.
+        opened = self._open_cached(action.message)
+        if opened is None:
+            opened = await asyncio.to_thread(self._open_and_read, action.message)
         if opened is None:
             self.writer.write(line(Response.MESSAGE_GONE))
             await self.writer.drain()
@@ -240,7 +243,7 @@ class Connection:
         f, chunk = opened
         self.streaming = True
         try:
-            encoder = MessageEncoder(action.body_lines)
+            encoder = MessageEncoder(action.body_lines, verbatim=action.message.verbatim)
             # Status line, text and terminator leave in one write (one send() for a
             # message that fits in a chunk, instead of three).
             out = [action.head]
@@ -252,13 +255,27 @@ class Connection:
                 self.writer.write(b"".join(out))
                 out = []
                 await self.writer.drain()
-                chunk = await asyncio.to_thread(f.read, CHUNK)
+                chunk = read_cached(f, CHUNK)
+                if chunk is None:
+                    chunk = await asyncio.to_thread(f.read, CHUNK)
             out.append(encoder.end())
             self.writer.write(b"".join(out))
             await self.writer.drain()
             self.streaming = False
         finally:
             f.close()  # a read-only file: closing it does not wait for the disk
+
+    def _open_cached(self, message):
+        """The open file and its first chunk if the page cache holds it, else None.  The
+        open itself does not wait for the disk: the login's listing just looked the file up."""
+        f = self.maildrop.open_message(message)
+        if f is None:
+            return None
+        chunk = read_cached(f, CHUNK)
+        if chunk is None:
+            f.close()
+            return None
+        return f, chunk
 
     def _open_and_read(self, message):
         f = self.maildrop.open_message(message)

@@ -24,9 +24,12 @@ class MessageEncoder:
     body lines; once reached, ``done`` is true and further input is ignored.
     """
 
-    def __init__(self, body_lines: int | None = None, stuff: bool = True):
+    def __init__(self, body_lines: int | None = None, stuff: bool = True, verbatim: bool = False):
         self.body_lines = body_lines
         self.stuff = stuff
+        # The stored bytes are already the wire's (``scan`` said so, and no TOP limit):
+        # pass them through, no CRLF check and no dot-stuffing pass per chunk.
+        self.verbatim = verbatim and body_lines is None
         self.octets = 0  # produced so far, before dot-stuffing
         self.done = False
         self._last_in = b""  # last input byte: tells whether a leading LF ends a CRLF pair
@@ -38,6 +41,9 @@ class MessageEncoder:
     def encode(self, chunk: bytes) -> bytes:
         if self.done or not chunk:
             return b""
+        if self.verbatim:
+            self.octets += len(chunk)
+            return chunk
         text = self._to_crlf(chunk)
         if self.body_lines is not None:
             text = self._limit(text)
@@ -45,6 +51,9 @@ class MessageEncoder:
 
     def end(self) -> bytes:
         """The rest of the message: a missing final line end, then the terminator."""
+        if self.verbatim:
+            self.done = True
+            return TERMINATOR if self.stuff else b""
         tail = b""
         if self.body_lines is not None and self._partial and not self.done:
             tail, self._partial = self._partial, b""
@@ -100,8 +109,19 @@ class MessageEncoder:
 
 def wire_octets(stream: BinaryIO, chunk: int = CHUNK) -> int:
     """The size of a stored message as POP3 sends it (CRLF, before dot-stuffing)."""
-    encoder = MessageEncoder(stuff=False)
+    return scan(stream, chunk)[0]
+
+
+def scan(stream: BinaryIO, chunk: int = CHUNK) -> tuple[int, bool]:
+    """(wire size as ``wire_octets``, verbatim): verbatim when the stored bytes are
+    exactly what RETR sends before the terminator (CRLF throughout, ending in CRLF, no
+    line that starts with a dot), as our own delivery nearly always stores them."""
+    encoder = MessageEncoder()
+    stored = sent = 0
     while data := stream.read(chunk):
-        encoder.encode(data)
-    encoder.end()
-    return encoder.octets
+        stored += len(data)
+        sent += len(encoder.encode(data))
+    sent += len(encoder.end()) - len(TERMINATOR)
+    # Every change the encoder makes adds bytes (a CR, a dot, a final CRLF): the same
+    # length means the same bytes.
+    return encoder.octets, sent == stored

@@ -11,7 +11,7 @@ from email.message import Message as EmailHeaders
 from itertools import chain
 from pathlib import Path
 
-from spool.maildir import Maildir, mailbox_path
+from spool.maildir import Batch, Maildir, mailbox_path
 from spool.queue import Message, Queue
 
 READ = 256 * 1024
@@ -34,14 +34,15 @@ def trace(sender: str, rcpt: str, headers: EmailHeaders | None = None) -> bytes:
 
 
 def deliver(spool_dir: Path, queue: Queue, msg: Message, rcpt: str, user: str, retry: bool,
-            extra_headers: bytes = b"", headers: EmailHeaders | None = None) -> Path:
+            extra_headers: bytes = b"", headers: EmailHeaders | None = None, batch: Batch | None = None) -> Path:
     """Stream the queued body into ``user``'s Maildir; returns the file's path.
 
     ``headers`` (the message's own) lets the trace lines skip what is already there.
+    With a ``batch`` the file is in new/, on disk, only once ``batch.commit()`` returns.
     """
     box = Maildir(mailbox_path(spool_dir, user))
     key = hashlib.sha1(f"{rcpt}\0{user}".encode()).hexdigest()[:10]
     unique = box.unique_name(msg.arrival, f"Q{msg.id}R{key}")
     with queue.open_body(msg.id) as body:
         return box.deliver(chain([trace(msg.sender, rcpt, headers) + extra_headers], iter(lambda: body.read(READ), b"")),
-                           unique, check_existing=retry)
+                           unique, check_existing=retry, batch=batch)
