@@ -157,6 +157,7 @@ _PACKAGE_OF = {
     "pppd": "ppp",
     "setpriv": "util-linux",
     "script": "bsdutils",
+    "php": "php-cli",
 }
 
 
@@ -1488,6 +1489,40 @@ def run_getmail(rcfile_text: str, getmail_dir: Path | str, timeout: float = 60, 
     env = dict(os.environ, HOME=str(gdir))
     return subprocess.run([_prog("getmail"), "--rcfile=getmailrc", f"--getmaildir={gdir}", *args],
                           capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+# --------------------------------------------------------------------------
+# Roundcube
+
+
+class Roundcube(_Peer):
+    """Debian's Roundcube served by PHP's built-in server on 127.0.0.1, reading the
+    configuration directory ``config_dir`` (what ``dialmail webmail config`` writes)."""
+
+    name = "roundcube"
+    docroot = Path("/var/lib/roundcube/public_html")
+
+    def __init__(self, config_dir: Path, basedir: Path | str | None = None):
+        super().__init__(basedir)
+        self.config_dir = Path(config_dir)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/"
+
+    @property
+    def log_path(self) -> Path:
+        errors = self.config_dir / "logs" / "errors.log"
+        return errors if errors.exists() else self.output_path
+
+    def _prepare(self) -> None:
+        self.port = free_port()
+
+    def _launch(self) -> None:
+        env = dict(os.environ, ROUNDCUBE_CONFIG_DIR=str(self.config_dir))
+        self._spawn([_prog("php"), "-S", f"{HOST}:{self.port}", "-t", str(self.docroot)], env=env)
+        self._wait_listening([self.port])
 
 
 # --------------------------------------------------------------------------
