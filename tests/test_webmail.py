@@ -77,6 +77,8 @@ def test_roundcube_logs_in_over_verified_starttls_and_lists_the_inbox(dovecot, w
     assert "_task=mail" in browser.login("alice", "alice-webmail-pw"), webmail.log()
     listing = browser.inbox()
     assert "quarterly figures" in json.dumps(listing), (listing, webmail.log())
+    # Roundcube made its database at the first request, private as the rest of the directory
+    assert (webmail.config_dir / "roundcube.db").stat().st_mode & 0o077 == 0
 
 
 def test_a_wrong_password_is_refused(dovecot, webmail):

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 # Debian's roundcube-core: the defaults every config.inc.php is read on top of, the MIME
-# table, the schema for a fresh SQLite database and the document root.
+# table and the document root.  The SQLite database needs nothing here: Roundcube's SQLite
+# driver creates it with its schema at the first request (roundcube.db, mode 0600).
 DEBIAN_CONFIG = Path("/etc/roundcube")
-DEBIAN_SCHEMA = Path("/usr/share/roundcube/SQL/sqlite.initial.sql")
 DEBIAN_DOCROOT = Path("/var/lib/roundcube/public_html")
 
 SECURITY = ("starttls", "tls", "none")
@@ -126,17 +125,10 @@ def write(w: Webmail, directory: Path) -> Path:
         link = directory / name
         if not link.exists() and (DEBIAN_CONFIG / name).exists():
             link.symlink_to(DEBIAN_CONFIG / name)
-    database = directory / "roundcube.db"
-    if not database.exists() and DEBIAN_SCHEMA.exists():
-        db = sqlite3.connect(database)
-        try:
-            db.executescript(DEBIAN_SCHEMA.read_text())
-        finally:
-            db.close()
-        os.chmod(database, 0o600)
     config = directory / "config.inc.php"
     _write_private(config, config_text(w, directory, des_key))
     return config
+
 
 
 def _write_private(path: Path, text: str) -> None:
