@@ -30,6 +30,7 @@ from gateway.config.policy import Forward
 from gateway.mail import address
 
 if TYPE_CHECKING:  # the users file module hashes a dummy password at import: not needed to parse config
+    from spool.policystate import StoredForward
     from spool.users import Users
 
 ALWAYS = ("postmaster", "abuse")
@@ -80,7 +81,7 @@ class Directory:
     Picker = Callable[[str, tuple], str]
 
     # The spool's forwarding of a user: stored(user) -> StoredForward | None (PolicyState.forward).
-    Stored = Callable[[str], object]
+    Stored = Callable[[str], "StoredForward | None"]
 
     def resolve(self, addr: str, sender: str | None = None, pick: "Directory.Picker | None" = None,
                 stored: "Directory.Stored | None" = None) -> Resolution | None:
@@ -217,4 +218,4 @@ class Directory:
 class _Walk:
     sender: str | None
     pick: Callable[[str, tuple], str] | None
-    stored: Callable[[str], object] | None = None
+    stored: Callable[[str], "StoredForward | None"] | None = None
