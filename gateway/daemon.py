@@ -20,6 +20,7 @@ from gateway.config import Config
 from gateway.delivery.worker import DeliveryWorker, LocalDelivery
 from gateway.mail.errors import OperationalError
 from gateway.office.directory import Directory
+from gateway.policy.throttle import LoginThrottle
 from gateway.smtp.admission import SubmissionPolicy
 from gateway.smtp.server import (
     SubmissionHandler,
@@ -89,6 +90,8 @@ class Daemon:
         self.smtp_servers: list[asyncio.base_events.Server] = []
         self.worker: DeliveryWorker | None = None
         self.accepted = 0  # messages the SMTP listener took, for a session waiting on ETRN
+        # Each login door's throttle by protocol ("smtp", "pop3"): the console counts its logins on all.
+        self.login_throttles: dict[str, LoginThrottle] = {}
         self._stops: list[Callable[[], Awaitable[None]]] = []
 
     def spawn(self, coro, name: str) -> asyncio.Task:
@@ -120,6 +123,7 @@ class Daemon:
                                          on_queued=self._queued,
                                          policy=SubmissionPolicy(self.config, self.spool.directory,
                                                                  self.spool.queue, kick=self.worker.kick))
+        self.login_throttles["smtp"] = self.handler.login_throttle
         self.smtp_servers = await start_servers(self.config, self.handler)
         self.smtp_servers += await start_submission(self.config, self.handler)  # closed with them at shutdown
         for service in self.services:

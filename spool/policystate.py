@@ -7,6 +7,8 @@
   sender per interval, also across restarts);
 * out-of-office settings made with ``dialmail users vacation`` (they win over the
   configuration file's ``[vacation.USER]``);
+* forwarding set with ``dialmail users forward`` or the web console (it wins over the
+  configuration file's ``[forward]`` entry for that user, as a stored out-of-office does);
 * forwarded copies already queued, so a retried delivery does not queue a second copy;
 * mailboxes a message was handed to by LMTP: "sending" before the message goes, "taken"
   at the server's 2xx, so a retry skips what was taken and knows which copies may have
@@ -30,6 +32,9 @@ CREATE TABLE IF NOT EXISTS autoreply_sent (
 CREATE TABLE IF NOT EXISTS vacation (
     user TEXT PRIMARY KEY, enabled INTEGER NOT NULL, start REAL, end REAL, subject TEXT, body TEXT,
     every INTEGER, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS forward_rule (
+    user TEXT PRIMARY KEY, enabled INTEGER NOT NULL, targets TEXT NOT NULL, keep INTEGER NOT NULL,
+    updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS forwarded (
     msg_id TEXT NOT NULL, rcpt TEXT NOT NULL, new_id TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (msg_id, rcpt));
@@ -51,6 +56,15 @@ class StoredVacation:
     subject: str | None
     body: str | None
     every: int | None
+
+
+@dataclass(frozen=True)
+class StoredForward:
+    """A user's forwarding as set at run time; ``enabled`` False turns off the config's too."""
+    user: str
+    enabled: bool
+    to: tuple[str, ...]
+    keep: bool
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,23 @@ class PolicyState:
     def vacations(self) -> list[StoredVacation]:
         return [_vacation(r) for r in self.cat.execute("SELECT * FROM vacation ORDER BY user")]
 
+    # ------------------------------------------------------------ forwarding rules
+
+    def set_forward(self, user: str, to: tuple[str, ...], keep: bool) -> None:
+        self.cat.execute("INSERT OR REPLACE INTO forward_rule(user, enabled, targets, keep, updated)"
+                         " VALUES (?,1,?,?,?)", (user, "\n".join(to), int(keep), time.time()))
+
+    def forward_off(self, user: str) -> None:
+        self.cat.execute("INSERT OR REPLACE INTO forward_rule(user, enabled, targets, keep, updated)"
+                         " VALUES (?,0,'',0,?)", (user, time.time()))
+
+    def forward(self, user: str) -> StoredForward | None:
+        row = self.cat.execute("SELECT * FROM forward_rule WHERE user=?", (user,)).fetchone()
+        return None if row is None else _forward(row)
+
+    def forwards(self) -> list[StoredForward]:
+        return [_forward(r) for r in self.cat.execute("SELECT * FROM forward_rule ORDER BY user")]
+
     # ------------------------------------------------------------ forwarded copies
 
     def forwarded(self, msg_id: str, rcpt: str) -> str | None:
@@ -181,3 +212,8 @@ class PolicyState:
 def _vacation(row) -> StoredVacation:
     return StoredVacation(user=row["user"], enabled=bool(row["enabled"]), start=row["start"], end=row["end"],
                           subject=row["subject"], body=row["body"], every=row["every"])
+
+
+def _forward(row) -> StoredForward:
+    return StoredForward(user=row["user"], enabled=bool(row["enabled"]),
+                         to=tuple(t for t in row["targets"].split("\n") if t), keep=bool(row["keep"]))

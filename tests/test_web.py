@@ -164,6 +164,73 @@ def test_web_logins_share_the_smtp_lockout(site):
     assert web.get("/").status == 303
 
 
+def test_failed_web_logins_lock_pop3_too(site):
+    base = start_console(site, smtp_extra='max_auth_failures = 10\nauth_lockout = "1h"',
+                         pop3_extra='max_failures = 3\nlockout = "1h"')
+    web = Client(base)
+    web.get("/login")
+    for guess in ("wrong-web-guess-1", "wrong-web-guess-2", "wrong-web-guess-3"):
+        assert web.post("/login", {"user": USER, "password": guess}).status == 401
+    pop = poplib.POP3("127.0.0.1", site.pop3_port, timeout=10)
+    pop.user(USER)
+    with pytest.raises(poplib.error_proto) as refused:
+        pop.pass_(USER_PW)  # the right password, from a locked-out address
+    assert refused.value.args[0] == b"-ERR [AUTH] Too many failed logins from your address, try again later"
+    pop.quit()
+
+
+def _outbound_to(site, rcpt: str) -> bool:
+    return rcpt in site.cli("mailq").stdout.decode()
+
+
+def test_user_sets_own_forwarding_and_mail_follows_it_keeping_a_copy(site):
+    base = start_console(site)
+    bob = Client(base)
+    bob.login(USER, USER_PW)
+    bob.get("/me")
+    assert bob.post("/me/forwarding", {"enabled": "on", "to": "bob.home@elsewhere.test",
+                                       "keep": "on"}).status == 303
+    assert "mail to bob goes to bob.home@elsewhere.test, keeping a copy" in bob.get("/me").text
+    shown = site.cli("users", "forward", USER, "--show").stdout.decode()
+    assert shown == "bob: to bob.home@elsewhere.test, keeping a copy\n"
+    assert "bob.home@elsewhere.test (keeps a copy) [set in the spool]" in site.cli("aliases", "list").stdout.decode()
+    submit(site.smtp_port, 1, to=f"{USER}@office.test")
+    wait_for(lambda: _outbound_to(site, "bob.home@elsewhere.test"), what="the forwarded copy queued out")
+    wait_for(lambda: len(site.mail_of(USER)) == 1, what="bob's own copy")
+
+    # Without keep, the next message only goes out; the CLI's change is what the console shows.
+    site.cli("users", "forward", USER, "--to", "bob.away@elsewhere.test", check=True)
+    assert "to bob.away@elsewhere.test" in bob.get("/me").text
+    submit(site.smtp_port, 1, to=f"{USER}@office.test")
+    wait_for(lambda: _outbound_to(site, "bob.away@elsewhere.test"), what="the second copy queued out")
+    assert len(site.mail_of(USER)) == 1
+    bob.post("/me/forwarding", {})
+    assert site.cli("users", "forward", USER, "--show").stdout.decode() == "bob: not forwarded\n"
+
+
+def test_forwarding_is_checked_and_only_ones_own(site):
+    base = start_console(site)
+    bob = Client(base)
+    bob.login(USER, USER_PW)
+    bob.get("/me")
+    assert bob.post(f"/users/{ADMIN}/forwarding", {"enabled": "on", "to": "x@elsewhere.test"}).status == 403
+    # The name comes from the session: a "user" field in the form changes nothing.
+    bob.post("/me/forwarding", {"enabled": "on", "to": "bob.home@elsewhere.test", "user": ADMIN})
+    assert site.cli("users", "forward", ADMIN, "--show").stdout.decode() == "alice: not forwarded\n"
+    bob.post("/me/forwarding", {"enabled": "on", "to": "nobody-here@office.test"})
+    page = html.unescape(bob.get("/me").text)
+    assert "forwarding not changed: 'nobody-here@office.test' is nobody here" in page
+    bad = site.cli("users", "forward", USER, "--to", "not an address@x")
+    assert bad.returncode != 0 and b"is not a valid mail address" in bad.stderr
+    assert site.cli("users", "forward", USER, "--show").stdout.decode() == "bob: to bob.home@elsewhere.test\n"
+    admin = Client(base)
+    admin.login(ADMIN, ADMIN_PW)
+    admin.get("/users")
+    admin.post(f"/users/{USER}/forwarding", {"enabled": "on", "to": ADMIN, "keep": "on"})
+    assert "mail to bob goes to alice, keeping a copy" in admin.get("/users").text
+    assert site.cli("users", "forward", USER, "--show").stdout.decode() == "bob: to alice, keeping a copy\n"
+
+
 def test_queue_changes_in_the_console_are_the_clis(site):
     base = start_console(site)
     submit(site.smtp_port, 1)

@@ -239,6 +239,22 @@ def test_out_of_office_set_in_the_browser_answers_an_outside_sender_once(site, c
     assert "Auto-Submitted: auto-replied" in shown and "Away until Monday" in shown
 
 
+def test_forwarding_set_in_the_browser_sends_the_next_message_out_and_keeps_a_copy(site, chrome):
+    base = start_console(site)
+    log_in(chrome, base, USER, USER_PW)
+    chrome.get(base + "/me")
+    click(chrome, ".forward input[name=enabled]")
+    fill(chrome, ".forward input[name=to]", "bob.home@elsewhere.test")
+    click(chrome, ".forward input[name=keep]")
+    click(chrome, ".forward button")
+    shows(chrome, "#forwarding", "to bob.home@elsewhere.test, keeping a copy here")
+    assert site.cli("users", "forward", USER, "--show").stdout.decode() == \
+        "bob: to bob.home@elsewhere.test, keeping a copy\n"
+    submit(site.smtp_port, 1, to=f"{USER}@office.test")
+    wait_for(lambda: "bob.home@elsewhere.test" in site.cli("mailq").stdout.decode(), what="the copy queued out")
+    wait_for(lambda: len(site.mail_of(USER)) == 1, what="bob's own copy")
+
+
 def test_a_user_gets_403_on_admin_pages_and_cannot_change_another_user(site, chrome):
     base = start_console(site)
     log_in(chrome, base, USER, USER_PW)

@@ -21,12 +21,14 @@ def web_section(port: int, admins=(ADMIN,), extra: str = "") -> str:
     return f'\n[web]\nlisten = ["127.0.0.1:{port}"]\nadmins = [{names}]\n{extra}\n'
 
 
-def start_console(site, extra: str = "", web_extra: str = "", smtp_extra: str = "") -> str:
+def start_console(site, extra: str = "", web_extra: str = "", smtp_extra: str = "", pop3_extra: str = "") -> str:
     """Start ``site``'s daemon with the console on a free port; its base URL."""
     port = free_port()
     site.write_config(extra + web_section(port, extra=web_extra))
     if smtp_extra:
         site.config_path.write_text(site.config_path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp_extra}\n", 1))
+    if pop3_extra:
+        site.config_path.write_text(site.config_path.read_text().replace("[pop3]\n", f"[pop3]\n{pop3_extra}\n", 1))
     site.start()
     wait_port("127.0.0.1", port, proc=site.proc)
     return f"http://127.0.0.1:{port}"

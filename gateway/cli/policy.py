@@ -1,4 +1,4 @@
-"""``dialmail aliases list`` and ``dialmail users vacation``: the delivery policy from the shell."""
+"""``dialmail aliases list``, ``dialmail users vacation`` and ``users forward``: the delivery policy from the shell."""
 from __future__ import annotations
 
 import datetime as dt
@@ -97,3 +97,40 @@ def users_vacation(ctx: typer.Context, name: str,
     except ValueError as exc:
         fail(str(exc), EX_USAGE)
     typer.echo(f"out-of-office of {user} is on{' from ' + start if start else ''}{' until ' + end if end else ''}")
+
+
+@users_app.command("forward")
+@explained
+def users_forward(ctx: typer.Context, name: str,
+                  to: Annotated[Optional[str],
+                                typer.Option("--to", help="Where to send the mail: addresses or user names, "
+                                                          "comma-separated.")] = None,
+                  keep: Annotated[bool, typer.Option("--keep", help="Keep a copy in the user's mailbox too.")] = False,
+                  off: Annotated[bool, typer.Option("--off", help="Stop forwarding (the config file's too).")] = False,
+                  show: Annotated[bool, typer.Option("--show", help="Print the current setting.")] = False):
+    """Forward a user's mail elsewhere (optionally keeping a copy), or stop; overrides the config file's forward table."""
+    from gateway.office import operator
+    from spool.policystate import PolicyState
+    from spool.queue import Catalogue
+    cfg, directory = _directory(ctx)
+    user = name.strip().lower()
+    if not directory.users.exists(user):
+        fail(f"no such user: {user}", EX_USAGE)
+    st = PolicyState(Catalogue(cfg.spool_dir))
+    if show:
+        fwd = directory.forward_of(user, st.forward)
+        source = "" if st.forward(user) is not None or fwd is None else " (from the configuration)"
+        typer.echo(f"{user}: " + (f"to {', '.join(fwd.to)}{', keeping a copy' if fwd.keep else ''}{source}"
+                                  if fwd else "not forwarded"))
+        return
+    if off:
+        operator.forwarding_off(directory.users, st, user)
+        typer.echo(f"forwarding of {user} is off")
+        return
+    if not to:
+        fail("give --to ADDRESS[,ADDRESS] (or --off, or --show)", EX_USAGE)
+    try:
+        targets = operator.set_forwarding(directory, st, user, to.split(","), keep)
+    except ValueError as exc:
+        fail(str(exc), EX_USAGE)
+    typer.echo(f"mail to {user} goes to {', '.join(targets)}{', keeping a copy' if keep else ''}")

@@ -9,8 +9,9 @@ resolves, in this order, to:
    group the one member whose turn it is (chosen at delivery by the ``pick`` callback,
    which keeps the turn in the spool); ``members_only`` groups refuse other senders;
 3. a user from the users file (``alice`` in every domain, ``alice@domain`` there only),
-   or where ``[forward]`` sends that user's mail (plus the user's own mailbox with
-   ``keep = true``);
+   or where its forwarding sends that user's mail (plus the user's own mailbox with
+   ``keep = true``): the forwarding kept in the spool (``dialmail users forward``, the
+   web console) when the caller passes it, else ``[forward]``;
 4. ``postmaster`` and ``abuse``, which always exist and fall back to ``[server] postmaster``
    or, failing that, a mailbox of their own; ``root`` (what cron and scripts write to)
    goes to the postmaster;
@@ -25,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from gateway.config import Config
+from gateway.config.policy import Forward
 from gateway.mail import address
 
 if TYPE_CHECKING:  # the users file module hashes a dummy password at import: not needed to parse config
+    from spool.policystate import StoredForward
     from spool.users import Users
 
 ALWAYS = ("postmaster", "abuse")
@@ -77,18 +80,22 @@ class Directory:
     # A picker chooses the member of a round-robin group: pick(group_name, members) -> member.
     Picker = Callable[[str, tuple], str]
 
-    def resolve(self, addr: str, sender: str | None = None, pick: "Directory.Picker | None" = None
-                ) -> Resolution | None:
+    # The spool's forwarding of a user: stored(user) -> StoredForward | None (PolicyState.forward).
+    Stored = Callable[[str], "StoredForward | None"]
+
+    def resolve(self, addr: str, sender: str | None = None, pick: "Directory.Picker | None" = None,
+                stored: "Directory.Stored | None" = None) -> Resolution | None:
         """Expand a local address; None when nobody here has that address.
 
         With ``sender``, members-only groups are checked (``refused_by`` names the group
         that refuses); with ``pick``, round-robin groups resolve to the member in turn,
-        without it they are only noted in ``rotations``.
+        without it they are only noted in ``rotations``; with ``stored``, a user's
+        forwarding kept in the spool wins over the configuration's.
         """
         if not address.is_plain(addr) or not self.is_local(addr):
             return None
         out = Resolution()
-        ctx = _Walk(sender=sender, pick=pick)
+        ctx = _Walk(sender=sender, pick=pick, stored=stored)
         if not self._expand(address.normalise(addr), out, seen=set(), depth=0, ctx=ctx):
             if address.normalise(addr).lower() in self._policy("autoresponders"):
                 return out
@@ -107,7 +114,11 @@ class Directory:
         groups = self._policy("groups")
         return groups.get(f"{local}@{domain}") or groups.get(local)
 
-    def forward_of(self, user: str):
+    def forward_of(self, user: str, stored: "Directory.Stored | None" = None) -> Forward | None:
+        """Where ``user``'s mail is forwarded: the spool's setting (on or off) wins over ``[forward]``."""
+        kept = stored(user) if stored is not None else None
+        if kept is not None:
+            return Forward(user, kept.to, kept.keep) if kept.enabled else None
         return self._policy("forwards").get(user)
 
     def is_member(self, group, sender: str) -> bool:
@@ -173,7 +184,7 @@ class Directory:
         return False
 
     def _user(self, user: str, domain: str, out: Resolution, seen: set[str], depth: int, ctx: "_Walk") -> None:
-        fwd = self.forward_of(user)
+        fwd = self.forward_of(user, ctx.stored)
         if fwd is None or f"user:{user}" in seen:
             out.add_mailbox(user)
             return
@@ -207,3 +218,4 @@ class Directory:
 class _Walk:
     sender: str | None
     pick: Callable[[str, tuple], str] | None
+    stored: Callable[[str], "StoredForward | None"] | None = None

@@ -6,12 +6,15 @@ an out-of-office must end after it starts) is checked in one place.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gateway.config import Config
 from gateway.config.policy import parse_when
+from gateway.mail import address
 from gateway.mail.outcome import administrator_bounce
 from gateway.office.bounce import Settled, bounce_now
+from gateway.office.directory import Directory
 from spool.policystate import PolicyState
 from spool.queue import Message, Queue
 from spool.users import UserError, Users
@@ -110,3 +113,55 @@ def out_of_office_off(state: PolicyState, users: Users, user: str) -> None:
     if not users.exists(user):
         raise UserError(f"no such user: {user}")
     state.vacation_off(user)
+
+
+def set_forwarding(directory: Directory, state: PolicyState, user: str, targets: list[str], keep: bool
+                   ) -> tuple[str, ...]:
+    """Forward a user's mail to ``targets`` (user names or addresses), keeping a copy with
+    ``keep``; wins over the configuration's ``[forward]``.  Refused, with ``ValueError``
+    saying why, as ``dialmail check`` refuses a ``[forward]`` table: a target that is no
+    address, or a local one that reaches nobody (the mail would go to the postmaster)."""
+    user = user.strip().lower()
+    if not directory.users.exists(user):
+        raise UserError(f"no such user: {user}")
+    to = tuple(dict.fromkeys(_forward_target(directory, state, user, t) for t in targets if t.strip()))
+    if not to:
+        raise ValueError("give at least one address to forward to")
+    state.set_forward(user, to, keep)
+    return to
+
+
+def forwarding_off(users: Users, state: PolicyState, user: str) -> None:
+    """Stop forwarding a user's mail, the configuration's ``[forward]`` entry included."""
+    user = user.strip().lower()
+    if not users.exists(user):
+        raise UserError(f"no such user: {user}")
+    state.forward_off(user)
+
+
+def _forward_target(directory: Directory, state: PolicyState, user: str, target: str) -> str:
+    target = target.strip()
+    domains = directory.config.server.domains
+    if "@" in target:
+        norm = address.normalise(target)
+        if not address.is_plain(norm):
+            raise ValueError(f"{target!r} is not a valid mail address")
+        if not directory.is_local(norm):
+            return norm  # leaves through the queue; the outside decides
+        if directory.user_for(norm) == user:
+            raise ValueError(f"{target} is {user}'s own address: to keep a copy, tick keep instead")
+        res = directory.resolve(norm, stored=state.forward)
+        if res is None or not (res.mailboxes or res.remote or res.rotations):
+            raise ValueError(f"{target!r} is nobody here: no user, alias or group of that name")
+        return norm
+    name = target.lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._+-]*", name):
+        raise ValueError(f"{target!r} is neither a user name nor a mail address")
+    if name == user:
+        raise ValueError(f"{target} is {user} itself: to keep a copy, tick keep instead")
+    if not directory.users.exists(name):
+        for domain in domains:
+            res = directory.resolve(f"{name}@{domain}", stored=state.forward)
+            if res is None or not (res.mailboxes or res.remote or res.rotations):
+                raise ValueError(f"{target!r} is nobody here: no user, alias or group {name!r} in {domain}")
+    return name

@@ -1,4 +1,4 @@
-"""Password guessing over SMTP AUTH and POP3: failed logins are answered slowly, then refused.
+"""Password guessing over SMTP AUTH, POP3 and the web console: failed logins are answered slowly, then refused.
 
 Per client address: each failure within the window delays the answer a little more;
 ``max_failures`` failures within ``lockout`` seconds lock the address out for
@@ -93,3 +93,39 @@ class LoginThrottle:
         for address in [a for a, times in self._failures.items() if now - times[-1] >= self.lockout]:
             if address not in self._locked_until:
                 del self._failures[address]
+
+
+class SharedLockout:
+    """One login door counted against several throttles (the web console's against SMTP's
+    and POP3's): a failure here is a failure on each, and a lockout on any locks it, so a
+    guesser gains no tries by switching protocols."""
+
+    def __init__(self, *throttles: LoginThrottle):
+        self.throttles = throttles
+
+    def reserve(self, address: str) -> bool:
+        taken = []
+        for t in self.throttles:
+            if not t.reserve(address):
+                for done in taken:
+                    done.release(address)
+                return False
+            taken.append(t)
+        return True
+
+    def release(self, address: str) -> None:
+        for t in self.throttles:
+            t.release(address)
+
+    def locked_out(self, address: str) -> bool:
+        return any(t.locked_out(address) for t in self.throttles)
+
+    def failed(self, address: str) -> float:
+        return max(t.failed(address) for t in self.throttles)
+
+    def delay(self, address: str) -> float:
+        return max(t.delay(address) for t in self.throttles)
+
+    def succeeded(self, address: str) -> bool:
+        # Every throttle must hear of the success (each ends its reservation), so no short-circuit.
+        return all([t.succeeded(address) for t in self.throttles])

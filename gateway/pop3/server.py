@@ -310,5 +310,6 @@ def _tls_context(config: Config) -> ssl.SSLContext:
 async def service(daemon):
     """The daemon's POP3 service: listen on ``[pop3] listen``; returns ``stop``."""
     server = POP3Server(daemon.config, daemon.spool.users)
+    daemon.login_throttles["pop3"] = server.throttle
     await server.start()
     return server.stop

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import shutil
 import time
 from functools import wraps
@@ -38,6 +39,7 @@ from gateway.delivery.stages import quarantine
 from gateway.delivery.stages.autoreply import Responder
 from gateway.office import operator
 from gateway.office.bounce import read_headers
+from gateway.policy.throttle import SharedLockout
 from gateway.web import charts, login
 from gateway.web.login import Visitor
 from gateway.web.progress import SessionFeed
@@ -105,9 +107,11 @@ class WebConsole:
             Route("/users/{name}/password", self.user_password, methods=["POST"]),
             Route("/users/{name}/delete", self.user_delete, methods=["POST"]),
             Route("/users/{name}/out-of-office", self.user_out_of_office, methods=["POST"]),
+            Route("/users/{name}/forwarding", self.user_forwarding, methods=["POST"]),
             Route("/me", self.me, methods=["GET"]),
             Route("/me/password", self.me_password, methods=["POST"]),
             Route("/me/out-of-office", self.me_out_of_office, methods=["POST"]),
+            Route("/me/forwarding", self.me_forwarding, methods=["POST"]),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
         self.app = Starlette(routes=routes, middleware=[
@@ -137,8 +141,8 @@ class WebConsole:
         name = str(form.get("user", "")).strip().lower()
         password = str(form.get("password", ""))
         target = _local_path(form.get("next"))
-        # The SMTP listener's throttle: a guesser gets the same lockout on every door.
-        throttle = self.daemon.handler.login_throttle
+        # SMTP's and POP3's throttles together: a guesser gets the same lockout on every door.
+        throttle = SharedLockout(*self.daemon.login_throttles.values())
         ip = request.client.host if request.client else "?"
         if not throttle.reserve(ip):
             await asyncio.sleep(throttle.delay(ip))
@@ -327,12 +331,13 @@ class WebConsole:
     async def users_page(self, request: Request, who: Visitor) -> Response:
         names = await asyncio.to_thread(self.users.names)
         vacations = {v.user: v for v in await asyncio.to_thread(self.policy_state.vacations)}
-        pol = self.config.policy
         responder = Responder(self.config, self.queue, self.daemon.spool.directory, self.policy_state)
         where = await asyncio.to_thread(listing.lines, self.config, self.daemon.spool.directory, responder)
+        directory = self.daemon.spool.directory
+        forwards = await asyncio.to_thread(
+            lambda: {n: directory.forward_of(n, self.policy_state.forward) for n in names})
         return self.render(request, "users.html", who, names=names, vacations=vacations,
-                           admins=self.config.web.admins, forwards=pol.forwards if pol else {},
-                           listing="\n".join(where))
+                           admins=self.config.web.admins, forwards=forwards, listing="\n".join(where))
 
     @_page(admin=True)
     async def user_add(self, request: Request, who: Visitor) -> Response:
@@ -374,14 +379,18 @@ class WebConsole:
         said = await self._set_out_of_office(request.path_params["name"], form)
         return self.back(request, "/users", said)
 
+    @_page(admin=True)
+    async def user_forwarding(self, request: Request, who: Visitor) -> Response:
+        form = await login.checked_form(request)
+        return self.back(request, "/users", await self._set_forwarding(request.path_params["name"], form))
+
     # ------------------------------------------------------------ self-service
 
     @_page()
     async def me(self, request: Request, who: Visitor) -> Response:
         vac = await asyncio.to_thread(self.policy_state.vacation, who.name)
-        pol = self.config.policy
-        return self.render(request, "me.html", who, vacation=vac,
-                           forward=pol.forwards.get(who.name) if pol else None)
+        fwd = await asyncio.to_thread(self.daemon.spool.directory.forward_of, who.name, self.policy_state.forward)
+        return self.render(request, "me.html", who, vacation=vac, forward=fwd)
 
     @_page()
     async def me_password(self, request: Request, who: Visitor) -> Response:
@@ -398,6 +407,24 @@ class WebConsole:
     async def me_out_of_office(self, request: Request, who: Visitor) -> Response:
         form = await login.checked_form(request)
         return self.back(request, "/me", await self._set_out_of_office(who.name, form))
+
+    @_page()
+    async def me_forwarding(self, request: Request, who: Visitor) -> Response:
+        """The visitor's own forwarding only: the name comes from the session, never the form."""
+        form = await login.checked_form(request)
+        return self.back(request, "/me", await self._set_forwarding(who.name, form))
+
+    async def _set_forwarding(self, user: str, form) -> str:
+        to = [t for t in re.split(r"[,\s]+", str(form.get("to", ""))) if t]
+        try:
+            if form.get("enabled") != "on":
+                await asyncio.to_thread(operator.forwarding_off, self.users, self.policy_state, user)
+                return f"forwarding of {user} is off"
+            done = await asyncio.to_thread(operator.set_forwarding, self.daemon.spool.directory,
+                                           self.policy_state, user, to, form.get("keep") == "on")
+        except ValueError as exc:  # UserError is one
+            return f"forwarding not changed: {exc}"
+        return f"mail to {user} goes to {', '.join(done)}{', keeping a copy' if form.get('keep') == 'on' else ''}"
 
     async def _set_out_of_office(self, user: str, form) -> str:
         if form.get("enabled") != "on":
