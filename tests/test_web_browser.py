@@ -96,11 +96,20 @@ def outside_mail(subject: str, to: str = "bob@office.test", sender: str = "kim@p
 
 
 def shows(driver, css: str, text: str, timeout: float = WAIT) -> str:
+    """The text of ``css`` once it contains ``text``.  htmx replaces the dashboard's figures
+    when a session ends, so an element found a moment ago may be gone: look it up again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    WebDriverWait(driver, timeout, poll_frequency=0.05).until(
-        lambda d: text in d.find_element(By.CSS_SELECTOR, css).text)
-    return driver.find_element(By.CSS_SELECTOR, css).text
+    found: list[str] = []
+
+    def current(d) -> bool:
+        said = d.find_element(By.CSS_SELECTOR, css).text
+        found[:] = [said]
+        return text in said
+    WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)).until(
+        current)
+    return found[0]
 
 
 def page_says(driver, text: str, timeout: float = WAIT) -> None:
