@@ -234,8 +234,9 @@ def test_sample_config_shows_every_policy_section():
 
 @pytest.mark.timeout(180)
 def test_kill_9_in_the_middle_of_a_group_delivery_neither_loses_nor_duplicates(site):
-    """The daemon dies after the first of six mailboxes got a big message: the retry completes
-    the rest, keeps the round-robin member and the forwarded copy it had, and duplicates nothing."""
+    """The daemon dies while a big message's copies for six mailboxes are being written: the
+    retry completes them, keeps the round-robin member and the forwarded copy it had, and
+    duplicates nothing."""
     import os
     import signal
 
@@ -255,8 +256,18 @@ both = ["all", "desk", "someone@remote.test"]
     site.start()
     data = message("x@outside.test", "both@office.test", "big", attachment=("blob.bin", os.urandom(12 << 20)))
     assert submit(site, "x@outside.test", "both@office.test", data).accepted
-    wait_for(lambda: any(site.maildir(u).messages() for u in members if site.maildir(u).exists()),
-             timeout=60, interval=0.005, what="the first mailbox copy")
+    # Delivery writes every mailbox's copy into its tmp/ first, then links them all into
+    # new/ and records them together: the kill comes while the copies are being written.
+    def writing() -> bool:
+        for u in members:
+            for f in (site.spool / "mail" / u / "tmp").glob("*"):
+                try:
+                    if f.stat().st_size > 0:
+                        return True
+                except FileNotFoundError:  # linked into new/ and removed from tmp/ meanwhile
+                    pass
+        return False
+    wait_for(writing, timeout=60, interval=0.005, what="the first mailbox copy being written")
     site.stop(signal.SIGKILL)
     q = queue_of(site)
     try:
