@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, _AuthMechAttr, syntax
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 
 from gateway.config import Config, is_loopback
@@ -351,6 +351,42 @@ class SubmissionProtocol(SMTPProtocol):
     greeted = False
     answering_helo = False
 
+    @classmethod
+    def maker(cls, handler: SubmissionHandler, **options) -> Callable[[], "SubmissionProtocol"]:
+        """A factory of protocols for one listener.
+
+        aiosmtpd's ``__init__`` inspects the class and the handler (``inspect.getmembers``,
+        ``dir``, ``inspect.signature``) on every connection, a third of a millisecond that
+        gives the same answer each time.  Here it runs once, for a pattern protocol that
+        never serves; each connection gets a copy of its state with what belongs to one
+        connection made afresh (see ``_copy``).
+        """
+        pattern: SubmissionProtocol | None = None
+
+        def make() -> SubmissionProtocol:
+            nonlocal pattern
+            if pattern is None:
+                pattern = cls(handler, **options)
+            return pattern._copy()
+        return make
+
+    def _copy(self) -> "SubmissionProtocol":
+        """A new protocol with this one's settings: new streams (StreamReaderProtocol's own
+        ``__init__``, which resets the flow control and connection state too), and the SMTP
+        command and built-in AUTH methods bound to the new protocol.  Nothing else aiosmtpd's
+        ``__init__`` sets is changed per connection (tests/test_submit_upstream.py records it)."""
+        proto = object.__new__(type(self))
+        proto.__dict__.update(self.__dict__)
+        reader = asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit)
+        asyncio.StreamReaderProtocol.__init__(proto, reader, client_connected_cb=proto._cb_client_connected,
+                                              loop=self.loop)
+        proto._smtp_methods = {command: getattr(proto, method.__name__)
+                               for command, method in self._smtp_methods.items()}
+        proto._auth_methods = {
+            name: _AuthMechAttr(getattr(proto, mech.method.__name__), True) if mech.is_builtin else mech
+            for name, mech in self._auth_methods.items()}
+        return proto
+
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
 
@@ -575,11 +611,13 @@ async def start_servers(config: Config, handler: SubmissionHandler) -> list[List
                           unlimited=config.server.in_mynetworks)
     refusal = Reply.TOO_MANY_CONNECTIONS.format(host=config.server.hostname).encode() + b"\r\n"
 
+    make = SubmissionProtocol.maker(handler, hostname=config.server.hostname, ident="dialmail",
+                                    data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
+                                    tls_context=ctx, authenticator=handler.authenticate,
+                                    auth_require_tls=True, timeout=300)
+
     async def serve(conn, ip: str, release: Callable[[], None]) -> None:
-        protocol = SubmissionProtocol(handler, hostname=config.server.hostname, ident="dialmail",
-                                      data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
-                                      tls_context=ctx, authenticator=handler.authenticate,
-                                      auth_require_tls=True, timeout=300)
+        protocol = make()
         protocol.release = release
         await loop.connect_accepted_socket(lambda: protocol, conn)
 
@@ -598,12 +636,14 @@ async def start_submission(config: Config, handler: SubmissionHandler) -> list[L
     admission = Admission("submission", config.smtp.max_connections, config.smtp.max_connections_per_client, log)
     refusal = Reply.TOO_MANY_CONNECTIONS.format(host=config.server.hostname).encode() + b"\r\n"
 
+    make = ClientSubmissionProtocol.maker(handler, hostname=config.server.hostname, ident="dialmail",
+                                          data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
+                                          tls_context=ctx, require_starttls=True, auth_required=True,
+                                          authenticator=handler.authenticate, auth_require_tls=True,
+                                          timeout=300)
+
     async def serve(conn, ip: str, release: Callable[[], None]) -> None:
-        protocol = ClientSubmissionProtocol(handler, hostname=config.server.hostname, ident="dialmail",
-                                            data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True,
-                                            tls_context=ctx, require_starttls=True, auth_required=True,
-                                            authenticator=handler.authenticate, auth_require_tls=True,
-                                            timeout=300)
+        protocol = make()
         protocol.release = release
         await loop.connect_accepted_socket(lambda: protocol, conn)
 

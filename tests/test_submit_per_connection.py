@@ -1,0 +1,116 @@
+"""What the SMTP listener does once per listener instead of once per connection.
+
+aiosmtpd's protocol ``__init__`` inspects the class and the handler on every connection;
+dialmail builds one pattern protocol per listener and copies it.  These tests hold the
+real server (aiosmtpd + SubmissionHandler on a real socket, in this process) to that,
+and prove that the copies share no connection state: each has its own session,
+envelope, command methods and AUTH.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import smtplib
+import socket
+import threading
+
+import pytest
+
+from tests.harness import Site
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class InProcessSubmission:
+    """dialmail's SMTP listener on the site's port, on an event loop in a thread."""
+
+    def __init__(self, site: Site):
+        from gateway.config import load
+        from gateway.daemon import Spool
+        from gateway.smtp.server import SubmissionHandler, start_servers
+        self.cfg = load(site.config_path)
+        self.spool = Spool(self.cfg)
+        handler = SubmissionHandler(self.cfg, self.spool.queue, self.spool.directory, self.spool.users)
+        self.loop = asyncio.new_event_loop()
+        self.servers = []
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.servers = self.loop.run_until_complete(start_servers(self.cfg, handler))
+            ready.set()
+            self.loop.run_forever()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "the listener did not start"
+        self.port = site.smtp_port
+
+    def close(self) -> None:
+        async def stop():
+            for s in self.servers:
+                s.close()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.spool.close()
+
+
+@pytest.fixture
+def listener(tmp_path, monkeypatch):
+    inspected = []
+    real = inspect.getmembers
+
+    def counting(obj, *args):
+        inspected.append(type(obj).__name__)
+        return real(obj, *args)
+    monkeypatch.setattr(inspect, "getmembers", counting)  # the library call aiosmtpd makes per protocol
+    site = Site(tmp_path)
+    site.add_user("alice", "alice-pw")
+    server = InProcessSubmission(site)
+    server.inspected = inspected
+    yield server
+    server.close()
+
+
+def test_the_handler_is_inspected_once_per_listener_not_per_connection(listener):
+    for n in range(6):
+        with smtplib.SMTP("127.0.0.1", listener.port, timeout=20) as s:
+            s.login("alice", "alice-pw")  # AUTH PLAIN: the handler's mechanism
+            s.sendmail("alice@office.test", ["alice@office.test"], f"Subject: {n}\r\n\r\nbody {n}\r\n")
+    # aiosmtpd's __init__ looks at the protocol and at the handler: once, for the pattern
+    assert sorted(listener.inspected) == ["SubmissionHandler", "SubmissionProtocol"]
+
+
+def test_copied_protocols_share_no_connection_state(listener):
+    def wire():
+        sock = socket.create_connection(("127.0.0.1", listener.port), timeout=20)
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        return sock, f
+
+    def say(conn, line: bytes) -> bytes:
+        sock, f = conn
+        sock.sendall(line + b"\r\n")
+        reply = f.readline()
+        while reply[3:4] == b"-":
+            reply = f.readline()
+        return reply
+
+    a, b = wire(), wire()
+    assert say(a, b"EHLO a.test").startswith(b"250 ")
+    assert say(b, b"EHLO b.test").startswith(b"250 ")
+    token = base64.b64encode(b"\0alice\0alice-pw")
+    assert say(a, b"AUTH PLAIN " + token) == b"235 2.7.0 Authentication successful\r\n"
+    assert say(a, b"MAIL FROM:<alice@office.test>") == b"250 2.1.0 Ok\r\n"
+    # b is neither authenticated nor inside a transaction
+    assert say(b, b"RCPT TO:<alice@office.test>") == b"503 5.5.1 Error: need MAIL command\r\n"
+    assert say(b, b"AUTH PLAIN " + token) == b"235 2.7.0 Authentication successful\r\n"
+    assert say(a, b"AUTH PLAIN " + token) == b"503 5.5.1 Already authenticated\r\n"
+    assert say(b, b"HELP NOOP") == b"214 2.0.0 Syntax: NOOP [ignored]\r\n"
+    assert say(a, b"QUIT") == b"221 2.0.0 Bye\r\n"
+    assert say(b, b"MAIL FROM:<alice@office.test>") == b"250 2.1.0 Ok\r\n"
+    assert say(b, b"QUIT") == b"221 2.0.0 Bye\r\n"
+    for sock, f in (a, b):
+        f.close()
+        sock.close()
