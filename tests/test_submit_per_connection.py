@@ -16,6 +16,8 @@ import socket
 import threading
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from tests.harness import Site
 
@@ -114,3 +116,63 @@ def test_copied_protocols_share_no_connection_state(listener):
     for sock, f in (a, b):
         f.close()
         sock.close()
+
+
+# ------------------------------------------------------------------ paths
+
+PATH_CHARS = "ab.Z09-_+=@<> ()\t\"'%!/[]:;,\\é"
+
+
+def aiosmtpd_reads(arg: str):
+    from aiosmtpd.smtp import SMTP
+
+    class Plain:
+        local_part_limit = 0
+    return SMTP._getaddr(Plain(), arg)
+
+
+def ours_reads(arg: str):
+    from gateway.smtp.server import SubmissionProtocol
+    proto = object.__new__(SubmissionProtocol)
+    return proto._getaddr(arg)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(
+    st.text(alphabet=PATH_CHARS, max_size=40),
+    st.builds(lambda local, domain, rest: f"<{local}@{domain}>{rest}",
+              st.text(alphabet="ab.Z09-_+=%!'/é", min_size=1, max_size=12),
+              st.text(alphabet="ab.Z09-[]é", min_size=1, max_size=12),
+              st.text(alphabet=" \tSIZE=10(x)\"BODY", max_size=12))))
+@example("<alice@office.test>")
+@example("<alice@office.test> SIZE=2048 BODY=8BITMIME")
+@example("<a@b.c> (comment) SIZE=1")
+@example("<a@b.c>\tSIZE=1")
+@example("<a@b.c.>")
+@example("<a..b@c>")
+@example("<a@b..c>")
+def test_a_path_reads_as_aiosmtpd_reads_it(arg):
+    assert outcome(ours_reads, arg) == outcome(aiosmtpd_reads, arg)
+
+
+def outcome(read, arg: str):
+    """The reading, or the exception it ends in (the header parser has its own: the same)."""
+    try:
+        return read(arg)
+    except Exception as exc:
+        return type(exc)
+
+
+def test_a_plain_path_skips_the_header_parser(listener, monkeypatch):
+    import aiosmtpd.smtp
+    parsed = []
+    real = aiosmtpd.smtp.get_angle_addr
+
+    def counting(value):
+        parsed.append(value)
+        return real(value)
+    monkeypatch.setattr(aiosmtpd.smtp, "get_angle_addr", counting)
+    with smtplib.SMTP("127.0.0.1", listener.port, timeout=20) as s:
+        s.sendmail("alice@office.test", ["alice@office.test"], "Subject: plain\r\n\r\nbody\r\n")
+        assert s.docmd("MAIL FROM:<alice@office.test> (a comment)") == (250, b"2.1.0 Ok")
+    assert parsed == ["<alice@office.test> (a comment)"]  # only the one the quick reading leaves alone

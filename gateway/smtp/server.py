@@ -23,6 +23,7 @@ import base64
 import binascii
 import email.utils
 import logging
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -287,6 +288,13 @@ class SubmissionHandler:
 
 NULL_SENDER = "<>"
 
+# A path aiosmtpd's parser reads as itself: an ASCII dot-atom at a host name, in brackets.
+_ATOM = r"[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9-]+"
+_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>")
+# what the parser would take for comments or folding after the path: left to it
+_CFWS_LEADERS = ("(", "\t", "\r", "\n")
+
 
 def _sender(envelope: Envelope) -> str:
     return "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
@@ -386,6 +394,18 @@ class SubmissionProtocol(SMTPProtocol):
             name: _AuthMechAttr(getattr(proto, mech.method.__name__), True) if mech.is_builtin else mech
             for name, mech in self._auth_methods.items()}
         return proto
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's reading of a MAIL/RCPT path, with the usual ``<user@host.domain>``
+        read by one regular expression instead of the RFC 5322 header parser (a fifth of a
+        millisecond per command); anything else goes to aiosmtpd.  Both give the same answer
+        for every path the quick one takes (tests/test_submit_per_connection.py)."""
+        plain = _PLAIN_PATH.match(arg)
+        if plain is not None and not self.local_part_limit:
+            rest = arg[plain.end():].lstrip(" ")
+            if rest[:1] not in _CFWS_LEADERS:
+                return plain.group(1), rest
+        return super()._getaddr(arg)
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
