@@ -38,14 +38,23 @@ class InProcessSubmission:
         self.servers = []
         ready = threading.Event()
 
+        failed: list[BaseException] = []
+
         def run():
             asyncio.set_event_loop(self.loop)
-            self.servers = self.loop.run_until_complete(start_servers(self.cfg, handler))
-            ready.set()
+            try:
+                self.servers = self.loop.run_until_complete(start_servers(self.cfg, handler))
+            except BaseException as exc:  # noqa: BLE001 - reported by the test's thread below
+                failed.append(exc)
+                return
+            finally:
+                ready.set()
             self.loop.run_forever()
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
-        assert ready.wait(10), "the listener did not start"
+        assert ready.wait(30), "the listener did not start within 30 s"
+        if failed:
+            raise failed[0]
         self.port = site.smtp_port
 
     def close(self) -> None:
@@ -176,3 +185,18 @@ def test_a_plain_path_skips_the_header_parser(listener, monkeypatch):
         s.sendmail("alice@office.test", ["alice@office.test"], "Subject: plain\r\n\r\nbody\r\n")
         assert s.docmd("MAIL FROM:<alice@office.test> (a comment)") == (250, b"2.1.0 Ok")
     assert parsed == ["<alice@office.test> (a comment)"]  # only the one the quick reading leaves alone
+
+
+def test_a_small_message_crosses_to_a_thread_four_times(listener, monkeypatch):
+    """Free space at MAIL, the tmp file at DATA, write+fsync+headers at the dot, the queue."""
+    hops = []
+    real = asyncio.to_thread
+
+    def counting(func, *args, **kwargs):
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return real(func, *args, **kwargs)
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    with smtplib.SMTP("127.0.0.1", listener.port, timeout=20) as s:
+        s.sendmail("alice@office.test", ["alice@office.test"], "Subject: hops\r\n\r\n" + "body\r\n" * 300)
+    assert len(hops) == 4, hops
+    assert listener.spool.queue.cat.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1

@@ -245,8 +245,7 @@ class SubmissionHandler:
         if body.size > self.config.smtp.max_message_size:
             return Reply.TOO_BIG.format(limit=self.config.smtp.max_message_size)
         try:
-            await body.finish()
-            headers = await asyncio.to_thread(body.read_headers)  # read once, here, for everything below
+            headers = await body.finish()  # read once, here, for everything below
         except OSError as exc:
             return self._not_kept(envelope, peer, exc)
         if self.policy is not None:
