@@ -200,3 +200,18 @@ def test_a_small_message_crosses_to_a_thread_four_times(listener, monkeypatch):
         s.sendmail("alice@office.test", ["alice@office.test"], "Subject: hops\r\n\r\n" + "body\r\n" * 300)
     assert len(hops) == 4, hops
     assert listener.spool.queue.cat.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
+
+
+def test_the_data_timer_is_not_pushed_back_for_every_line(listener, monkeypatch):
+    """Each line of DATA only notes the time; the silence limit itself is
+    tests/test_hostile_data.py's (a steady client never cut, a silent one cut)."""
+    moved = []
+    real = asyncio.Timeout.reschedule
+
+    def counting(self, when):
+        moved.append(when)
+        return real(self, when)
+    monkeypatch.setattr(asyncio.Timeout, "reschedule", counting)
+    with smtplib.SMTP("127.0.0.1", listener.port, timeout=20) as s:
+        s.sendmail("alice@office.test", ["alice@office.test"], "Subject: lines\r\n\r\n" + "line\r\n" * 300)
+    assert len(moved) <= 2, f"{len(moved)} timer moves for one message"

@@ -512,8 +512,12 @@ class SubmissionProtocol(SMTPProtocol):
             # by one that each read pushes back.
             self._timeout_handle.cancel()
             try:
-                async with asyncio.timeout(idle) as deadline:
-                    refusal = await self._receive(body, deadline, idle)
+                async with asyncio.timeout(None) as deadline:
+                    silence = SilenceLimit(self.loop, deadline, idle)
+                    try:
+                        refusal = await self._receive(body, silence)
+                    finally:
+                        silence.cancel()
             except TimeoutError:
                 log.info("%r: no data for %ds during DATA: cut", self.session.peer, idle)
                 await self.push(Reply.DATA_TIMEOUT.format(hostname=self.hostname))
@@ -539,10 +543,9 @@ class SubmissionProtocol(SMTPProtocol):
         finally:
             body.close()  # removes the tmp file unless the queue took it
 
-    async def _receive(self, body: IncomingBody, deadline: asyncio.Timeout, idle: float) -> str | None:
+    async def _receive(self, body: IncomingBody, silence: "SilenceLimit") -> str | None:
         """Read DATA up to its final dot into ``body``; the refusal to answer there, if any."""
         reader = self._reader
-        loop = self.loop
         limit = self.data_size_limit
         size = 0
         refusal = None  # replied once the client has sent the whole message (RFC 5321 4.2.5)
@@ -554,7 +557,7 @@ class SubmissionProtocol(SMTPProtocol):
                 # A line longer than the reader's buffer: take what is buffered so far (it
                 # holds no CRLF; a CR at its very end stays behind for the next read).
                 piece = await reader.readexactly(exc.consumed)
-            deadline.reschedule(loop.time() + idle)
+            silence.heard()
             if at_line_start and piece == b".\r\n":
                 return refusal
             starts_line, at_line_start = at_line_start, piece.endswith(b"\r\n")
@@ -606,6 +609,35 @@ class SubmissionProtocol(SMTPProtocol):
             return
         await asyncio.sleep(throttle.delay(ip))
         await super().smtp_AUTH(arg)
+
+
+class SilenceLimit:
+    """The per-read time limit in DATA: expires ``deadline`` once the client has sent
+    nothing for ``idle`` seconds.
+
+    A read only notes its time (pushing a timer back for each line of a message cost a
+    cancel and a new timer, a tenth of a millisecond per message).  The one timer fires at
+    the earliest moment the silence could have lasted ``idle``; if something was heard since,
+    it is set again from the last read, so the limit is exactly as strict as before.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout, idle: float):
+        self.loop, self.deadline, self.idle = loop, deadline, idle
+        self.last = loop.time()
+        self.timer = loop.call_at(self.last + idle, self._check)
+
+    def heard(self) -> None:
+        self.last = self.loop.time()
+
+    def _check(self) -> None:
+        due = self.last + self.idle
+        if self.loop.time() >= due:
+            self.deadline.reschedule(self.loop.time())  # the DATA task gets TimeoutError
+        else:
+            self.timer = self.loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
 
 
 class ClientSubmissionProtocol(SubmissionProtocol):
