@@ -12,6 +12,7 @@ one connection per message (as office mail clients do), ``--sessions`` at a time
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +33,13 @@ def smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
                     "-f", "alice@office.test", "-t", "partner@elsewhere.test", f"127.0.0.1:{port}"],
                    check=True, capture_output=True, timeout=900)
     return time.perf_counter() - start
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def dialmail_queued(site: DialmailSite) -> int:
@@ -58,7 +66,9 @@ def main() -> None:
         site.write_config('[link]\ntype = "modem"\ndevice = "/dev/null"\nnumbers = ["0"]\n')
         site.start()
         smtp_source(site.smtp_port, 20, 2, args.size)  # warm-up
+        user0, sys0 = cpu_seconds(site.proc.pid)
         results["dialmail"] = smtp_source(site.smtp_port, n, args.sessions, args.size)
+        user1, sys1 = cpu_seconds(site.proc.pid)
         site.stop()
         queued = dialmail_queued(site)
         if queued != n + 20:
@@ -74,6 +84,8 @@ def main() -> None:
     print(f"{'dialmail':22} {results['dialmail']:8.2f} {ours:8.0f}")
     print(f"{'Postfix smtpd+cleanup':22} {results['postfix']:8.2f} {theirs:8.0f}")
     print(f"  dialmail / Postfix: {ours / theirs:.2f} x   (target >= 1.0 x)")
+    print(f"  dialmail daemon CPU per message: {1000 * (user1 - user0 + sys1 - sys0) / n:.2f} ms "
+          f"(user {1000 * (user1 - user0) / n:.2f}, system {1000 * (sys1 - sys0) / n:.2f}; one process, one core)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 ``SubmissionProtocol.smtp_DATA`` is aiosmtpd 1.4's ``SMTP.smtp_DATA`` rewritten to write
 the message to the spool as it arrives, and it (with ``connection_made`` and ``smtp_AUTH``)
-uses aiosmtpd internals that have no public equivalent: ``_reader``/``_writer`` (set in
+uses aiosmtpd internals (and ``SubmissionProtocol._copy`` the state its ``__init__`` sets) that have no public equivalent: ``_reader``/``_writer`` (set in
 ``_cb_client_connected``), ``_call_handler_hook``, ``_set_post_data_state``,
 ``_create_session``, ``_create_envelope``, the idle timer ``_timeout_handle`` (set by
 ``_reset_timeout``) and ``_auth_require_tls`` (read by ``smtp_EHLO`` and ``smtp_AUTH``).
@@ -28,6 +28,7 @@ RECORDED = {
     "connection_made": "77a45df5065bba343a040b6f6c88de8907b40c80bc03727e7f18ede20d19f4bf",
     "smtp_EHLO": "1d91592dd954c4cd87bf365fc57f0a16e36d9ff911cda1b2b253a4981618f19f",
     "smtp_AUTH": "79078b308377ac485368dfe255ad6d84581da9696acfe55d973a18e2d41f9c5c",
+    "__init__": "8a9ca80f23ad9bf273e58e284170e9f919dc6269b280ca0624ac0603a8ad3604",
 }
 
 WHAT_TO_RECHECK = {
@@ -42,6 +43,8 @@ WHAT_TO_RECHECK = {
                        "and that self.transport is None on the first call",
     "smtp_EHLO": "check that it still reads self._auth_require_tls when offering AUTH",
     "smtp_AUTH": "check that it still reads self._auth_require_tls and assigns session.login_data",
+    "__init__": "check that SubmissionProtocol._copy still makes afresh everything that belongs to one "
+                "connection (the streams, methods bound to the protocol) and shares only settings",
 }
 
 

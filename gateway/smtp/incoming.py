@@ -84,26 +84,31 @@ class IncomingBody:
         except OSError as exc:
             self._fail(exc)
 
-    async def finish(self) -> None:
-        """Everything written and fsynced, as ``enqueue_file`` expects; raises the disk
-        error met on the way, if any (the file is then gone)."""
-        if self.file is not None and (self.pending or not self.header_seen):
-            await self._flush(whole=True)
+    async def finish(self) -> mail_headers.Headers:
+        """Everything written and fsynced, as ``enqueue_file`` expects, and the message's
+        header block as it now stands in the file, parsed (read once, here, for everything
+        after the dot).  One thread hop for the three: a small message is written here
+        whole.  Raises the disk error met on the way, if any (the file is then gone)."""
+        if self.file is not None and not self.header_seen:
+            self._complete_header_block(whole=True)
         if self.error is not None:
             raise self.error
         try:
-            await asyncio.to_thread(self._sync)
+            return await asyncio.to_thread(self._write_out)
         except OSError as exc:
             self._fail(exc)
             raise
 
-    def _sync(self) -> None:
+    def _write_out(self) -> mail_headers.Headers:
         f, self.file = self.file, None
+        chunk, self.pending = self.pending, bytearray()
         try:
+            f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         finally:
             f.close()
+        return self.read_headers()
 
     def _complete_header_block(self, whole: bool) -> None:
         """Add a missing Date: and Message-ID: at the end of the header block in ``pending``
