@@ -610,3 +610,24 @@ def test_dashboard_has_no_sign_in_card_without_oauth(site):
     admin = Client(start_console(site))
     assert admin.login(ADMIN, ADMIN_PW).status == 303
     assert "oauth-sign-ins" not in admin.get("/").text
+
+
+def test_autoconfig_names_imap_with_starttls_and_submission_when_configured(tmp_path):
+    cert, key = make_self_signed_cert(tmp_path)
+    cfg = loads(f'[server]\nhostname = "m.office.test"\ndomains = ["office.test", "branch.test"]\n'
+                f'spool_dir = "{tmp_path}"\n[smtp]\nlisten = ["127.0.0.1:2525"]\n'
+                f'[pop3]\nlisten = ["127.0.0.1:1110"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+                f'[imap]\ndovecot = "external"\nlisten = ["127.0.0.1:1143"]\n'
+                f'[submission]\nlisten = ["127.0.0.1:1587"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    provider = ET.fromstring(autoconfig.thunderbird(cfg, "dora@branch.test")).find("emailProvider")
+    assert provider.get("id") == "branch.test"
+    assert [d.text for d in provider.findall("domain")] == ["office.test", "branch.test"]
+    servers = [(s.tag, s.get("type"), s.findtext("port"), s.findtext("socketType"), s.findtext("authentication"))
+               for s in provider if s.tag.endswith("Server")]
+    assert servers == [("incomingServer", "imap", "1143", "STARTTLS", "password-cleartext"),
+                       ("incomingServer", "pop3", "1110", "STARTTLS", "password-cleartext"),
+                       ("outgoingServer", "smtp", "1587", "STARTTLS", "password-cleartext")]
+    root = ET.fromstring(autoconfig.outlook(cfg, "dora@branch.test", "dora"))
+    kinds = [(p.findtext(f"{OUTLOOK}Type"), p.findtext(f"{OUTLOOK}Port"), p.findtext(f"{OUTLOOK}Encryption"))
+             for p in root.iter(f"{OUTLOOK}Protocol")]
+    assert kinds == [("IMAP", "1143", "TLS"), ("POP3", "1110", "TLS"), ("SMTP", "1587", "TLS")]
