@@ -12,12 +12,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
 from gateway.config import loads
+from gateway.web import autoconfig
 from tests.harness import wait_for
 from tests.peers import PeerStartError, free_port, make_self_signed_cert
 from tests.test_session import submit
@@ -486,3 +488,146 @@ def test_line_efficiency_weighs_the_busier_direction_against_the_connect_rate():
                         bytes_up=21000, bytes_down=4200)
     assert efficiency(rec) == 50.0
     assert efficiency(SessionRecord("manual", connect_rate=None, bytes_up=1)) is None
+
+
+# ------------------------------------------------------------ mail client auto-configuration
+
+AUTODISCOVER_REQUEST = (
+    '<?xml version="1.0" encoding="utf-8"?>\n'
+    '<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006">'
+    "<Request><EMailAddress>{address}</EMailAddress><AcceptableResponseSchema>"
+    "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
+    "</AcceptableResponseSchema></Request></Autodiscover>")
+OUTLOOK = "{http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a}"
+
+
+def _raw(base: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(base + path, body, headers={"Content-Type": "text/xml"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _client_settings_lines(site, name: str) -> dict[str, tuple[str, int, str]]:
+    """``dialmail users add``'s client settings: protocol -> (host, port, security word)."""
+    r = site.cli("users", "add", name, "--password-stdin", input=b"carol-autoconf-pw-31\n")
+    assert r.returncode == 0, r.stderr
+    found = re.findall(r"^\s+(?:incoming|outgoing) \((\w+)\)\s+(\S+)\s+port (\d+)\s+security (\w+)",
+                       r.stdout.decode(), re.M)
+    return {proto: (host, int(port), security) for proto, host, port, security in found}
+
+
+def test_autoconfig_and_autodiscover_open_without_login_and_agree_with_users_add(site):
+    base = start_console(site)
+    printed = _client_settings_lines(site, "carol")
+    assert set(printed) == {"POP3", "SMTP"}  # the test site runs no IMAP
+    host = "mail.office.test"
+
+    for path in autoconfig.THUNDERBIRD_PATHS:
+        status, body = _raw(base, path + "?emailaddress=carol%40office.test")
+        assert status == 200, (path, body[:200])
+        root = ET.fromstring(body)
+        provider = root.find("emailProvider")
+        assert root.tag == "clientConfig" and provider.get("id") == "office.test"
+        assert [d.text for d in provider.findall("domain")] == ["office.test"]
+        pop3 = provider.find("incomingServer")
+        assert pop3.get("type") == "pop3"
+        assert [(c.tag, c.text) for c in pop3] == [
+            ("hostname", host), ("port", str(site.pop3_port)), ("socketType", "plain"),
+            ("authentication", "password-cleartext"), ("username", "%EMAILLOCALPART%")]
+        smtp = provider.find("outgoingServer")
+        assert smtp.get("type") == "smtp"
+        assert [(c.tag, c.text) for c in smtp] == [
+            ("hostname", host), ("port", str(site.smtp_port)), ("socketType", "plain"), ("authentication", "none")]
+        assert printed["POP3"] == (host, site.pop3_port, "none") and printed["SMTP"] == (host, site.smtp_port, "none")
+    assert _raw(base, autoconfig.THUNDERBIRD_PATHS[0] + "?emailaddress=x%40elsewhere.example")[0] == 404
+
+    for path in autoconfig.AUTODISCOVER_PATHS:
+        # No login, no cookie, no CSRF token: a public, read-only answer.
+        status, body = _raw(base, path, AUTODISCOVER_REQUEST.format(address="Carol@office.test").encode())
+        assert status == 200, (path, body[:200])
+        account = ET.fromstring(body).find(f"{OUTLOOK}Response/{OUTLOOK}Account")
+        assert account.findtext(f"{OUTLOOK}AccountType") == "email"
+        protocols = {p.findtext(f"{OUTLOOK}Type"): {c.tag.removeprefix(OUTLOOK): c.text for c in p}
+                     for p in account.findall(f"{OUTLOOK}Protocol")}
+        assert protocols == {
+            "POP3": {"Type": "POP3", "Server": host, "Port": str(site.pop3_port), "DomainRequired": "off",
+                     "LoginName": "carol", "SPA": "off", "SSL": "off", "Encryption": "None", "AuthRequired": "on"},
+            "SMTP": {"Type": "SMTP", "Server": host, "Port": str(site.smtp_port), "DomainRequired": "off",
+                     "LoginName": "carol", "SPA": "off", "SSL": "off", "Encryption": "None", "AuthRequired": "off"}}
+    # Escaped, never echoed: an address that is markup names no local domain and gets a 404.
+    status, body = _raw(base, autoconfig.AUTODISCOVER_PATHS[0],
+                        AUTODISCOVER_REQUEST.format(address="a&lt;b&gt;@evil.example").encode())
+    assert status == 404 and b"<b>" not in body
+    # Only the autodiscover paths answer a POST without a token; their neighbours do not.
+    for other in ("/AUTODISCOVER/AUTODISCOVER.XML", "/autodiscover/autodiscover.xml/x", "/mail/config-v1.1.xml"):
+        status, _ = _raw(base, other, AUTODISCOVER_REQUEST.format(address="carol@office.test").encode())
+        assert status in (404, 405), (other, status)
+
+
+def test_autodiscover_refuses_oversized_and_entity_laden_requests(site):
+    base = start_console(site)
+    path = autoconfig.AUTODISCOVER_PATHS[0]
+    padding = "<!--" + "x" * (autoconfig.MAX_REQUEST + 10) + "-->"
+    status, body = _raw(base, path, AUTODISCOVER_REQUEST.format(address="carol@office.test").encode() + padding.encode())
+    assert status == 400 and b"too large" in body
+    laughs = ('<?xml version="1.0"?>\n<!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">'
+              '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+              '<Autodiscover><Request><EMailAddress>&c;@office.test</EMailAddress></Request></Autodiscover>')
+    status, body = _raw(base, path, laughs.encode())
+    assert status == 400 and b"DTD" in body
+    external = ('<?xml version="1.0"?>\n<!DOCTYPE r SYSTEM "file:///etc/passwd">'
+                '<Autodiscover><Request><EMailAddress>x@office.test</EMailAddress></Request></Autodiscover>')
+    assert _raw(base, path, external.encode())[0] == 400
+    assert _raw(base, path, b"not xml at all")[0] == 400
+    assert _raw(base, path, b"<Autodiscover/>")[0] == 400
+    assert site.proc.poll() is None  # the daemon is still up
+
+
+# ------------------------------------------------------------ OAuth2 sign-in on the dashboard
+
+def test_dashboard_names_the_oauth_account_that_needs_a_sign_in(site):
+    fetch = ('\n[[fetch]]\nname = "isp"\nhost = "127.0.0.1"\nport = 9\ntls = "off"\nusername = "office"\n'
+             'deliver_to = "alice"\nauth = "xoauth2"\n[fetch.oauth]\nprovider = "generic"\n'
+             'client_id = "dialmail-test-client"\ntoken_url = "http://127.0.0.1:9/token"\n'
+             'device_url = "http://127.0.0.1:9/devicecode"\nauthorization_url = "http://127.0.0.1:9/authorize"\n'
+             'scopes = ["mail"]\n')
+    base = start_console(site, extra=fetch)
+    status = site.cli("status").stdout.decode()
+    assert "oauth: isp: no token: run `dialmail oauth login isp`" in status
+    admin = Client(base)
+    assert admin.login(ADMIN, ADMIN_PW).status == 303
+    page = html.unescape(admin.get("/").text)
+    assert 'id="oauth-sign-ins"' in page and "isp: no token: run `dialmail oauth login isp`" in page
+    user = Client(base)
+    assert user.login(USER, USER_PW).status == 303
+    assert "oauth-sign-ins" not in user.get("/").text  # the admins' business
+
+
+def test_dashboard_has_no_sign_in_card_without_oauth(site):
+    admin = Client(start_console(site))
+    assert admin.login(ADMIN, ADMIN_PW).status == 303
+    assert "oauth-sign-ins" not in admin.get("/").text
+
+
+def test_autoconfig_names_imap_with_starttls_and_submission_when_configured(tmp_path):
+    cert, key = make_self_signed_cert(tmp_path)
+    cfg = loads(f'[server]\nhostname = "m.office.test"\ndomains = ["office.test", "branch.test"]\n'
+                f'spool_dir = "{tmp_path}"\n[smtp]\nlisten = ["127.0.0.1:2525"]\n'
+                f'[pop3]\nlisten = ["127.0.0.1:1110"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+                f'[imap]\ndovecot = "external"\nlisten = ["127.0.0.1:1143"]\n'
+                f'[submission]\nlisten = ["127.0.0.1:1587"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    provider = ET.fromstring(autoconfig.thunderbird(cfg, "dora@branch.test")).find("emailProvider")
+    assert provider.get("id") == "branch.test"
+    assert [d.text for d in provider.findall("domain")] == ["office.test", "branch.test"]
+    servers = [(s.tag, s.get("type"), s.findtext("port"), s.findtext("socketType"), s.findtext("authentication"))
+               for s in provider if s.tag.endswith("Server")]
+    assert servers == [("incomingServer", "imap", "1143", "STARTTLS", "password-cleartext"),
+                       ("incomingServer", "pop3", "1110", "STARTTLS", "password-cleartext"),
+                       ("outgoingServer", "smtp", "1587", "STARTTLS", "password-cleartext")]
+    root = ET.fromstring(autoconfig.outlook(cfg, "dora@branch.test", "dora"))
+    kinds = [(p.findtext(f"{OUTLOOK}Type"), p.findtext(f"{OUTLOOK}Port"), p.findtext(f"{OUTLOOK}Encryption"))
+             for p in root.iter(f"{OUTLOOK}Protocol")]
+    assert kinds == [("IMAP", "1143", "TLS"), ("POP3", "1110", "TLS"), ("SMTP", "1587", "TLS")]

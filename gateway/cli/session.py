@@ -236,29 +236,9 @@ def status(ctx: typer.Context):
 
 
 def _print_logins(cfg) -> None:
-    """ISP accounts whose OAuth2 login cannot work until the admin acts (the last session's
-    errors may be about something else by now)."""
-    from gateway.oauth.tokens import refused_text, store_for
-    from spool.tokens import REFUSED, TokenStoreError
-    logins = [f.oauth for f in cfg.fetch if f.oauth is not None]
-    logins += [cfg.smarthost.oauth] if cfg.smarthost.oauth is not None else []
-    if not logins:
-        return
-    try:
-        store = store_for(cfg)
-    except Exception as exc:  # a key file problem: say it, the rest of the status stands
-        typer.echo(f"oauth: tokens unreadable: {exc}")
-        return
-    for oauth in logins:
-        try:
-            rec = store.load(oauth.key)
-        except TokenStoreError as exc:
-            typer.echo(f"oauth: {oauth.account}: {exc}")
-            continue
-        if rec is None:
-            typer.echo(f"oauth: {oauth.account}: no token: run `dialmail oauth login {oauth.account}`")
-        elif rec.state == REFUSED:
-            typer.echo(f"oauth: {oauth.account}: {refused_text(oauth.account, rec.error)}")
+    from gateway.oauth.tokens import sign_ins_needed
+    for line in sign_ins_needed(cfg):
+        typer.echo(f"oauth: {line}")
 
 
 def _ratio(wire: int, mail: int) -> str:

@@ -37,30 +37,29 @@ def _read_password(password_stdin: bool) -> str:
     return first
 
 
-def _security(tls: bool, plaintext_lan: bool) -> str:
-    if tls:
+def _security(server) -> str:
+    if server.starttls:
         return "STARTTLS"
-    return "none (passwords in the clear: LAN only)" if plaintext_lan else "none (logins from this machine only)"
-
-
-def _port(listens) -> int | None:
-    return listens[0].port if listens else None
+    return ("none (passwords in the clear: LAN only)" if server.plaintext_lan
+            else "none (logins from this machine only)")
 
 
 def client_settings(config, name: str) -> list[str]:
-    """What to type into a mail client's account settings for ``name``."""
-    host = config.server.hostname
+    """What to type into a mail client's account settings for ``name`` (the servers are the
+    ones the console's autoconfig answer names: ``gateway.office.mailclient``)."""
+    from gateway.office.mailclient import client_servers
     domain = name.partition("@")[2] or config.server.domains[0]
     local = name.partition("@")[0]
     lines = ["", "Mail client settings:", f"  email address     {local}@{domain}", f"  user name         {name}"]
-    if config.imap.enabled:
-        lines.append(f"  incoming (IMAP)   {host}  port {_port(config.imap.listen)}  security "
-                     f"{_security(bool(config.imap.tls_cert), config.imap.allow_plaintext_lan)}")
-    lines.append(f"  incoming (POP3)   {host}  port {_port(config.pop3.listen)}  security "
-                 f"{_security(bool(config.pop3.tls_cert), config.pop3.allow_plaintext_lan)}")
-    smtp_tls = "STARTTLS" if config.smtp.tls_cert else "none"
-    lines.append(f"  outgoing (SMTP)   {host}  port {_port(config.smtp.listen)}  security {smtp_tls}, "
-                 f"password: the same (not needed from the office LAN)")
+    for server in client_servers(config):
+        if server.incoming:
+            lines.append(f"  incoming ({server.protocol})   {server.host}  port {server.port}  security "
+                         f"{_security(server)}")
+        else:
+            password = ("password: the same" if server.login_needed
+                        else "password: the same (not needed from the office LAN)")
+            lines.append(f"  outgoing (SMTP)   {server.host}  port {server.port}  security "
+                         f"{'STARTTLS' if server.starttls else 'none'}, {password}")
     return lines
 
 

@@ -156,3 +156,30 @@ def tell_postmaster_once(config: Config, queue, oauth: OAuthConfig, why: str) ->
     rec.postmaster_told = True
     store.save(oauth.key, rec)
     return True
+
+
+def sign_ins_needed(config: Config) -> list[str]:
+    """One line per ISP account whose OAuth2 login cannot work until the admin signs in again
+    (never stored, or refused by the provider), as ``dialmail status`` and the console's
+    dashboard show it; the last session's errors may be about something else by now.
+    The lines name the account and the command, never a token."""
+    logins = [f.oauth for f in config.fetch if f.oauth is not None]
+    logins += [config.smarthost.oauth] if config.smarthost.oauth is not None else []
+    if not logins:
+        return []
+    try:
+        store = store_for(config)
+    except Exception as exc:  # a key file problem: say it, the rest of the status stands
+        return [f"tokens unreadable: {exc}"]
+    lines = []
+    for oauth in logins:
+        try:
+            rec = store.load(oauth.key)
+        except TokenStoreError as exc:
+            lines.append(f"{oauth.account}: {exc}")
+            continue
+        if rec is None:
+            lines.append(f"{oauth.account}: no token: run `dialmail oauth login {oauth.account}`")
+        elif rec.state == REFUSED:
+            lines.append(f"{oauth.account}: {refused_text(oauth.account, rec.error)}")
+    return lines

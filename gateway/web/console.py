@@ -3,8 +3,8 @@
 Every page reads the spool through the daemon's own objects (off the event loop), and
 every change goes through the code the command line uses (``gateway.office.operator``,
 ``spool.users``, the session runner that ``connect-now`` talks to), so both agree.
-Admin pages answer 403 to other users; no page but the login and static files opens
-without a login.
+Admin pages answer 403 to other users; no page but the login, static files and the mail
+client auto-configuration (``autoconfig``) opens without a login.
 """
 from __future__ import annotations
 
@@ -37,10 +37,11 @@ from gateway.config import parse_duration
 from gateway.delivery import listing
 from gateway.delivery.stages import quarantine
 from gateway.delivery.stages.autoreply import Responder
+from gateway.oauth.tokens import sign_ins_needed
 from gateway.office import operator
 from gateway.office.bounce import read_headers
 from gateway.policy.throttle import SharedLockout
-from gateway.web import charts, login
+from gateway.web import autoconfig, charts, login
 from gateway.web.login import Visitor
 from gateway.web.progress import SessionFeed
 from spool.policystate import PolicyState
@@ -113,6 +114,7 @@ class WebConsole:
             Route("/me/out-of-office", self.me_out_of_office, methods=["POST"]),
             Route("/me/forwarding", self.me_forwarding, methods=["POST"]),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+            *autoconfig.routes(self.config, self.users),
         ]
         self.app = Starlette(routes=routes, middleware=[
             Middleware(SessionMiddleware, secret_key=secret, session_cookie=COOKIE, max_age=12 * 3600,
@@ -179,7 +181,9 @@ class WebConsole:
                                                  asyncio.to_thread(log.since, month))
         disk = shutil.disk_usage(self.config.spool_dir)
         following = self.feed.run is not None and self.feed.run.outcome is None
-        return self.render(request, "dashboard.html", who, status=status,
+        # OAuth2 logins that fail until an admin signs in again (the account and the command only).
+        sign_ins = await asyncio.to_thread(sign_ins_needed, self.config) if who.admin else []
+        return self.render(request, "dashboard.html", who, status=status, sign_ins=sign_ins,
                            today=_line_use(today), month=_line_use(this_month), demand=self.config.demand,
                            currency=self.config.session.currency, disk_free=disk.free, disk_total=disk.total,
                            following=following, after=self.feed.runs - 1 if following else self.feed.runs)
