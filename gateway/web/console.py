@@ -37,6 +37,7 @@ from gateway.config import parse_duration
 from gateway.delivery import listing
 from gateway.delivery.stages import quarantine
 from gateway.delivery.stages.autoreply import Responder
+from gateway.imap.supervisor import reload_users
 from gateway.oauth.tokens import sign_ins_needed
 from gateway.office import operator
 from gateway.office.bounce import read_headers
@@ -331,6 +332,15 @@ class WebConsole:
 
     # ------------------------------------------------------------ users (admin)
 
+    async def _change_users(self, change, *args):
+        """A change to the users file, then a managed Dovecot told to read it, as the CLI's
+        user commands do: IMAP logins follow from the very next one."""
+        def changed():
+            result = change(*args)
+            reload_users(self.config)
+            return result
+        return await asyncio.to_thread(changed)
+
     @_page(admin=True)
     async def users_page(self, request: Request, who: Visitor) -> Response:
         names = await asyncio.to_thread(self.users.names)
@@ -350,7 +360,7 @@ class WebConsole:
         if not password:
             return self.back(request, "/users", "give the new user a password")
         try:
-            added = await asyncio.to_thread(operator.add_user, self.config, self.users, name, password)
+            added = await self._change_users(operator.add_user, self.config, self.users, name, password)
         except UserError as exc:
             return self.back(request, "/users", str(exc))
         return self.back(request, "/users", f"user {added} added")
@@ -362,7 +372,7 @@ class WebConsole:
         if not password:
             return self.back(request, "/users", "give a password")
         try:
-            await asyncio.to_thread(self.users.set_password, name, password)
+            await self._change_users(self.users.set_password, name, password)
         except UserError as exc:
             return self.back(request, "/users", str(exc))
         return self.back(request, "/users", f"password of {name} changed")
@@ -372,7 +382,7 @@ class WebConsole:
         await login.checked_form(request)
         name = request.path_params["name"]
         try:
-            await asyncio.to_thread(self.users.delete, name)
+            await self._change_users(self.users.delete, name)
         except UserError as exc:
             return self.back(request, "/users", str(exc))
         return self.back(request, "/users", f"user {name} deleted (mailbox kept)")
@@ -404,7 +414,7 @@ class WebConsole:
             return self.back(request, "/me", "give a new password")
         if not await self.users.check(who.name, old):
             return self.back(request, "/me", "the old password is wrong: nothing changed")
-        await asyncio.to_thread(self.users.set_password, who.name, new)
+        await self._change_users(self.users.set_password, who.name, new)
         return self.back(request, "/me", "your password is changed")
 
     @_page()
