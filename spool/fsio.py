@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -70,8 +71,34 @@ def fsync_paths(paths: Iterable[Path], together: int = 8) -> None:
         for path in paths:
             _fsync_path(path)
         return
-    with ThreadPoolExecutor(min(together, len(paths)), thread_name_prefix="fsync") as pool:
-        list(pool.map(_fsync_path, paths))
+    # The caller's thread takes one; the others wait side by side on the pool's threads.
+    pool = _pool(together)
+    rest = [pool.submit(_fsync_path, path) for path in paths[1:]]
+    failed: BaseException | None = None
+    try:
+        _fsync_path(paths[0])
+    except BaseException as exc:
+        failed = exc
+    for done in rest:  # every one finished before the caller moves on, even after an error
+        try:
+            done.result()
+        except BaseException as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    """Threads kept for fsyncs (starting eight threads per batch would cost more than
+    the batch saves)."""
+    with _pools_lock:
+        if size not in _pools:
+            _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="fsync")
+        return _pools[size]
 
 
 def _fsync_path(path: Path) -> None:

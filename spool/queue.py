@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol
 
 from spool import queuefile
-from spool.fsio import fsync_dir, write_file
+from spool.fsio import fsync_paths, write_file
+from spool.intake import Intake
 
 log = logging.getLogger("dialmail.spool")
 
@@ -153,6 +154,24 @@ class Result(Protocol):
 # spool modules write them (spool.notices, spool.policystate): so "queued" and what the
 # queueing stands for (a recipient reported, a sender answered) cannot disagree after a crash.
 Then = Callable[[sqlite3.Connection, str], None]
+
+
+@dataclass
+class Arrival:
+    """A message written at its tmp path, waiting to be queued (``Queue.enqueue_batch``)."""
+    qid: str
+    tmp: Path
+    sender: str
+    recipients: list[tuple[str, str]]  # (address, LOCAL or RELAY)
+    origin: str
+    client: str | None = None
+    message_id: str | None = None
+    subject: str | None = None
+    urgent: bool = False
+    smtputf8: bool = False
+    then: Then | None = None
+    orcpts: dict[str, str] | None = None
+    sha256: str | None = None  # the body's digest, when its writer took it on the way in
 
 
 @dataclass(frozen=True)
@@ -319,6 +338,8 @@ class Queue:
         self.lost_found = catalogue.root / "lost+found"
         for d in (self.tmp, self.msg, self.env):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._intake: Intake | None = None
+        self._intake_lock = threading.Lock()
 
     # ------------------------------------------------------------ entering the queue
 
@@ -357,7 +378,7 @@ class Queue:
         """Store a message durably; returns its queue id.  See the module doc for the order."""
         qid, tmp = self.new_body()
         with self._writing():
-            write_file(tmp, data)
+            write_file(tmp, data, sync=False)  # fsynced beside its envelope, in enqueue_batch
             return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
                                      message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
                                      then=then, orcpts=orcpts)
@@ -367,53 +388,96 @@ class Queue:
                      subject: str | None = None, urgent: bool = False, smtputf8: bool = False,
                      then: Then | None = None,
                      orcpts: dict[str, str] | None = None) -> str:
-        """Queue a body already written and fsynced at ``tmp`` (from ``new_body``).
+        """Queue a body already written at ``tmp`` (from ``new_body``).
 
         ``then(conn, qid)`` runs inside the same transaction as the envelope insert: a
         bounce marks its recipients reported there, a fetcher records the ISP UID there,
         so "in the spool" and what it stands for can never disagree.
         """
-        rcpts = list(dict.fromkeys((r, route) for r, route in recipients))
-        if not rcpts:
-            os.unlink(tmp)
-            raise ValueError("a message needs at least one recipient")
-        with self._writing():
-            return self._commit(qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
-                                then, orcpts)
+        arrival = Arrival(qid, tmp, sender, list(recipients), origin=origin, client=client,
+                          message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
+                          then=then, orcpts=orcpts)
+        result = self.enqueue_batch([arrival])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    def _commit(self, qid, tmp, sender, rcpts, origin, client, message_id, subject, urgent, smtputf8,
-                then, orcpts) -> str:
-        final = self.msg / qid
-        size = tmp.stat().st_size
+    @property
+    def intake(self) -> "Intake":
+        """The door for messages arriving concurrently: they share their disk flushes."""
+        with self._intake_lock:
+            if self._intake is None:
+                self._intake = Intake(self)
+            return self._intake
+
+    def enqueue_batch(self, arrivals: list["Arrival"]) -> list[str | BaseException]:
+        """Queue several bodies written at their tmp paths, with one flush of the disk per
+        step for all of them (see the module doc for the steps and ``spool.intake`` for
+        why): each message's queue id, or the error that kept it out.
+
+        A message whose own files fail (its envelope cannot be written: disk full) is left
+        out alone; a failure of a shared step (a directory's fsync, the COMMIT) keeps the
+        whole batch out.  Whatever is kept out leaves nothing in the queue.
+        """
+        results: list[str | BaseException | None] = [None] * len(arrivals)
+        ready: list[tuple[int, Arrival, queuefile.Envelope]] = []
+        with self._writing():
+            for i, arrival in enumerate(arrivals):
+                try:
+                    envelope = self._envelope(arrival)
+                    queuefile.write(self.tmp / f"{arrival.qid}.env", envelope, sync=False)
+                except BaseException as exc:
+                    self._discard(arrival.qid, arrival.tmp)
+                    if not isinstance(exc, Exception):
+                        raise
+                    results[i] = exc
+                    continue
+                ready.append((i, arrival, envelope))
+            if ready:
+                try:
+                    # Body first: an envelope in env/ means its body reached msg/ before it.
+                    fsync_paths([p for _, a, _ in ready for p in (a.tmp, self.tmp / f"{a.qid}.env")])
+                    for _, arrival, _ in ready:
+                        os.rename(arrival.tmp, self.msg / arrival.qid)
+                        os.rename(self.tmp / f"{arrival.qid}.env", self.env / arrival.qid)
+                    fsync_paths([self.msg, self.env])
+                    with self.cat.transaction() as conn:
+                        for _, arrival, envelope in ready:
+                            insert_envelope(conn, envelope)
+                            if arrival.then is not None:
+                                arrival.then(conn, arrival.qid)
+                except BaseException as exc:
+                    for _, arrival, _ in ready:
+                        self._discard(arrival.qid, arrival.tmp)
+                    if not isinstance(exc, Exception):
+                        raise
+                    for i, _, _ in ready:
+                        results[i] = exc
+                else:
+                    for i, arrival, _ in ready:
+                        results[i] = arrival.qid
+        return results  # type: ignore[return-value]
+
+    def _envelope(self, a: "Arrival") -> queuefile.Envelope:
+        rcpts = list(dict.fromkeys((r, route) for r, route in a.recipients))
+        if not rcpts:
+            raise ValueError("a message needs at least one recipient")
         # Header values parsed from raw 8-bit mail carry surrogate escapes that SQLite cannot
         # store; they are only for display, so undecodable bytes become U+FFFD.
-        message_id, subject = _storable(message_id), _storable(subject)
-        envelope = queuefile.Envelope(
-            qid=qid, sender=sender, arrival=time.time(), size=size, sha256=queuefile.body_digest(tmp),
-            origin=origin, client=client, message_id=message_id, subject=subject, urgent=urgent,
-            smtputf8=smtputf8, recipients=tuple(queuefile.EnvelopeRecipient(r, route, (orcpts or {}).get(r))
-                                                for r, route in rcpts),
-            then=then.journal() if hasattr(then, "journal") else None)
-        env_tmp = self.tmp / f"{qid}.env"
-        try:
-            queuefile.write(env_tmp, envelope)
-            # Body first: an envelope in env/ means its body reached msg/ before it.
-            os.rename(tmp, final)
-            os.rename(env_tmp, self.env / qid)
-            fsync_dir(self.msg)
-            fsync_dir(self.env)
-            with self.cat.transaction() as conn:
-                insert_envelope(conn, envelope)
-                if then is not None:
-                    then(conn, qid)
-        except BaseException:
-            for path in (final, self.env / qid, env_tmp, tmp):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            raise
-        return qid
+        return queuefile.Envelope(
+            qid=a.qid, sender=a.sender, arrival=time.time(), size=a.tmp.stat().st_size,
+            sha256=a.sha256 or queuefile.body_digest(a.tmp),
+            origin=a.origin, client=a.client, message_id=_storable(a.message_id), subject=_storable(a.subject),
+            urgent=a.urgent, smtputf8=a.smtputf8,
+            recipients=tuple(queuefile.EnvelopeRecipient(r, route, (a.orcpts or {}).get(r)) for r, route in rcpts),
+            then=a.then.journal() if hasattr(a.then, "journal") else None)
+
+    def _discard(self, qid: str, tmp: Path) -> None:
+        for path in (self.msg / qid, self.env / qid, self.tmp / f"{qid}.env", tmp):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------ reading
 

@@ -133,9 +133,10 @@ def body_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def write(path: Path, envelope: Envelope) -> None:
-    """Create the journal at ``path`` (a tmp path) with the envelope, fsynced."""
-    write_file(path, envelope.to_line())
+def write(path: Path, envelope: Envelope, sync: bool = True) -> None:
+    """Create the journal at ``path`` (a tmp path) with the envelope, fsynced (unless
+    ``sync`` is False: the caller fsyncs it before renaming it into env/)."""
+    write_file(path, envelope.to_line(), sync=sync)
 
 
 def append(path: Path, records: Iterable[dict]) -> None:

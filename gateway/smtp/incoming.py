@@ -10,8 +10,10 @@ them here, once, at the end of its header block (RFC 6409 §8, as Postfix's clea
 for local clients): the block is still in the buffer when its first bytes go to the file.
 A header block longer than the buffer is left as it came.
 
-The order that keeps the spool honest: write as it comes -> at the final dot, fsync ->
-policy reads the file -> ``Queue.enqueue_file`` renames it into the queue -> 250.
+The order that keeps the spool honest: write as it comes (taking its SHA-256 on the way)
+-> at the final dot, policy reads the file -> the queue's intake fsyncs it beside its
+envelope, renames both into the queue and commits, with whatever else reached its dot
+meanwhile (``spool.intake``) -> 250.
 Whatever is not queued (a refusal, a disk error, a client that went away, a cancelled
 transaction) is removed by ``close``, which the DATA command always calls.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ class IncomingBody:
     # host name for a Message-ID when the header block is to be completed (LAN mail), else None
     complete_for: str | None = None
     header_seen: bool = False  # the header block went by (completed or not)
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)  # of every byte written
 
     @classmethod
     async def open(cls, queue: Queue, received: bytes, complete_for: str | None = None) -> "IncomingBody":
@@ -62,7 +66,7 @@ class IncomingBody:
         body = cls(qid, path, len(received), None, hold, complete_for=complete_for)
         try:
             body.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-            body.file.write(received)
+            body._put(received)
         except OSError as exc:
             body._fail(exc)
         return body
@@ -80,15 +84,23 @@ class IncomingBody:
             self._complete_header_block(whole)
         chunk, self.pending = self.pending, bytearray()
         try:
-            await asyncio.to_thread(self.file.write, chunk)
+            await asyncio.to_thread(self._put, chunk)
         except OSError as exc:
             self._fail(exc)
 
+    def _put(self, chunk: bytes | bytearray) -> None:
+        self.file.write(chunk)
+        self.digest.update(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
     async def finish(self) -> mail_headers.Headers:
-        """Everything written and fsynced, as ``enqueue_file`` expects, and the message's
-        header block as it now stands in the file, parsed (read once, here, for everything
-        after the dot).  One thread hop for the three: a small message is written here
-        whole.  Raises the disk error met on the way, if any (the file is then gone)."""
+        """Everything written (the queue's intake fsyncs it), and the message's header
+        block as it now stands in the file, parsed (read once, here, for everything after
+        the dot).  One thread hop for both: a small message is written here whole.  Raises
+        the disk error met on the way, if any (the file is then gone)."""
         if self.file is not None and not self.header_seen:
             self._complete_header_block(whole=True)
         if self.error is not None:
@@ -100,14 +112,12 @@ class IncomingBody:
             raise
 
     def _write_out(self) -> mail_headers.Headers:
-        f, self.file = self.file, None
         chunk, self.pending = self.pending, bytearray()
         try:
-            f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+            self._put(chunk)
         finally:
-            f.close()
+            f, self.file = self.file, None
+            f.close()  # flushes
         return self.read_headers()
 
     def _complete_header_block(self, whole: bool) -> None:
@@ -146,7 +156,7 @@ class IncomingBody:
         self._discard()
 
     def close(self) -> None:
-        """Remove the tmp file unless ``enqueue_file`` took it; let recovery near it again."""
+        """Remove the tmp file unless the queue took it; let recovery near it again."""
         self._discard()
         self.hold.close()
 
