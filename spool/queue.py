@@ -171,7 +171,14 @@ class Arrival:
     smtputf8: bool = False
     then: Then | None = None
     orcpts: dict[str, str] | None = None
-    sha256: str | None = None  # the body's digest, when its writer took it on the way in
+    body: "PendingBody | None" = None  # a body its writer finishes just before the fsync
+
+
+class PendingBody(Protocol):
+    """A body whose last bytes are still with its writer (SMTP DATA's buffer)."""
+
+    def write_out(self) -> tuple[int, str]:
+        """Write the rest to the tmp path and close the file: its size and SHA-256."""
 
 
 @dataclass(frozen=True)
@@ -349,20 +356,13 @@ class Queue:
         return qid, self.tmp / qid
 
     @contextlib.contextmanager
-    def receiving(self) -> Iterator[tuple[str, Path]]:
-        """A fresh queue id and tmp path for a body its writer fills over a long time, a
-        piece at a time (SMTP DATA as it arrives); ``enqueue_file`` then queues it.
+    def writing(self) -> Iterator[None]:
+        """Shared lock held while a message is being written; ``recover`` takes it exclusively.
 
-        Start-up recovery leaves the tmp file alone until the block is left; leaving it
-        does not remove the file: the writer removes what it does not queue.
+        A writer that fills a tmp body over a long time, a piece at a time (SMTP DATA as it
+        arrives), holds it from the file's creation until the queue has taken the body;
+        leaving it does not remove the file: the writer removes what it does not queue.
         """
-        qid, tmp = self.new_body()
-        with self._writing():
-            yield qid, tmp
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """Shared lock held while a message is being written; ``recover`` takes it exclusively."""
         fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -377,7 +377,7 @@ class Queue:
                 orcpts: dict[str, str] | None = None) -> str:
         """Store a message durably; returns its queue id.  See the module doc for the order."""
         qid, tmp = self.new_body()
-        with self._writing():
+        with self.writing():
             write_file(tmp, data, sync=False)  # fsynced beside its envelope, in enqueue_batch
             return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
                                      message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,
@@ -421,7 +421,7 @@ class Queue:
         """
         results: list[str | BaseException | None] = [None] * len(arrivals)
         ready: list[tuple[int, Arrival, queuefile.Envelope]] = []
-        with self._writing():
+        with self.writing():
             for i, arrival in enumerate(arrivals):
                 try:
                     envelope = self._envelope(arrival)
@@ -435,11 +435,8 @@ class Queue:
                 ready.append((i, arrival, envelope))
             if ready:
                 try:
-                    # Body first: an envelope in env/ means its body reached msg/ before it.
                     fsync_paths([p for _, a, _ in ready for p in (a.tmp, self.tmp / f"{a.qid}.env")])
-                    for _, arrival, _ in ready:
-                        os.rename(arrival.tmp, self.msg / arrival.qid)
-                        os.rename(self.tmp / f"{arrival.qid}.env", self.env / arrival.qid)
+                    ready = [r for r in ready if self._rename_in(*r[:2], results)]
                     fsync_paths([self.msg, self.env])
                     with self.cat.transaction() as conn:
                         for _, arrival, envelope in ready:
@@ -458,15 +455,30 @@ class Queue:
                         results[i] = arrival.qid
         return results  # type: ignore[return-value]
 
+    def _rename_in(self, i: int, arrival: "Arrival", results: list) -> bool:
+        """Body first: an envelope in env/ means its body reached msg/ before it.  A
+        message whose files are gone (its writer gave up on it) is left out alone."""
+        try:
+            os.rename(arrival.tmp, self.msg / arrival.qid)
+            os.rename(self.tmp / f"{arrival.qid}.env", self.env / arrival.qid)
+        except OSError as exc:
+            self._discard(arrival.qid, arrival.tmp)
+            results[i] = exc
+            return False
+        return True
+
     def _envelope(self, a: "Arrival") -> queuefile.Envelope:
         rcpts = list(dict.fromkeys((r, route) for r, route in a.recipients))
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
         # Header values parsed from raw 8-bit mail carry surrogate escapes that SQLite cannot
         # store; they are only for display, so undecodable bytes become U+FFFD.
+        if a.body is not None:
+            size, sha256 = a.body.write_out()
+        else:
+            size, sha256 = a.tmp.stat().st_size, queuefile.body_digest(a.tmp)
         return queuefile.Envelope(
-            qid=a.qid, sender=a.sender, arrival=time.time(), size=a.tmp.stat().st_size,
-            sha256=a.sha256 or queuefile.body_digest(a.tmp),
+            qid=a.qid, sender=a.sender, arrival=time.time(), size=size, sha256=sha256,
             origin=a.origin, client=a.client, message_id=_storable(a.message_id), subject=_storable(a.subject),
             urgent=a.urgent, smtputf8=a.smtputf8,
             recipients=tuple(queuefile.EnvelopeRecipient(r, route, (a.orcpts or {}).get(r)) for r, route in rcpts),
@@ -780,7 +792,7 @@ class Queue:
         the download takes.
         """
         qid, tmp = self.new_body()
-        with self._writing():
+        with self.writing():
             write(tmp)
             return self.enqueue_file(qid, tmp, sender, recipients, origin=origin, client=client,
                                      message_id=message_id, subject=subject, urgent=urgent, smtputf8=smtputf8,

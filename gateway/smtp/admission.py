@@ -52,6 +52,11 @@ class SubmissionPolicy:
                 return Reply.MEMBERS_ONLY
         return None
 
+    def reads_body(self, size: int) -> bool:
+        """Whether ``check_content`` reads the message's file (a virus scan), so it must be
+        on disk first; the other checks read the header block only."""
+        return self.scanner.enabled and not self.scanner.too_big(size)
+
     async def check_content(self, sender: str, rcpts: list[str], body: Path, size: int, headers: Headers,
                             ip: str) -> str | None:
         """``body`` is the message's file in the spool (fsynced, not yet queued), ``size``

@@ -3,7 +3,9 @@
 No message is ever held whole in memory.  The SMTP reader hands over each line (or each
 piece of an overlong one), already unstuffed; at most ``FLUSH_AT`` bytes wait here before
 they are written, on a thread, to the tmp file that ``spool.queue`` gave out.  The file
-starts with our Received: header.
+starts with our Received: header.  It is created by the first such write; a message
+smaller than the buffer (most office mail) is written whole by the queue's intake, on
+its own thread, just before it is fsynced: no thread hop at DATA and none at the dot.
 
 Mail submitted from the LAN (mynetworks or AUTH) that lacks Date: or Message-ID: gets
 them here, once, at the end of its header block (RFC 6409 §8, as Postfix's cleanup does
@@ -11,11 +13,12 @@ for local clients): the block is still in the buffer when its first bytes go to 
 A header block longer than the buffer is left as it came.
 
 The order that keeps the spool honest: write as it comes (taking its SHA-256 on the way)
--> at the final dot, policy reads the file -> the queue's intake fsyncs it beside its
-envelope, renames both into the queue and commits, with whatever else reached its dot
-meanwhile (``spool.intake``) -> 250.
-Whatever is not queued (a refusal, a disk error, a client that went away, a cancelled
-transaction) is removed by ``close``, which the DATA command always calls.
+-> at the final dot, the header block is parsed from memory, and a virus scan reads the
+file -> the queue's intake writes what is left, fsyncs it beside its envelope, renames
+both into the queue and commits, with whatever else reached its dot meanwhile
+(``spool.intake``) -> 250.  Whatever is not queued (a refusal, a disk error, a client
+that went away, a cancelled transaction) is removed by ``close``, which the DATA command
+always calls; once the intake has the message, what it does not queue it removes itself.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import email.utils
 import hashlib
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,92 +44,132 @@ FLUSH_AT = 64 * 1024
 
 @dataclass
 class IncomingBody:
+    queue: Queue
     qid: str
     path: Path
-    prologue: int  # length of our Received: header at the start of the file
-    file: BinaryIO | None
-    hold: contextlib.ExitStack  # keeps start-up recovery away from the tmp file
+    received: bytes  # our Received: header, the file's first bytes
+    hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # recovery stays away
+    file: BinaryIO | None = None  # created by the first write to disk
+    created: bool = False
+    on_disk: int = 0  # bytes written to the file (our Received: header included)
     size: int = 0  # the message's own bytes, unstuffed, without our Received: header
     error: OSError | None = None  # the first write that failed; answered at the dot
+    dropped: bool = False  # refused or failed: the rest is read and dropped
     pending: bytearray = field(default_factory=bytearray)
     # host name for a Message-ID when the header block is to be completed (LAN mail), else None
     complete_for: str | None = None
     header_seen: bool = False  # the header block went by (completed or not)
+    head: bytes | None = None  # the header block, once seen whole in the buffer
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)  # of every byte written
+    handed_over: bool = False  # the queue's intake has it: it queues or removes the file
 
     @classmethod
-    async def open(cls, queue: Queue, received: bytes, complete_for: str | None = None) -> "IncomingBody":
-        """A new tmp file with ``received`` written; a disk error is kept, not raised, so the
-        client can be read to its final dot and then told 452."""
-        return await asyncio.to_thread(cls._open, queue, received, complete_for)
+    def start(cls, queue: Queue, received: bytes, complete_for: str | None = None) -> "IncomingBody":
+        """A message about to arrive; its tmp file is created when the first bytes go to
+        disk, and a disk error then is kept, not raised, so the client can be read to its
+        final dot and then told 452."""
+        qid, path = queue.new_body()
+        return cls(queue, qid, path, received, complete_for=complete_for)
 
-    @classmethod
-    def _open(cls, queue: Queue, received: bytes, complete_for: str | None) -> "IncomingBody":
-        hold = contextlib.ExitStack()
-        qid, path = hold.enter_context(queue.receiving())
-        body = cls(qid, path, len(received), None, hold, complete_for=complete_for)
-        try:
-            body.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-            body._put(received)
-        except OSError as exc:
-            body._fail(exc)
-        return body
+    @property
+    def prologue(self) -> int:
+        return len(self.received)
 
     async def write(self, piece: bytes | memoryview) -> None:
         self.size += len(piece)
-        if self.file is None:
-            return  # refused or failed: the rest is read and dropped
+        if self.dropped:
+            return
         self.pending += piece
         if len(self.pending) >= FLUSH_AT:
             await self._flush()
 
-    async def _flush(self, whole: bool = False) -> None:
+    async def _flush(self) -> None:
         if not self.header_seen:
-            self._complete_header_block(whole)
+            self._complete_header_block(whole=False)
         chunk, self.pending = self.pending, bytearray()
         try:
             await asyncio.to_thread(self._put, chunk)
         except OSError as exc:
             self._fail(exc)
 
+    def _create(self) -> None:
+        """The tmp file, starting with our Received: header (blocking: on a thread), for
+        a message that goes to disk before its dot: recovery is kept away from it."""
+        self.hold.enter_context(self.queue.writing())
+        self.file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        self.created = True
+        self.file.write(self.received)
+        self.digest.update(self.received)
+        self.on_disk = len(self.received)
+
     def _put(self, chunk: bytes | bytearray) -> None:
+        if self.file is None:
+            self._create()
         self.file.write(chunk)
         self.digest.update(chunk)
-
-    @property
-    def sha256(self) -> str:
-        return self.digest.hexdigest()
+        self.on_disk += len(chunk)
 
     async def finish(self) -> mail_headers.Headers:
-        """Everything written (the queue's intake fsyncs it), and the message's header
-        block as it now stands in the file, parsed (read once, here, for everything after
-        the dot).  One thread hop for both: a small message is written here whole.  Raises
-        the disk error met on the way, if any (the file is then gone)."""
-        if self.file is not None and not self.header_seen:
+        """The message's header block as it now stands, parsed (once, here, for everything
+        after the dot): from memory, unless the block went on past the first buffer.
+        Raises the disk error met on the way, if any (the file is then gone)."""
+        if not self.header_seen and not self.dropped:
             self._complete_header_block(whole=True)
         if self.error is not None:
             raise self.error
-        try:
-            return await asyncio.to_thread(self._write_out)
-        except OSError as exc:
-            self._fail(exc)
-            raise
+        if self.head is not None:
+            return mail_headers.parse(self.head)
+        await self.written()
+        return await asyncio.to_thread(self.read_headers)
 
-    def _write_out(self) -> mail_headers.Headers:
+    async def written(self) -> None:
+        """Everything on disk in the tmp file (for a virus scan that reads it)."""
+        if self.file is not None or not self.created:
+            try:
+                await asyncio.to_thread(self.write_out)
+            except OSError as exc:
+                self._fail(exc)
+                raise
+
+    def write_out(self) -> tuple[int, str]:
+        """Write what is left and close the file: its size and SHA-256 (blocking; the
+        queue's intake calls it, holding recovery off itself, just before the fsync)."""
         chunk, self.pending = self.pending, bytearray()
-        try:
-            self._put(chunk)
-        finally:
-            f, self.file = self.file, None
-            f.close()  # flushes
-        return self.read_headers()
+        if not self.created:
+            # The whole message is still here: one write, with no buffered file object.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.created = True
+            try:
+                data = memoryview(self.received + chunk)
+                while data:
+                    data = data[os.write(fd, data):]
+            finally:
+                os.close(fd)
+            self.digest.update(self.received)
+            self.digest.update(chunk)
+            self.on_disk = len(self.received) + len(chunk)
+        elif self.file is not None:
+            f = self.file
+            try:
+                f.write(chunk)
+                self.digest.update(chunk)
+                self.on_disk += len(chunk)
+            finally:
+                self.file = None
+                f.close()  # flushes
+        return self.on_disk, self.digest.hexdigest()
 
     def _complete_header_block(self, whole: bool) -> None:
         """Add a missing Date: and Message-ID: at the end of the header block in ``pending``
-        (``whole``: the buffer holds the whole message)."""
+        (``whole``: the buffer holds the whole message), and keep the block to parse."""
         self.header_seen = True
-        if self.complete_for is None:
-            return
+        if self.complete_for is not None:
+            self._add_missing(whole)
+        block = mail_headers.read(io.BytesIO(self.pending))
+        if whole or len(block) < len(self.pending):
+            self.head = block  # else it goes on past the buffer: read back from the file
+
+    def _add_missing(self, whole: bool) -> None:
         data = bytes(self.pending)
         if data.startswith(b"\r\n"):
             end = 0  # no header at all: the added ones are the block
@@ -156,8 +200,9 @@ class IncomingBody:
         self._discard()
 
     def close(self) -> None:
-        """Remove the tmp file unless the queue took it; let recovery near it again."""
-        self._discard()
+        """Remove the tmp file unless the queue's intake has it; let recovery near it again."""
+        if not self.handed_over:
+            self._discard()
         self.hold.close()
 
     def _fail(self, exc: OSError) -> None:
@@ -166,6 +211,7 @@ class IncomingBody:
         self._discard()  # give the disk back at once; the client is answered at its dot
 
     def _discard(self) -> None:
+        self.dropped = True
         self.pending = bytearray()
         f, self.file = self.file, None
         if f is not None:

@@ -233,12 +233,12 @@ class SubmissionHandler:
         offered = await asyncio.to_thread(self.smarthosts.keywords, f"{sh.host}:{sh.port}")
         return offered is None or "SMTPUTF8" in offered
 
-    async def open_body(self, session: Session, envelope: Envelope) -> IncomingBody:
+    def open_body(self, session: Session, envelope: Envelope) -> IncomingBody:
         """Where the DATA of this transaction goes as it arrives: the spool's tmp file,
         starting with our Received: header; LAN mail gets a missing Date:/Message-ID:."""
         lan = session.authenticated or self.config.server.in_mynetworks(peer_ip(session))
-        return await IncomingBody.open(self.queue, self._received(session, envelope),
-                                       complete_for=self.hostname if lan else None)
+        return IncomingBody.start(self.queue, self._received(session, envelope),
+                                  complete_for=self.hostname if lan else None)
 
     async def handle_DATA(self, server, session, envelope: "SubmissionEnvelope"):
         body = envelope.body
@@ -250,6 +250,11 @@ class SubmissionHandler:
         except OSError as exc:
             return self._not_kept(envelope, peer, exc)
         if self.policy is not None:
+            if self.policy.reads_body(body.size):
+                try:
+                    await body.written()
+                except OSError as exc:
+                    return self._not_kept(envelope, peer, exc)
             refusal = await self.policy.check_content(_sender(envelope), envelope.rcpt_tos, body.path, body.size,
                                                       headers, peer)
             if refusal:
@@ -258,7 +263,8 @@ class SubmissionHandler:
         arrival = Arrival(body.qid, body.path, _sender(envelope), routes, origin="smtp",
                           client=f"{peer} user={session.auth_data}" if session.authenticated else peer,
                           message_id=headers.get("Message-ID"), subject=headers.get("Subject"),
-                          urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8), sha256=body.sha256)
+                          urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8), body=body)
+        body.handed_over = True  # the intake writes the rest, and queues or removes the file
         try:
             # Queued with every other message that reached its dot meanwhile: they share the
             # disk's flushes (spool.intake).
@@ -508,7 +514,7 @@ class SubmissionProtocol(SMTPProtocol):
             return
         handler: SubmissionHandler = self.event_handler
         idle = handler.config.smtp.data_timeout
-        body = await handler.open_body(self.session, self.envelope)
+        body = handler.open_body(self.session, self.envelope)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             # aiosmtpd's timer runs from the DATA command to the end of the message: replaced
