@@ -53,6 +53,22 @@ def write_file(path: Path, data: bytes | Iterable[bytes] | BinaryIO, mode: int =
     return size
 
 
+def create_written(path: Path, data: bytes, mode: int = 0o600) -> int:
+    """Create ``path`` exclusively with ``data``, not fsynced: the descriptor, left open
+    for the caller's fsync (``fsync_paths``) and close.  On an error nothing is left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    return fd
+
+
 def _write_all(fd: int, data) -> int:
     view = memoryview(data)
     total = len(view)
@@ -62,10 +78,11 @@ def _write_all(fd: int, data) -> int:
     return total
 
 
-def fsync_paths(paths: Iterable[Path], together: int = 8) -> None:
+def fsync_paths(paths: Iterable[Path | int], together: int = 8) -> None:
     """fsync files (or directories) side by side: the file system serves fsyncs that wait
     at the same time with one commit of its own journal, so a batch costs a few disk
-    flushes instead of one per file.  Every one is on disk when this returns."""
+    flushes instead of one per file.  Every one is on disk when this returns.  A path
+    may also be a descriptor the caller still has open (and closes itself)."""
     paths = list(paths)
     if len(paths) <= 1:
         for path in paths:
@@ -101,8 +118,11 @@ def _pool(size: int) -> ThreadPoolExecutor:
         return _pools[size]
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+def _fsync_path(path: Path | int) -> None:
+    if isinstance(path, int):
+        os.fsync(path)
+        return
+    fd = os.open(path, os.O_RDONLY)  # a directory opens so too
     try:
         os.fsync(fd)
     finally:

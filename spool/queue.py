@@ -177,8 +177,9 @@ class Arrival:
 class PendingBody(Protocol):
     """A body whose last bytes are still with its writer (SMTP DATA's buffer)."""
 
-    def write_out(self) -> tuple[int, str]:
-        """Write the rest to the tmp path and close the file: its size and SHA-256."""
+    def write_out(self) -> tuple[int, str, int]:
+        """Write the rest to the tmp path: its size, SHA-256, and a descriptor of the file
+        left open for the queue to fsync and close."""
 
 
 @dataclass(frozen=True)
@@ -421,21 +422,37 @@ class Queue:
         """
         results: list[str | BaseException | None] = [None] * len(arrivals)
         ready: list[tuple[int, Arrival, queuefile.Envelope]] = []
+        synced: list[Path | int] = []  # what to fsync: descriptors still open from writing, or paths
         with self.writing():
-            for i, arrival in enumerate(arrivals):
-                try:
-                    envelope = self._envelope(arrival)
-                    queuefile.write(self.tmp / f"{arrival.qid}.env", envelope, sync=False)
-                except BaseException as exc:
+            try:
+                for i, arrival in enumerate(arrivals):
+                    try:
+                        envelope, body = self._envelope(arrival)
+                        synced.append(body)
+                        synced.append(queuefile.create(self.tmp / f"{arrival.qid}.env", envelope))
+                    except BaseException as exc:
+                        self._discard(arrival.qid, arrival.tmp)
+                        if not isinstance(exc, Exception):
+                            raise
+                        results[i] = exc
+                        continue
+                    ready.append((i, arrival, envelope))
+                if ready:
+                    fsync_paths(synced)
+            except BaseException as exc:
+                for _, arrival, _ in ready:
                     self._discard(arrival.qid, arrival.tmp)
-                    if not isinstance(exc, Exception):
-                        raise
+                if not isinstance(exc, Exception):
+                    raise
+                for i, _, _ in ready:
                     results[i] = exc
-                    continue
-                ready.append((i, arrival, envelope))
+                return results  # type: ignore[return-value]
+            finally:
+                for fd in synced:
+                    if isinstance(fd, int):
+                        os.close(fd)
             if ready:
                 try:
-                    fsync_paths([p for _, a, _ in ready for p in (a.tmp, self.tmp / f"{a.qid}.env")])
                     ready = [r for r in ready if self._rename_in(*r[:2], results)]
                     fsync_paths([self.msg, self.env])
                     with self.cat.transaction() as conn:
@@ -467,22 +484,25 @@ class Queue:
             return False
         return True
 
-    def _envelope(self, a: "Arrival") -> queuefile.Envelope:
+    def _envelope(self, a: "Arrival") -> tuple[queuefile.Envelope, Path | int]:
+        """The message's envelope, and its body to fsync: a descriptor its writer left
+        open, or the path."""
         rcpts = list(dict.fromkeys((r, route) for r, route in a.recipients))
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
-        # Header values parsed from raw 8-bit mail carry surrogate escapes that SQLite cannot
-        # store; they are only for display, so undecodable bytes become U+FFFD.
+        body: Path | int = a.tmp
         if a.body is not None:
-            size, sha256 = a.body.write_out()
+            size, sha256, body = a.body.write_out()
         else:
             size, sha256 = a.tmp.stat().st_size, queuefile.body_digest(a.tmp)
+        # Header values parsed from raw 8-bit mail carry surrogate escapes that SQLite cannot
+        # store; they are only for display, so undecodable bytes become U+FFFD.
         return queuefile.Envelope(
             qid=a.qid, sender=a.sender, arrival=time.time(), size=size, sha256=sha256,
             origin=a.origin, client=a.client, message_id=_storable(a.message_id), subject=_storable(a.subject),
             urgent=a.urgent, smtputf8=a.smtputf8,
             recipients=tuple(queuefile.EnvelopeRecipient(r, route, (a.orcpts or {}).get(r)) for r, route in rcpts),
-            then=a.then.journal() if hasattr(a.then, "journal") else None)
+            then=a.then.journal() if hasattr(a.then, "journal") else None), body
 
     def _discard(self, qid: str, tmp: Path) -> None:
         for path in (self.msg / qid, self.env / qid, self.tmp / f"{qid}.env", tmp):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from spool.fsio import fsync_paths, write_file
+from spool.fsio import create_written, fsync_paths, write_file
 
 VERSION = 1
 
@@ -133,10 +133,15 @@ def body_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def write(path: Path, envelope: Envelope, sync: bool = True) -> None:
-    """Create the journal at ``path`` (a tmp path) with the envelope, fsynced (unless
-    ``sync`` is False: the caller fsyncs it before renaming it into env/)."""
-    write_file(path, envelope.to_line(), sync=sync)
+def write(path: Path, envelope: Envelope) -> None:
+    """Create the journal at ``path`` (a tmp path) with the envelope, fsynced."""
+    write_file(path, envelope.to_line())
+
+
+def create(path: Path, envelope: Envelope) -> int:
+    """Create the journal at ``path`` (a tmp path) with the envelope, not yet fsynced: its
+    descriptor, for the caller to fsync before renaming it into env/, and to close."""
+    return create_written(path, envelope.to_line())
 
 
 def append(path: Path, records: Iterable[dict]) -> None:

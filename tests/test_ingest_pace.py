@@ -85,3 +85,20 @@ def test_messages_reaching_their_dot_together_share_the_disks_flushes(tmp_path, 
         assert len(list(queue.msg.iterdir())) == len(list(queue.env.iterdir())) == N
     finally:
         server.close()
+
+
+def test_a_message_id_added_to_lan_mail_is_the_one_the_queue_records(tmp_path):
+    """The header block is parsed once, from DATA's buffer, after the missing headers
+    were added: the catalogue lists the Message-ID the stored message carries."""
+    site = Site(tmp_path)
+    server = InProcessSubmission(site)
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+            s.sendmail("alice@office.test", ["partner@elsewhere.test"], "Subject: bare\r\n\r\nhello\r\n")
+        (msg,) = server.spool.queue.messages()
+        stored = (server.spool.queue.msg / msg.id).read_bytes().split(b"\r\n\r\n", 1)[0]
+        assert msg.message_id and f"\r\nMessage-ID: {msg.message_id}\r\n".encode() in stored + b"\r\n"
+        assert msg.message_id.endswith(f".{msg.id}@{server.cfg.server.hostname}>")
+        assert msg.subject == "bare"
+    finally:
+        server.close()

@@ -60,6 +60,7 @@ class IncomingBody:
     complete_for: str | None = None
     header_seen: bool = False  # the header block went by (completed or not)
     head: bytes | None = None  # the header block, once seen whole in the buffer
+    parsed: mail_headers.Headers | None = None  # that block, parsed already
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)  # of every byte written
     handed_over: bool = False  # the queue's intake has it: it queues or removes the file
 
@@ -117,6 +118,8 @@ class IncomingBody:
             self._complete_header_block(whole=True)
         if self.error is not None:
             raise self.error
+        if self.parsed is not None:
+            return self.parsed
         if self.head is not None:
             return mail_headers.parse(self.head)
         await self.written()
@@ -126,14 +129,15 @@ class IncomingBody:
         """Everything on disk in the tmp file (for a virus scan that reads it)."""
         if self.file is not None or not self.created:
             try:
-                await asyncio.to_thread(self.write_out)
+                await asyncio.to_thread(lambda: os.close(self.write_out()[2]))
             except OSError as exc:
                 self._fail(exc)
                 raise
 
-    def write_out(self) -> tuple[int, str]:
-        """Write what is left and close the file: its size and SHA-256 (blocking; the
-        queue's intake calls it, holding recovery off itself, just before the fsync)."""
+    def write_out(self) -> tuple[int, str, int]:
+        """Write what is left: the file's size, its SHA-256 and a descriptor of it left
+        open (blocking; the queue's intake calls it, holding recovery off itself, and
+        fsyncs and closes the descriptor)."""
         chunk, self.pending = self.pending, bytearray()
         if not self.created:
             # The whole message is still here: one write, with no buffered file object.
@@ -143,33 +147,39 @@ class IncomingBody:
                 data = memoryview(self.received + chunk)
                 while data:
                     data = data[os.write(fd, data):]
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
             self.digest.update(self.received)
             self.digest.update(chunk)
             self.on_disk = len(self.received) + len(chunk)
-        elif self.file is not None:
-            f = self.file
+        else:
+            f, self.file = self.file, None
+            if f is None:  # written out already, for a virus scan
+                return self.on_disk, self.digest.hexdigest(), os.open(self.path, os.O_RDONLY)
             try:
                 f.write(chunk)
-                self.digest.update(chunk)
-                self.on_disk += len(chunk)
+                f.flush()
+                fd = os.dup(f.fileno())
             finally:
-                self.file = None
-                f.close()  # flushes
-        return self.on_disk, self.digest.hexdigest()
+                f.close()
+            self.digest.update(chunk)
+            self.on_disk += len(chunk)
+        return self.on_disk, self.digest.hexdigest(), fd
 
     def _complete_header_block(self, whole: bool) -> None:
         """Add a missing Date: and Message-ID: at the end of the header block in ``pending``
         (``whole``: the buffer holds the whole message), and keep the block to parse."""
         self.header_seen = True
-        if self.complete_for is not None:
-            self._add_missing(whole)
+        parsed = self._add_missing(whole) if self.complete_for is not None else None
         block = mail_headers.read(io.BytesIO(self.pending))
         if whole or len(block) < len(self.pending):
             self.head = block  # else it goes on past the buffer: read back from the file
+            if parsed is not None and parsed[1] == len(block):
+                self.parsed = parsed[0]  # the very block: no need to parse it twice
 
-    def _add_missing(self, whole: bool) -> None:
+    def _add_missing(self, whole: bool) -> tuple[mail_headers.Headers, int] | None:
+        """The block parsed, with what was added, and where it now ends."""
         data = bytes(self.pending)
         if data.startswith(b"\r\n"):
             end = 0  # no header at all: the added ones are the block
@@ -177,17 +187,22 @@ class IncomingBody:
             end = data.find(b"\r\n\r\n") + 2
             if end == 1:
                 if not (whole and data.endswith(b"\r\n")) or b"\n\n" in data:
-                    return  # the block goes on past the buffer, or ends in bare LFs: left as it came
+                    return None  # the block goes on past the buffer, or ends in bare LFs: left as it came
                 end = len(data)  # headers only, no body
         block = mail_headers.parse(data[:end])
         added = []
         if block.get("Date") is None:
-            added.append(f"Date: {email.utils.formatdate(time.time(), localtime=True)}\r\n")
+            added.append(("Date", email.utils.formatdate(time.time(), localtime=True)))
         if block.get("Message-ID") is None:
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-            added.append(f"Message-ID: <{stamp}.{self.qid}@{self.complete_for}>\r\n")
+            added.append(("Message-ID", f"<{stamp}.{self.qid}@{self.complete_for}>"))
         if added:
-            self.pending[end:end] = "".join(added).encode("ascii")
+            lines = "".join(f"{name}: {value}\r\n" for name, value in added).encode("ascii")
+            self.pending[end:end] = lines
+            end += len(lines)
+            for name, value in added:
+                block[name] = value
+        return block, end
 
     def read_headers(self) -> mail_headers.Headers:
         """The message's header block, parsed (blocking: call it on a thread)."""
