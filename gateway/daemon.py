@@ -89,6 +89,7 @@ class Daemon:
         self.tasks: set[asyncio.Task] = set()
         self.smtp_servers: list[asyncio.base_events.Server] = []
         self.worker: DeliveryWorker | None = None
+        self.handler: SubmissionHandler | None = None
         self.accepted = 0  # messages the SMTP listener took, for a session waiting on ETRN
         # Each login door's throttle by protocol ("smtp", "pop3"): the console counts its logins on all.
         self.login_throttles: dict[str, LoginThrottle] = {}
@@ -146,6 +147,8 @@ class Daemon:
         await asyncio.gather(self._stop_services(), _drain(self.smtp_servers, GRACE))
         for server in self.smtp_servers:
             await server.wait_closed()
+        if self.handler is not None:
+            await self.handler.close()
         await _cancel_all(self.tasks)
         if self.spool is not None:
             self.spool.close()

@@ -33,7 +33,7 @@ class InProcessSubmission:
         from gateway.smtp.server import SubmissionHandler, start_servers
         self.cfg = load(site.config_path)
         self.spool = Spool(self.cfg)
-        handler = SubmissionHandler(self.cfg, self.spool.queue, self.spool.directory, self.spool.users)
+        handler = self.handler = SubmissionHandler(self.cfg, self.spool.queue, self.spool.directory, self.spool.users)
         self.loop = asyncio.new_event_loop()
         self.servers = []
         ready = threading.Event()
@@ -61,6 +61,7 @@ class InProcessSubmission:
         async def stop():
             for s in self.servers:
                 s.close()
+            await self.handler.close()
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -187,11 +188,11 @@ def test_a_plain_path_skips_the_header_parser(listener, monkeypatch):
     assert parsed == ["<alice@office.test> (a comment)"]  # only the one the quick reading leaves alone
 
 
-def test_a_small_message_crosses_to_a_thread_only_into_the_queues_intake(listener, monkeypatch):
+def test_a_small_message_never_crosses_to_a_thread(listener, monkeypatch):
     """A message smaller than DATA's buffer stays in memory to its dot, its header block
-    is parsed there, and the queue's intake writes, fsyncs and commits it (with whatever
-    else reached its dot meanwhile).  Free space at MAIL is a statvfs of counters in
-    memory: no hop either."""
+    is parsed there, and the queue's writer process writes, fsyncs and commits it (with
+    whatever else reached its dot meanwhile).  Free space at MAIL is a statvfs of
+    counters in memory: no hop either."""
     hops = []
     real = asyncio.to_thread
 
@@ -202,7 +203,7 @@ def test_a_small_message_crosses_to_a_thread_only_into_the_queues_intake(listene
     with smtplib.SMTP("127.0.0.1", listener.port, timeout=20) as s:
         s.sendmail("alice@office.test", ["alice@office.test"], "Subject: hops\r\n\r\n" + "body\r\n" * 300)
     assert hops == []
-    assert listener.spool.queue.intake.batches == 1
+    assert listener.handler.writer.batches == 1
     assert listener.spool.queue.cat.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
 
 

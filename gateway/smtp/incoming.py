@@ -5,7 +5,8 @@ piece of an overlong one), already unstuffed; at most ``FLUSH_AT`` bytes wait he
 they are written, on a thread, to the tmp file that ``spool.queue`` gave out.  The file
 starts with our Received: header.  It is created by the first such write; a message
 smaller than the buffer (most office mail) is written whole by the queue's intake, on
-its own thread, just before it is fsynced: no thread hop at DATA and none at the dot.
+its own process (``spool.writer``), just before it is fsynced: no thread hop at DATA and
+none at the dot.
 
 Mail submitted from the LAN (mynetworks or AUTH) that lacks Date: or Message-ID: gets
 them here, once, at the end of its header block (RFC 6409 §8, as Postfix's cleanup does
@@ -14,11 +15,11 @@ A header block longer than the buffer is left as it came.
 
 The order that keeps the spool honest: write as it comes (taking its SHA-256 on the way)
 -> at the final dot, the header block is parsed from memory, and a virus scan reads the
-file -> the queue's intake writes what is left, fsyncs it beside its envelope, renames
-both into the queue and commits, with whatever else reached its dot meanwhile
-(``spool.intake``) -> 250.  Whatever is not queued (a refusal, a disk error, a client
+file -> the queue's writer process writes what is left, fsyncs it beside its envelope,
+renames both into the queue and commits, with whatever else reached its dot meanwhile
+(``spool.writer``, ``spool.intake``) -> 250.  Whatever is not queued (a refusal, a disk error, a client
 that went away, a cancelled transaction) is removed by ``close``, which the DATA command
-always calls; once the intake has the message, what it does not queue it removes itself.
+always calls; once the writer has the message, what it does not queue it removes itself.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class IncomingBody:
     head: bytes | None = None  # the header block, once seen whole in the buffer
     parsed: mail_headers.Headers | None = None  # that block, parsed already
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)  # of every byte written
-    handed_over: bool = False  # the queue's intake has it: it queues or removes the file
+    handed_over: bool = False  # the queue's writer has it: it queues or removes the file
 
     @classmethod
     def start(cls, queue: Queue, received: bytes, complete_for: str | None = None) -> "IncomingBody":
@@ -126,46 +127,35 @@ class IncomingBody:
         return await asyncio.to_thread(self.read_headers)
 
     async def written(self) -> None:
-        """Everything on disk in the tmp file (for a virus scan that reads it)."""
+        """Everything on disk in the tmp file (a virus scan reads it; a message larger
+        than the buffer goes to the queue's writer as a file)."""
         if self.file is not None or not self.created:
             try:
-                await asyncio.to_thread(lambda: os.close(self.write_out()[2]))
+                await asyncio.to_thread(self._write_rest)
             except OSError as exc:
                 self._fail(exc)
                 raise
 
-    def write_out(self) -> tuple[int, str, int]:
-        """Write what is left: the file's size, its SHA-256 and a descriptor of it left
-        open (blocking; the queue's intake calls it, holding recovery off itself, and
-        fsyncs and closes the descriptor)."""
+    def _write_rest(self) -> None:
         chunk, self.pending = self.pending, bytearray()
         if not self.created:
-            # The whole message is still here: one write, with no buffered file object.
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self.created = True
-            try:
-                data = memoryview(self.received + chunk)
-                while data:
-                    data = data[os.write(fd, data):]
-            except BaseException:
-                os.close(fd)
-                raise
-            self.digest.update(self.received)
-            self.digest.update(chunk)
-            self.on_disk = len(self.received) + len(chunk)
-        else:
-            f, self.file = self.file, None
-            if f is None:  # written out already, for a virus scan
-                return self.on_disk, self.digest.hexdigest(), os.open(self.path, os.O_RDONLY)
-            try:
-                f.write(chunk)
-                f.flush()
-                fd = os.dup(f.fileno())
-            finally:
-                f.close()
+            self._create()
+        f, self.file = self.file, None
+        try:
+            f.write(chunk)
             self.digest.update(chunk)
             self.on_disk += len(chunk)
-        return self.on_disk, self.digest.hexdigest(), fd
+        finally:
+            f.close()  # flushes
+
+    def whole(self) -> bytes:
+        """The file's bytes, for a message that never went to disk (smaller than the
+        buffer): the queue's writer writes them in one call just before the fsync."""
+        return self.received + self.pending
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
 
     def _complete_header_block(self, whole: bool) -> None:
         """Add a missing Date: and Message-ID: at the end of the header block in ``pending``
@@ -215,7 +205,7 @@ class IncomingBody:
         self._discard()
 
     def close(self) -> None:
-        """Remove the tmp file unless the queue's intake has it; let recovery near it again."""
+        """Remove the tmp file unless the queue's writer has it; let recovery near it again."""
         if not self.handed_over:
             self._discard()
         self.hold.close()

@@ -46,6 +46,7 @@ from spool.fsio import free_bytes, is_disk_full
 from spool.queue import LOCAL, RELAY, Arrival, Queue
 from spool.smarthosts import SmarthostMemory
 from spool.users import Users
+from spool.writer import QueueWriter
 
 log = logging.getLogger("dialmail.submit")
 
@@ -89,6 +90,13 @@ class SubmissionHandler:
         self.smarthosts = SmarthostMemory.beside(queue)
         # not named auth_*: aiosmtpd takes every handler attribute so named for a mechanism
         self.login_throttle = LoginThrottle(config.smtp.max_auth_failures, config.smtp.auth_lockout)
+        # Messages go on disk in a process of their own, with whatever else reached its dot
+        # meanwhile (spool.writer): the event loop keeps the interpreter to itself.
+        self.writer = QueueWriter(queue)
+
+    async def close(self) -> None:
+        """Once no client is left: the queue's writer finishes what it was given."""
+        await self.writer.close()
 
     # ------------------------------------------------------------ AUTH
     #
@@ -263,12 +271,15 @@ class SubmissionHandler:
         arrival = Arrival(body.qid, body.path, _sender(envelope), routes, origin="smtp",
                           client=f"{peer} user={session.auth_data}" if session.authenticated else peer,
                           message_id=headers.get("Message-ID"), subject=headers.get("Subject"),
-                          urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8), body=body)
-        body.handed_over = True  # the intake writes the rest, and queues or removes the file
+                          urgent=_is_urgent(headers), smtputf8=bool(envelope.smtp_utf8))
         try:
-            # Queued with every other message that reached its dot meanwhile: they share the
-            # disk's flushes (spool.intake).
-            qid = await asyncio.wrap_future(self.queue.intake.submit(arrival))
+            if body.created:  # over the buffer: the rest goes into the file here
+                await body.written()
+                body.handed_over = True  # the writer queues or removes the file
+                qid = await self.writer.put(arrival, b"", body.on_disk, body.sha256)
+            else:
+                body.handed_over = True
+                qid = await self.writer.put(arrival, body.whole())
         except OSError as exc:
             return self._not_kept(envelope, peer, exc)
         local = sum(1 for _, route in routes if route == LOCAL)
