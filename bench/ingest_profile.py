@@ -3,9 +3,10 @@
     .venv/bin/python bench/ingest_profile.py [--messages 2000] [--sessions 5]
 
 The same load as smtp_ingest.py (smtp-source, one connection per message, fsync before
-250), three times: once plain for the rate and the CPU of each of the daemon's threads
-(from /proc), once under ``strace -c`` for the system calls per message, once under
-``perf record`` for the share of kernel, interpreter and SQLite.  strace and perf are
+250), three times: once plain for the rate and the CPU of the daemon's event loop, its
+other threads and its queue writer process (from /proc), once under ``strace -c`` for
+the system calls per message, once under ``perf record`` for the share of kernel,
+interpreter and SQLite.  strace and perf are
 Debian's ``strace`` and ``linux-perf``; a part whose tool is missing is skipped with a
 line saying so.  The last line is the arithmetic: at this CPU per message, how many
 messages a second all of the machine's cores could take at most.
@@ -64,25 +65,36 @@ def process_cpu(pid: int) -> tuple[float, float]:
     return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
+def writer_pid(site: DialmailSite) -> int | None:
+    """The daemon's queue writer process (started by the warm-up's first message)."""
+    import psutil
+    for child in psutil.Process(site.proc.pid).children():
+        if "spool.writer" in child.cmdline():
+            return child.pid
+    return None
+
+
 def plain_round(site: DialmailSite, n: int, sessions: int) -> float:
-    pid = site.proc.pid
+    pid, writer = site.proc.pid, writer_pid(site)
     t0, (u0, s0) = thread_cpu(pid), process_cpu(pid)
+    w0 = process_cpu(writer) if writer else (0.0, 0.0)
     elapsed = smtp_source(site.smtp_port, n, sessions, 2048)
     t1, (u1, s1) = thread_cpu(pid), process_cpu(pid)
+    w1 = process_cpu(writer) if writer else (0.0, 0.0)
     main = t1.get(pid, 0) - t0.get(pid, 0)
-    others = sorted(((t1[t] - t0.get(t, 0)) for t in t1 if t != pid), reverse=True)
+    others = sum((t1[t] - t0.get(t, 0)) for t in t1 if t != pid)
+    wu, ws = w1[0] - w0[0], w1[1] - w0[1]
     per = 1000 / n
-    print(f"  rate {n / elapsed:.0f} msgs/s; daemon CPU {per * (u1 - u0 + s1 - s0):.2f} ms per message "
-          f"(user {per * (u1 - u0):.2f}, system {per * (s1 - s0):.2f})")
-    print(f"  event loop thread (SMTP protocol, policy): {per * main:.2f} ms per message, "
-          f"busy {100 * main / elapsed:.0f} % of the time")
-    busy = [c for c in others if c > 0.005]
-    print(f"  other threads ({len(busy)} busy: the queue's intake, fsyncs side by side): "
-          f"{per * sum(others):.2f} ms per message; busiest {per * (busy[0] if busy else 0):.2f} ms")
+    print(f"  rate {n / elapsed:.0f} msgs/s")
+    print(f"  daemon: {per * (u1 - u0 + s1 - s0):.2f} ms CPU per message (user {per * (u1 - u0):.2f}, "
+          f"system {per * (s1 - s0):.2f}); its event loop thread (SMTP protocol, policy) {per * main:.2f} ms, "
+          f"busy {100 * main / elapsed:.0f} % of the time; its other threads {per * others:.2f} ms")
+    print(f"  queue writer process: {per * (wu + ws):.2f} ms CPU per message (user {per * wu:.2f}, "
+          f"system {per * ws:.2f}), busy {100 * (wu + ws) / elapsed:.0f} % of the time")
     cores = os.cpu_count() or 1
-    cpu = (u1 - u0 + s1 - s0) / n
+    cpu = (u1 - u0 + s1 - s0 + wu + ws) / n
     print(f"  ceiling: {cores} cores / {1000 * cpu:.2f} ms per message = {cores / cpu:.0f} msgs/s at most, "
-          f"with every core doing nothing but this daemon's work")
+          f"with every core doing nothing but dialmail's work")
     return n / elapsed
 
 
@@ -92,7 +104,8 @@ def strace_round(site: DialmailSite, n: int, sessions: int) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "strace.txt"
-        tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(site.proc.pid), "-o", str(out)],
+        pids = [str(p) for p in (site.proc.pid, writer_pid(site)) if p]
+        tracer = subprocess.Popen(["strace", "-c", "-f", *[a for p in pids for a in ("-p", p)], "-o", str(out)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)  # strace attaches to every thread
         smtp_source(site.smtp_port, n, sessions, 2048)
@@ -104,7 +117,7 @@ def strace_round(site: DialmailSite, n: int, sessions: int) -> None:
             if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
                 calls[parts[-1]] = int(parts[3])
     top = sorted(calls.items(), key=lambda kv: -kv[1])[:12]
-    print(f"  system calls per message (under strace, {sum(calls.values()) / n:.0f} in all): "
+    print(f"  system calls per message, daemon and writer (under strace, {sum(calls.values()) / n:.0f} in all): "
           + ", ".join(f"{name} {count / n:.1f}" for name, count in top))
 
 
@@ -114,7 +127,8 @@ def perf_round(site: DialmailSite, n: int, sessions: int) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "perf.data"
-        rec = subprocess.Popen(["perf", "record", "-F", "999", "-p", str(site.proc.pid), "-o", str(data)],
+        pids = ",".join(str(p) for p in (site.proc.pid, writer_pid(site)) if p)
+        rec = subprocess.Popen(["perf", "record", "-F", "999", "-p", pids, "-o", str(data)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(1)
         smtp_source(site.smtp_port, n, sessions, 2048)
@@ -140,7 +154,7 @@ def perf_round(site: DialmailSite, n: int, sessions: int) -> None:
         else:
             kind = f"other user space ({dso})" if dso.startswith("lib") else "other user space"
         shares[kind] += pct
-    print("  where the daemon's CPU goes (perf, all threads):")
+    print("  where the CPU goes (perf, the daemon and its writer, all threads):")
     for kind, pct in shares.most_common(8):
         print(f"    {pct:5.1f} %  {kind}")
 
