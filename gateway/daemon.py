@@ -149,6 +149,8 @@ class Daemon:
             await server.wait_closed()
         if self.handler is not None:
             await self.handler.close()
+        if self.worker is not None:
+            await self.worker.stop()
         await _cancel_all(self.tasks)
         if self.spool is not None:
             self.spool.close()

@@ -13,7 +13,7 @@ the next one gathers, so the batch grows with the load and nobody waits for a ti
 lone message is queued at once.  Every message still has its body and journal on disk,
 renamed into place and in the catalogue before its caller hears about it, so the order
 that makes kill -9 harmless is unchanged; a crash loses only messages nobody was told
-were queued.
+were queued.  SMTP's messages reach it in the queue's writer process (``spool.writer``).
 """
 from __future__ import annotations
 

@@ -5,9 +5,31 @@ lock behind; the pid in the file only serves the message for the one who is refu
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import signal
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel kill this process when ``parent`` (the daemon that started it) dies;
+    False if it is gone already.  For the daemon's helper processes: whatever one holds
+    was never acknowledged, and finishing it after the daemon is gone would only make a
+    second copy of what the client sends again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    return os.getppid() == parent  # checked after: it may have died before the prctl
+
+
+def ignore_stop_signals() -> None:
+    """Stopping a helper is its daemon's decision (it closes the helper's stdin once its
+    clients are answered): a SIGTERM to the whole service must not cut its work short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LockBusy(Exception):

@@ -29,13 +29,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
 import logging
 import os
-import signal
 import struct
 import sys
 import threading
@@ -43,6 +41,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from spool.intake import Intake
+from spool.locks import die_with_parent, ignore_stop_signals
 from spool.queue import Arrival, Catalogue, Queue
 
 log = logging.getLogger("dialmail.spool")
@@ -147,27 +146,11 @@ def serve(spool_dir: Path, requests: BinaryIO, replies: BinaryIO) -> None:
 
 def main() -> None:
     spool_dir, daemon = Path(sys.argv[1]), int(sys.argv[2])
-    # Stopping is the daemon's to decide: it closes our stdin once its clients are
-    # answered (a SIGTERM to the whole service must not cut a batch short) ...
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # ... and a daemon killed outright takes us along: nothing we hold was acknowledged,
-    # and committing it after the daemon is gone would only make the client's resend a
-    # second copy.
-    _die_with_parent()
-    if os.getppid() != daemon:
-        return  # it was gone before the line above took effect
+    ignore_stop_signals()
+    if not die_with_parent(daemon):
+        return
     logging.basicConfig(level=logging.WARNING, format="dialmail queue writer: %(message)s")
     serve(spool_dir, sys.stdin.buffer, sys.stdout.buffer)
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 # ---------------------------------------------------------------- the daemon's side
@@ -184,6 +167,7 @@ class QueueWriter:
         self.proc: asyncio.subprocess.Process | None = None
         self.waiting: dict[str, tuple[asyncio.Future, Path]] = {}
         self.batches = 0  # the writer's count of batches committed, as last heard
+        self.inline = False  # no process could be started: the intake runs on a thread here
         self._starting = asyncio.Lock()
         self._reader: asyncio.Task | None = None
 
@@ -191,7 +175,11 @@ class QueueWriter:
         """Queue ``arrival`` (its bytes ``data``, or a file already written with ``size`` and
         ``sha256``); its queue id once it is on disk and in the catalogue.  Raises OSError
         (the disk's error, or ``WriterStopped``) when it is not queued."""
-        proc = await self._running()
+        proc = None if self.inline else await self._running()
+        if proc is None:
+            # No process could be started: the same intake on a thread of the daemon.
+            arrival.body = OnDisk(arrival.tmp, size, sha256) if sha256 else InMemory(arrival.tmp, data)
+            return await asyncio.wrap_future(self.queue.intake.submit(arrival))
         done = asyncio.get_running_loop().create_future()
         self.waiting[arrival.qid] = (done, arrival.tmp)
         try:
@@ -203,12 +191,23 @@ class QueueWriter:
             raise WriterStopped(errno.EIO, f"the queue's writer process is gone: {exc}") from None
         return await done
 
-    async def _running(self) -> asyncio.subprocess.Process:
+    async def _running(self) -> asyncio.subprocess.Process | None:
         async with self._starting:
+            if self.inline:
+                return None
             if self.proc is None or self.proc.returncode is not None or self._reader is None or self._reader.done():
-                self.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "spool.writer", str(self.queue.cat.root), str(os.getpid()),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, close_fds=True)
+                try:
+                    self.proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "spool.writer", str(self.queue.cat.root), str(os.getpid()),
+                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, close_fds=True)
+                except OSError as exc:
+                    # The interpreter cannot be started again (its file is not executable for
+                    # the user the daemon runs as): mail still goes in, more slowly.
+                    log.warning("cannot start the queue's writer process (%s: %s): messages are queued on a "
+                                "thread of the daemon instead, which takes fewer of them a second",
+                                sys.executable, exc.strerror or exc)
+                    self.inline = True
+                    return None
                 self._reader = asyncio.create_task(self._read_replies(self.proc), name="queue-writer-replies")
             return self.proc
 

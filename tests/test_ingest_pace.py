@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import sys
 import threading
 import time
 from pathlib import Path
@@ -203,5 +204,29 @@ def test_a_message_id_added_to_lan_mail_is_the_one_the_queue_records(tmp_path):
         assert msg.message_id and f"\r\nMessage-ID: {msg.message_id}\r\n".encode() in stored + b"\r\n"
         assert msg.message_id.endswith(f".{msg.id}@{server.cfg.server.hostname}>")
         assert msg.subject == "bare"
+    finally:
+        server.close()
+
+
+def test_without_a_writer_process_the_daemon_queues_on_a_thread_and_says_so(tmp_path, monkeypatch, caplog):
+    """A daemon whose interpreter cannot be started again (its file not executable for the
+    user it runs as) still takes mail: the same intake, on a thread."""
+    (tmp_path / "bin").mkdir()
+    unrunnable = tmp_path / "bin" / "python"
+    unrunnable.write_text("not a program\n")
+    unrunnable.chmod(0o644)
+    monkeypatch.setattr(sys, "executable", str(unrunnable))
+    site = Site(tmp_path)
+    site.add_user("alice", "alice-pw")
+    server = InProcessSubmission(site)
+    try:
+        replies: dict[int, object] = {}
+        for n in range(3):
+            _send(server.port, n, replies)
+        assert replies == {0: {}, 1: {}, 2: {}}
+        assert server.handler.writer.inline and server.handler.writer.proc is None
+        assert {m.message_id for m in server.spool.queue.messages()} == {f"<pace-{n}@outside.test>" for n in range(3)}
+        assert f"cannot start the queue's writer process ({unrunnable}: Permission denied): messages are queued " \
+               "on a thread of the daemon instead" in caplog.text
     finally:
         server.close()

@@ -13,7 +13,11 @@ with a burst of SMTP ingest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import pickle
+import sys
 import time
 
 from gateway.config import Config
@@ -25,7 +29,10 @@ from spool.fsio import is_disk_full
 from spool.maildir import Maildir, mailbox_path
 from spool.queue import LOCAL, DamagedBody, Message, Queue
 
-__all__ = ["LocalDelivery", "DeliveryWorker"]
+__all__ = ["LocalDelivery", "DeliveryWorker", "until_due"]
+
+KICK = b"k"  # the daemon to the delivery process: local mail is waiting
+IDLE = b"i"  # the process to the daemon: everything due is delivered
 
 log = logging.getLogger("dialmail.deliver")
 
@@ -167,41 +174,121 @@ class LocalDelivery:
                                    retry_at=lambda _before, _o: retry)
 
 
+def until_due(queue: Queue, interval: float) -> float:
+    """Seconds to the next pass: ``interval``, or sooner when a deferred recipient is due
+    sooner (an LMTP server back after a short outage gets its mail after retry_min, not
+    up to a minute later)."""
+    try:
+        due = queue.next_due(LOCAL)
+    except Exception:
+        return interval
+    if due is None:
+        return interval
+    return min(interval, max(MIN_WAIT, due - time.time()))
+
+
+# Pauses before starting a delivery process that exited on its own again (a crash loop
+# must not spin): 1, 2, 5, 10, 30 s, then 30 s.
+RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+STOP_GRACE = 30.0  # seconds a pass in progress gets to finish when the daemon stops
+
+
 class DeliveryWorker:
-    """Runs local delivery in a worker thread whenever it is kicked (and every minute)."""
+    """The daemon's end of local delivery: runs ``gateway.delivery.process`` and kicks it
+    whenever local mail is queued (it also delivers every minute, and when a deferred
+    recipient is due).  A process that exits is started again."""
 
     def __init__(self, delivery: LocalDelivery, interval: float = 60.0):
         self.delivery = delivery
         self.interval = interval
-        self.wakeup = asyncio.Event()
-        self.idle = asyncio.Event()
+        self.idle = asyncio.Event()  # set each time the process has delivered what was due
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopping = False
+        self.thread_wakeup: asyncio.Event | None = None  # delivering on a thread: no process could start
 
     def kick(self) -> None:
-        self.wakeup.set()
-
-    async def _until_due(self) -> float:
-        """Seconds to the next pass: the minute, or sooner when a deferred recipient is due
-        sooner (an LMTP server back after a short outage gets its mail after retry_min,
-        not up to a minute later)."""
-        try:
-            due = await asyncio.to_thread(self.delivery.queue.next_due, LOCAL)
-        except Exception:
-            return self.interval
-        if due is None:
-            return self.interval
-        return min(self.interval, max(MIN_WAIT, due - time.time()))
+        if self.thread_wakeup is not None:
+            self.thread_wakeup.set()
+            return
+        proc = self.proc
+        if proc is not None and proc.returncode is None and not proc.stdin.is_closing():
+            self.idle.clear()
+            proc.stdin.write(KICK)
 
     async def run(self) -> None:
-        while True:
-            self.wakeup.clear()
+        failures = 0
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                code = await self._run_once()
+            except OSError as exc:
+                # The interpreter cannot be started again (its file is not executable for the
+                # user the daemon runs as): deliver on a thread of the daemon, more slowly.
+                log.warning("cannot start the local delivery process (%s: %s): delivering on a thread of the "
+                            "daemon instead, which keeps up with fewer messages a second",
+                            sys.executable, exc.strerror or exc)
+                self.proc = None
+                await self._run_in_thread()
+                return
+            if self.stopping:
+                return
+            failures = 0 if time.monotonic() - started > 60 else failures + 1
+            pause = RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF)) - 1] if failures else 0.0
+            log.error("the local delivery process exited (%s); starting it again%s",
+                      _exit(code), f" in {pause:.0f} s" if pause else "")
+            await asyncio.sleep(pause)
+
+    async def _run_in_thread(self) -> None:
+        self.thread_wakeup = asyncio.Event()
+        while not self.stopping:
+            self.thread_wakeup.clear()
             self.idle.clear()
             try:
-                while await asyncio.to_thread(self.delivery.run_once):
+                while await asyncio.to_thread(self.delivery.run_once) and not self.stopping:
                     pass
             except Exception:
                 log.exception("local delivery pass failed; will retry")
             self.idle.set()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), await self._until_due())
-            except asyncio.TimeoutError:
-                pass
+            pause = await asyncio.to_thread(until_due, self.delivery.queue, self.interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.thread_wakeup.wait(), pause)
+
+    async def _run_once(self) -> int:
+        root = logging.getLogger()
+        fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
+        handshake = {"config": self.delivery.config, "log_level": root.level,
+                     "log_format": fmt or logging.BASIC_FORMAT,
+                     "log_levels": {name: logging.getLogger(name).level for name in ("mail.log", "asyncio")}}
+        self.proc = proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.delivery.process", str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        try:
+            proc.stdin.write(pickle.dumps(handshake))
+            while await proc.stdout.read(4096):  # each byte: everything due was delivered
+                self.idle.set()
+        except asyncio.CancelledError:
+            if proc.returncode is None and not self.stopping:
+                proc.kill()  # cancelled other than by stop(): nothing may outlive the task
+            raise
+        return await proc.wait()
+
+    async def stop(self) -> None:
+        """Let a pass in progress finish, then end the process."""
+        self.stopping = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE)
+        except TimeoutError:
+            log.warning("local delivery did not finish its pass within %.0f s: stopped (it resumes at the next "
+                        "start)", STOP_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def _exit(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
