@@ -1,10 +1,11 @@
-"""``make bench``: the four benchmarks of issue 10, each against the tool users would pick
-instead, measured side by side in this run (compare the ratios, not absolute times).
+"""``make bench``: the benchmarks, each against the tool users would pick instead,
+measured side by side in this run (compare the ratios, not absolute times).
 
-    .venv/bin/python bench/run.py [--quick] [--only link|smtp|pop3|memory|shaper|local|connmem ...]
+    .venv/bin/python bench/run.py [--quick] [--only link|smtp|smtpprof|pop3|memory|shaper|local|connmem ...]
 
 1. bench/link_efficiency.py  line time over the simulated modem vs Postfix + fetchmail
 2. bench/smtp_ingest.py      smtp-source into dialmail vs Postfix smtpd (durable queue)
+2b. bench/ingest_profile.py  where dialmail's CPU goes per message during that ingest
 3. bench/pop3_retrieval.py   poplib RETR from dialmail vs Dovecot
 4. bench/memory.py           daemon peak RSS with 50 MB messages
 5. bench/shaper_rate.py      the simulated line's pace against the wall clock (no peer)
@@ -30,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 
 SCRIPTS = {
     "link": ("link_efficiency.py", [], ["--scale", "0.1"]),
-    "smtp": ("smtp_ingest.py", [], ["--messages", "300"]),
+    "smtp": ("smtp_ingest.py", [], ["--messages", "300", "--rounds", "1"]),
+    "smtpprof": ("ingest_profile.py", [], ["--messages", "300"]),
     "pop3": ("pop3_retrieval.py", [], ["--messages", "60", "--rounds", "2"]),
     "local": ("local_delivery.py", [], ["--seconds", "3", "--capacity", "100"]),
     "connmem": ("connection_memory.py", [], ["--connections", "10", "--data-kb", "64"]),
