@@ -5,6 +5,7 @@ environment variables.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import stat
@@ -29,6 +30,7 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, 
 _DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times per SMTP transaction, of few addresses
 def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A peer's address as the policy sees it: zone dropped, IPv4-mapped IPv6 as IPv4."""
     try:
