@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 CHUNK = 256 * 1024
 
@@ -29,26 +29,19 @@ def write_file(path: Path, data: bytes | Iterable[bytes] | BinaryIO, mode: int =
     large messages never need to be held whole in memory. On any error the partial
     file is removed before the error propagates.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    size = 0
-    try:
+    def fill(fd: int) -> int:
         if isinstance(data, (bytes, bytearray, memoryview)):
             size = _write_all(fd, data)
         elif hasattr(data, "read"):
+            size = 0
             while chunk := data.read(CHUNK):
                 size += _write_all(fd, chunk)
         else:
-            for chunk in data:
-                size += _write_all(fd, chunk)
+            size = sum(_write_all(fd, chunk) for chunk in data)
         if sync:
             os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise
+        return size
+    fd, size = _created(path, mode, fill)
     os.close(fd)
     return size
 
@@ -56,9 +49,15 @@ def write_file(path: Path, data: bytes | Iterable[bytes] | BinaryIO, mode: int =
 def create_written(path: Path, data: bytes, mode: int = 0o600) -> int:
     """Create ``path`` exclusively with ``data``, not fsynced: the descriptor, left open
     for the caller's fsync (``fsync_paths``) and close.  On an error nothing is left."""
+    return _created(path, mode, lambda fd: _write_all(fd, data))[0]
+
+
+def _created(path: Path, mode: int, fill: Callable[[int], int]) -> tuple[int, int]:
+    """``path`` created exclusively and filled by ``fill(fd)``: the open descriptor and
+    what ``fill`` returned; on any error the partial file is removed."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        _write_all(fd, data)
+        return fd, fill(fd)
     except BaseException:
         os.close(fd)
         try:
@@ -66,7 +65,6 @@ def create_written(path: Path, data: bytes, mode: int = 0o600) -> int:
         except OSError:
             pass
         raise
-    return fd
 
 
 def _write_all(fd: int, data) -> int:

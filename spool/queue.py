@@ -440,12 +440,7 @@ class Queue:
                 if ready:
                     fsync_paths(synced)
             except BaseException as exc:
-                for _, arrival, _ in ready:
-                    self._discard(arrival.qid, arrival.tmp)
-                if not isinstance(exc, Exception):
-                    raise
-                for i, _, _ in ready:
-                    results[i] = exc
+                self._keep_out(ready, results, exc)
                 return results  # type: ignore[return-value]
             finally:
                 for fd in synced:
@@ -461,16 +456,20 @@ class Queue:
                             if arrival.then is not None:
                                 arrival.then(conn, arrival.qid)
                 except BaseException as exc:
-                    for _, arrival, _ in ready:
-                        self._discard(arrival.qid, arrival.tmp)
-                    if not isinstance(exc, Exception):
-                        raise
-                    for i, _, _ in ready:
-                        results[i] = exc
+                    self._keep_out(ready, results, exc)
                 else:
                     for i, arrival, _ in ready:
                         results[i] = arrival.qid
         return results  # type: ignore[return-value]
+
+    def _keep_out(self, ready: list, results: list, exc: BaseException) -> None:
+        """A shared step failed: none of ``ready`` is queued, and nothing of them is left
+        (an interrupt or exit goes on once the files are gone)."""
+        for i, arrival, _ in ready:
+            self._discard(arrival.qid, arrival.tmp)
+            results[i] = exc
+        if not isinstance(exc, Exception):
+            raise exc
 
     def _rename_in(self, i: int, arrival: "Arrival", results: list) -> bool:
         """Body first: an envelope in env/ means its body reached msg/ before it.  A

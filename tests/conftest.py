@@ -52,6 +52,19 @@ def site(tmp_path):
 
 
 @pytest.fixture
+def unrunnable_python(tmp_path, monkeypatch):
+    """``sys.executable`` made a file nobody may execute, as a daemon sees an interpreter
+    it cannot start again: its helper processes cannot start."""
+    import sys
+    (tmp_path / "bin").mkdir()
+    path = tmp_path / "bin" / "python"
+    path.write_text("not a program\n")
+    path.chmod(0o644)
+    monkeypatch.setattr(sys, "executable", str(path))
+    return path
+
+
+@pytest.fixture
 def running(site):
     """``site`` with its daemon running."""
     site.start()

@@ -69,9 +69,8 @@ def test_the_delivery_process_stops_with_the_daemon_and_goes_with_a_killed_one(s
     assert gone and not alive
 
 
-def test_without_a_delivery_process_the_daemon_delivers_on_a_thread_and_says_so(tmp_path, monkeypatch, caplog):
+def test_without_a_delivery_process_the_daemon_delivers_on_a_thread_and_says_so(tmp_path, unrunnable_python, caplog):
     import asyncio
-    import sys
 
     from gateway.config import load
     from gateway.delivery.worker import DeliveryWorker, LocalDelivery
@@ -79,11 +78,7 @@ def test_without_a_delivery_process_the_daemon_delivers_on_a_thread_and_says_so(
     from spool.queue import LOCAL, Catalogue, Queue
     from spool.users import Users
 
-    (tmp_path / "bin").mkdir()
-    unrunnable = tmp_path / "bin" / "python"
-    unrunnable.write_text("not a program\n")
-    unrunnable.chmod(0o644)
-    monkeypatch.setattr(sys, "executable", str(unrunnable))
+    unrunnable = unrunnable_python
     s = Site(tmp_path)
     s.add_user("alice", "alice-pw")
     cfg = load(s.config_path)

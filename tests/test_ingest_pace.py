@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import sys
 import threading
 import time
 from pathlib import Path
@@ -92,52 +91,53 @@ def _send(port: int, n: int, replies: dict[int, object]) -> None:
         replies[n] = exc
 
 
-def test_smtp_clients_at_once_are_queued_by_the_writer_process(tmp_path):
+@pytest.fixture
+def submission(tmp_path):
+    """dialmail's SMTP listener in this process, for alice@office.test."""
     site = Site(tmp_path)
     site.add_user("alice", "alice-pw")
     server = InProcessSubmission(site)
-    try:
-        replies: dict[int, object] = {}
-        clients = [threading.Thread(target=_send, args=(server.port, n, replies)) for n in range(N)]
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join(40)
-        assert replies == {n: {} for n in range(N)}  # 250 for every one
-        writer = server.handler.writer.proc
-        assert psutil.Process(writer.pid).ppid() == os.getpid()
-        assert 1 <= server.handler.writer.batches <= N
-        assert {m.message_id for m in server.spool.queue.messages()} == {f"<pace-{n}@outside.test>" for n in range(N)}
-    finally:
-        server.close()
+    yield server
+    server.close()
+
+
+def test_smtp_clients_at_once_are_queued_by_the_writer_process(submission):
+    server = submission
+    replies: dict[int, object] = {}
+    clients = [threading.Thread(target=_send, args=(server.port, n, replies)) for n in range(N)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(40)
+    assert replies == {n: {} for n in range(N)}  # 250 for every one
+    writer = server.handler.writer.proc
+    assert psutil.Process(writer.pid).ppid() == os.getpid()
+    assert 1 <= server.handler.writer.batches <= N
+    assert {m.message_id for m in server.spool.queue.messages()} == {f"<pace-{n}@outside.test>" for n in range(N)}
+    server.close()
     assert writer.returncode == 0  # it finished and went when the listener closed
 
 
-def test_a_writer_killed_with_a_message_in_hand_gets_451_and_the_next_message_a_new_writer(tmp_path):
-    site = Site(tmp_path)
-    site.add_user("alice", "alice-pw")
-    server = InProcessSubmission(site)
-    try:
-        replies: dict[int, object] = {}
-        _send(server.port, 0, replies)
-        writer = server.handler.writer
-        first = writer.proc.pid
-        os.kill(first, signal.SIGSTOP)  # it takes the next request and does nothing with it
-        client = threading.Thread(target=_send, args=(server.port, 1, replies))
-        client.start()
-        wait_for(lambda: writer.waiting, what="the message handed to the stopped writer")
-        os.kill(first, signal.SIGKILL)
-        client.join(30)
-        assert isinstance(replies[1], smtplib.SMTPDataError)
-        assert (replies[1].smtp_code, replies[1].smtp_error) == (451, b"4.3.0 Local error in processing, try again later")
-        assert not any(server.spool.queue.tmp.iterdir())  # nothing half-written left behind
-        _send(server.port, 2, replies)
-        assert replies[0] == replies[2] == {}
-        assert writer.proc.pid != first
-        assert {m.message_id for m in server.spool.queue.messages()} == {"<pace-0@outside.test>",
-                                                                         "<pace-2@outside.test>"}
-    finally:
-        server.close()
+def test_a_writer_killed_with_a_message_in_hand_gets_451_and_the_next_message_a_new_writer(submission):
+    server = submission
+    replies: dict[int, object] = {}
+    _send(server.port, 0, replies)
+    writer = server.handler.writer
+    first = writer.proc.pid
+    os.kill(first, signal.SIGSTOP)  # it takes the next request and does nothing with it
+    client = threading.Thread(target=_send, args=(server.port, 1, replies))
+    client.start()
+    wait_for(lambda: writer.waiting, what="the message handed to the stopped writer")
+    os.kill(first, signal.SIGKILL)
+    client.join(30)
+    assert isinstance(replies[1], smtplib.SMTPDataError)
+    assert (replies[1].smtp_code, replies[1].smtp_error) == (451, b"4.3.0 Local error in processing, try again later")
+    assert not any(server.spool.queue.tmp.iterdir())  # nothing half-written left behind
+    _send(server.port, 2, replies)
+    assert replies[0] == replies[2] == {}
+    assert writer.proc.pid != first
+    assert {m.message_id for m in server.spool.queue.messages()} == {"<pace-0@outside.test>",
+                                                                     "<pace-2@outside.test>"}
 
 
 def test_the_writer_dies_with_a_killed_daemon_and_queues_nothing_nobody_was_told_of(tmp_path):
@@ -208,25 +208,15 @@ def test_a_message_id_added_to_lan_mail_is_the_one_the_queue_records(tmp_path):
         server.close()
 
 
-def test_without_a_writer_process_the_daemon_queues_on_a_thread_and_says_so(tmp_path, monkeypatch, caplog):
+def test_without_a_writer_process_the_daemon_queues_on_a_thread_and_says_so(unrunnable_python, submission, caplog):
     """A daemon whose interpreter cannot be started again (its file not executable for the
     user it runs as) still takes mail: the same intake, on a thread."""
-    (tmp_path / "bin").mkdir()
-    unrunnable = tmp_path / "bin" / "python"
-    unrunnable.write_text("not a program\n")
-    unrunnable.chmod(0o644)
-    monkeypatch.setattr(sys, "executable", str(unrunnable))
-    site = Site(tmp_path)
-    site.add_user("alice", "alice-pw")
-    server = InProcessSubmission(site)
-    try:
-        replies: dict[int, object] = {}
-        for n in range(3):
-            _send(server.port, n, replies)
-        assert replies == {0: {}, 1: {}, 2: {}}
-        assert server.handler.writer.inline and server.handler.writer.proc is None
-        assert {m.message_id for m in server.spool.queue.messages()} == {f"<pace-{n}@outside.test>" for n in range(3)}
-        assert f"cannot start the queue's writer process ({unrunnable}: Permission denied): messages are queued " \
-               "on a thread of the daemon instead" in caplog.text
-    finally:
-        server.close()
+    server, unrunnable = submission, unrunnable_python
+    replies: dict[int, object] = {}
+    for n in range(3):
+        _send(server.port, n, replies)
+    assert replies == {0: {}, 1: {}, 2: {}}
+    assert server.handler.writer.inline and server.handler.writer.proc is None
+    assert {m.message_id for m in server.spool.queue.messages()} == {f"<pace-{n}@outside.test>" for n in range(3)}
+    assert f"cannot start the queue's writer process ({unrunnable}: Permission denied): messages are queued " \
+           "on a thread of the daemon instead" in caplog.text

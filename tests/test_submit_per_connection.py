@@ -58,6 +58,8 @@ class InProcessSubmission:
         self.port = site.smtp_port
 
     def close(self) -> None:
+        if not self.thread.is_alive():
+            return  # closed already
         async def stop():
             for s in self.servers:
                 s.close()
