@@ -34,11 +34,9 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which must not happen: {reason}"
 
-try:  # real-peer fixtures (Dovecot, Postfix, smtp-sink, clamd, ...)
-    from tests.lmtp_peer import dovecot_lmtp  # noqa: F401
-    from tests.peers import *  # noqa: F401,F403
-except ImportError:
-    pass
+# real-peer fixtures (Dovecot, Postfix, smtp-sink, clamd, ...)
+from tests.lmtp_peer import dovecot_lmtp  # noqa: E402,F401
+from tests.peers import *  # noqa: E402,F401,F403
 
 
 @pytest.fixture
